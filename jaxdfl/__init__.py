@@ -1,0 +1,1 @@
+"""jaxdfl: decentralized federated learning simulator in JAX."""
