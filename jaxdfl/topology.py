@@ -1,0 +1,637 @@
+"""Communication graphs and gossip mixing matrices, built on the host with networkx.
+
+A `Topology` carries one undirected connected graph over nodes 0..N-1 in the two forms the exchange
+kernels use:
+
+- dense: the mixing matrix `mixing` [N, N] for `W @ X` gossip;
+- sparse: a padded neighbour table `neighbors` [N, K] (column 0 the node itself, then its neighbours in
+  increasing id, padding repeats the node's own id so a gather stays in range), `mask` [N, K] (False on
+  padding) and `weights` [N, K] (`mixing[i, neighbors[i, k]]`, 0 on padding), with K = max degree + 1.
+
+Both forms describe the same linear map: sum_k weights[i, k] * x[neighbors[i, k]] = (W @ x)[i].
+
+Everything here is NumPy/networkx host code; nothing is traced or compiled.
+
+References:
+    Lian et al., "Can Decentralized Algorithms Outperform Centralized Algorithms?", NeurIPS 2017 (D-SGD).
+    Xiao & Boyd, "Fast linear iterations for distributed averaging", Systems & Control Letters 2004
+    (Metropolis-Hastings and max-degree weights, spectral gap).
+    Boyd, Diaconis & Xiao, "Fastest mixing Markov chain on a graph", SIAM Review 2004.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import networkx as nx
+import numpy as np
+
+from jaxdfl.errors import ConfigError
+
+__all__ = [
+    "KINDS",
+    "PARAMS",
+    "WEIGHT_SCHEMES",
+    "Topology",
+    "describe",
+    "from_networkx",
+    "make",
+    "mixing_matrix",
+    "spectral_gap",
+]
+
+#: Named mixing-weight schemes; a user matrix (N x N array or nested list) is the third option.
+WEIGHT_SCHEMES = ("metropolis", "max_degree")
+
+#: Absolute tolerance for validating a user mixing matrix.
+TOL = 1e-8
+
+#: How many successive seeds a random family may draw before giving up on a connected graph.
+MAX_TRIES = 100
+
+
+# --------------------------------------------------------------------------------------------------
+# The Topology record
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Topology:
+    """An undirected connected communication graph with its gossip weights, dense and as a neighbour table.
+
+    Invariants (checked at construction by `from_networkx`/`make`):
+        mixing is symmetric, doubly stochastic, non-negative and zero off edges + diagonal;
+        sum_k weights[i, k] * x[neighbors[i, k]] == (mixing @ x)[i] for every x.
+
+    Attributes:
+        n: number of nodes N.
+        kind: the family name (`make`'s kind, or "networkx" for `from_networkx`).
+        graph: the networkx graph over nodes 0..N-1 (no self-loops).
+        mixing: [N, N] float64 mixing matrix W.
+        neighbors: [N, K] int32; column 0 = i, then i's neighbours in increasing id, padding = i.
+        mask: [N, K] bool; False on padding.
+        weights: [N, K] float32; mixing[i, neighbors[i, k]] on valid entries, 0 on padding.
+        degrees: [N] int32 graph degrees (self excluded).
+        spectral_gap: 1 - (second largest eigenvalue modulus of W).
+
+    The arrays are read-only; `eq=False` keeps identity equality and hashing (arrays have no truth value).
+    """
+
+    n: int
+    kind: str
+    graph: nx.Graph
+    mixing: np.ndarray
+    neighbors: np.ndarray
+    mask: np.ndarray
+    weights: np.ndarray
+    degrees: np.ndarray
+    spectral_gap: float
+
+    @property
+    def max_degree(self) -> int:
+        """Largest node degree (self excluded)."""
+        return int(self.degrees.max())
+
+    @property
+    def width(self) -> int:
+        """K, the neighbour-table width: max degree + 1."""
+        return int(self.neighbors.shape[1])
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """[N] int32 neighbourhood sizes, self included: mask.sum(1) = degrees + 1."""
+        return self.mask.sum(axis=1).astype(np.int32)
+
+    @property
+    def num_edges(self) -> int:
+        """Number of undirected edges E."""
+        return int(self.graph.number_of_edges())
+
+    @property
+    def edges(self) -> np.ndarray:
+        """[E, 2] int32 undirected edges (u < v), sorted lexicographically."""
+        if self.graph.number_of_edges() == 0:
+            return np.zeros((0, 2), np.int32)
+        e = np.sort(np.asarray(list(self.graph.edges()), dtype=np.int64), axis=1)
+        e = e[np.lexsort((e[:, 1], e[:, 0]))]
+        return e.astype(np.int32)
+
+    def __repr__(self) -> str:
+        return (
+            f"Topology(kind={self.kind!r}, n={self.n}, edges={self.num_edges}, "
+            f"max_degree={self.max_degree}, spectral_gap={self.spectral_gap:.6g})"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Mixing weights
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_relabelled(graph: nx.Graph) -> int:
+    n = graph.number_of_nodes()
+    if set(graph.nodes) != set(range(n)):
+        raise ConfigError("topology.graph: nodes must be the integers 0..n-1 (use from_networkx to relabel)")
+    return n
+
+
+def _edge_arrays(graph: nx.Graph) -> tuple[np.ndarray, np.ndarray]:
+    e = np.asarray([(u, v) for u, v in graph.edges() if u != v], dtype=np.int64).reshape(-1, 2)
+    return e[:, 0], e[:, 1]
+
+
+def _degrees(graph: nx.Graph, n: int) -> np.ndarray:
+    deg = np.zeros(n, np.int64)
+    u, v = _edge_arrays(graph)
+    np.add.at(deg, u, 1)
+    np.add.at(deg, v, 1)
+    return deg
+
+
+_ALLOWED_WEIGHTS = (
+    "allowed: 'metropolis', 'max_degree', or a symmetric, doubly stochastic, non-negative N x N matrix "
+    "that is zero off the graph's edges and diagonal"
+)
+
+
+def mixing_matrix(graph: nx.Graph, weights: Any = "metropolis") -> np.ndarray:
+    """Gossip mixing matrix W of a graph over nodes 0..N-1.
+
+    Definitions (d_i = degree of i, self excluded; E = edge set):
+        "metropolis"  (Metropolis-Hastings): W_ij = 1 / (1 + max(d_i, d_j)) for (i, j) in E,
+                       W_ii = 1 - sum_{j != i} W_ij, 0 elsewhere.
+        "max_degree"  (uniform):             W_ij = 1 / (1 + d_max) for (i, j) in E,
+                       W_ii = 1 - d_i / (1 + d_max), 0 elsewhere.
+        user matrix:  validated to be symmetric, non-negative, doubly stochastic (rows and columns sum to 1)
+                       and zero off E + diagonal, each to absolute tolerance 1e-8; returned as float64.
+
+    Both named schemes give a symmetric doubly stochastic W with a strictly positive diagonal, so for a
+    connected graph 1 is a simple eigenvalue and all others lie in (-1, 1).
+
+    Args:
+        graph: undirected networkx graph over nodes 0..N-1 (self-loops are ignored).
+        weights: "metropolis", "max_degree", or an [N, N] array / nested list.
+
+    Returns:
+        W: [N, N] float64.
+
+    Raises:
+        ConfigError naming topology.weights (and the failed property) for an unknown scheme or invalid matrix.
+
+    References:
+        Xiao & Boyd, "Fast linear iterations for distributed averaging", 2004;
+        Xiao, Boyd & Lall, "A scheme for robust distributed sensor fusion based on average consensus", 2005.
+    """
+    n = _check_relabelled(graph)
+    u, v = _edge_arrays(graph)
+    deg = _degrees(graph, n)
+
+    if isinstance(weights, str):
+        if weights == "metropolis":
+            w_edge = 1.0 / (1.0 + np.maximum(deg[u], deg[v]))
+        elif weights == "max_degree":
+            w_edge = np.full(u.shape, 1.0 / (1.0 + deg.max(initial=0)))
+        else:
+            raise ConfigError(f"topology.weights: unknown scheme {weights!r}; {_ALLOWED_WEIGHTS}")
+        W = np.zeros((n, n), np.float64)
+        W[u, v] = w_edge
+        W[v, u] = w_edge
+        W[np.arange(n), np.arange(n)] = 1.0 - W.sum(axis=1)
+        return W
+
+    return _validate_user_matrix(graph, n, u, v, weights)
+
+
+def _validate_user_matrix(graph: nx.Graph, n: int, u: np.ndarray, v: np.ndarray, weights: Any) -> np.ndarray:
+    try:
+        W = np.array(weights, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ConfigError(f"topology.weights: not a numeric N x N matrix; {_ALLOWED_WEIGHTS}") from None
+    if W.shape != (n, n):
+        raise ConfigError(f"topology.weights: user matrix has shape {W.shape}, expected ({n}, {n}); {_ALLOWED_WEIGHTS}")
+    if not np.all(np.isfinite(W)):
+        raise ConfigError(f"topology.weights: user matrix has non-finite entries; {_ALLOWED_WEIGHTS}")
+    if W.min() < -TOL:
+        raise ConfigError(f"topology.weights: user matrix is not non-negative (min {W.min():.3g}); {_ALLOWED_WEIGHTS}")
+    asym = np.abs(W - W.T).max()
+    if asym > TOL:
+        raise ConfigError(
+            f"topology.weights: user matrix is not symmetric (max |W - W^T| = {asym:.3g}); {_ALLOWED_WEIGHTS}"
+        )
+    row_err = np.abs(W.sum(axis=1) - 1.0).max()
+    col_err = np.abs(W.sum(axis=0) - 1.0).max()
+    if max(row_err, col_err) > TOL:
+        raise ConfigError(
+            "topology.weights: user matrix is not doubly stochastic "
+            f"(max |row sum - 1| = {row_err:.3g}, max |column sum - 1| = {col_err:.3g}); {_ALLOWED_WEIGHTS}"
+        )
+    support = np.eye(n, dtype=bool)
+    support[u, v] = True
+    support[v, u] = True
+    off = np.abs(np.where(support, 0.0, W))
+    if off.max(initial=0.0) > TOL:
+        i, j = np.unravel_index(int(off.argmax()), off.shape)
+        raise ConfigError(
+            f"topology.weights: user matrix is not zero off the graph's edges (W[{i}, {j}] = {W[i, j]:.3g} "
+            f"but ({i}, {j}) is not an edge); {_ALLOWED_WEIGHTS}"
+        )
+    return W
+
+
+def spectral_gap(mixing: np.ndarray) -> float:
+    """Spectral gap of a symmetric mixing matrix: 1 - (second largest eigenvalue modulus).
+
+    Definition: with eigenvalues ordered by modulus |l_1| >= |l_2| >= ..., gap = 1 - |l_2|. For a
+    connected graph with the weights above l_1 = 1 and gap in (0, 1]; gossip shrinks the disagreement
+    ||X - 1 xbar^T|| by at least a factor (1 - gap) per round.
+
+    Args:
+        mixing: [N, N] symmetric matrix.
+
+    Returns:
+        gap as a Python float, clipped to [0, 1] against round-off.
+
+    References:
+        Boyd, Ghosh, Prabhakar & Shah, "Randomized gossip algorithms", IEEE Trans. Inf. Theory 2006.
+    """
+    eig = np.linalg.eigvalsh(np.asarray(mixing, np.float64))
+    mod = np.sort(np.abs(eig))
+    slem = mod[-2] if mod.size > 1 else 0.0
+    return float(np.clip(1.0 - slem, 0.0, 1.0))
+
+
+# --------------------------------------------------------------------------------------------------
+# Graph families
+# --------------------------------------------------------------------------------------------------
+
+
+def _ring(n: int, seed: int) -> nx.Graph:
+    return nx.cycle_graph(n)
+
+
+def _factor_square(n: int) -> tuple[int, int]:
+    rows = max(r for r in range(1, math.isqrt(n) + 1) if n % r == 0)
+    return rows, n // rows
+
+
+def _torus(n: int, seed: int, rows: int = 0, cols: int = 0) -> nx.Graph:
+    for key, val in (("rows", rows), ("cols", cols)):
+        if val < 0:
+            raise ConfigError(f"topology.{key}: must be a positive integer (or 0 for automatic), got {val}")
+    if rows == 0 and cols == 0:
+        rows, cols = _factor_square(n)
+    elif rows == 0:
+        if n % cols:
+            raise ConfigError(f"topology.cols: must divide topology.n = {n}, got {cols}")
+        rows = n // cols
+    elif cols == 0:
+        if n % rows:
+            raise ConfigError(f"topology.rows: must divide topology.n = {n}, got {rows}")
+        cols = n // rows
+    if rows * cols != n:
+        raise ConfigError(f"topology.rows: rows * cols must equal topology.n = {n}, got {rows} * {cols} = {rows * cols}")
+    g = nx.empty_graph(n)
+    idx = np.arange(n).reshape(rows, cols)
+    # The wrap-around links; on a side of length 1 or 2 they collapse into self-loops / existing edges.
+    right = np.roll(idx, -1, axis=1)
+    down = np.roll(idx, -1, axis=0)
+    for a, b in ((idx, right), (idx, down)):
+        g.add_edges_from((int(x), int(y)) for x, y in zip(a.ravel(), b.ravel()) if x != y)
+    return g
+
+
+def _complete(n: int, seed: int) -> nx.Graph:
+    return nx.complete_graph(n)
+
+
+def _star(n: int, seed: int) -> nx.Graph:
+    return nx.star_graph(n - 1)  # node 0 is the hub
+
+
+def _erdos_renyi(n: int, seed: int, p: float = 0.3) -> nx.Graph:
+    if not 0.0 < p <= 1.0:
+        raise ConfigError(f"topology.p: edge probability must be in (0, 1], got {p}")
+    for t in range(MAX_TRIES):
+        g = nx.gnp_random_graph(n, p, seed=seed + t)
+        if nx.is_connected(g):
+            return g
+    raise ConfigError(
+        f"topology.p: Erdos-Renyi G({n}, {p}) was disconnected in {MAX_TRIES} draws; "
+        f"use p above ln(n)/n = {math.log(n) / n:.3g} (e.g. {min(1.0, 2 * math.log(n) / n):.3g})"
+    )
+
+
+def _random_regular(n: int, seed: int, degree: int = 4) -> nx.Graph:
+    if not 1 <= degree < n:
+        raise ConfigError(f"topology.degree: must satisfy 1 <= degree < topology.n = {n}, got {degree}")
+    if (n * degree) % 2:
+        raise ConfigError(f"topology.degree: n * degree must be even (n = {n}), got degree {degree}")
+    for t in range(MAX_TRIES):
+        g = nx.random_regular_graph(degree, n, seed=seed + t)
+        if nx.is_connected(g):
+            return g
+    raise ConfigError(
+        f"topology.degree: random {degree}-regular graphs on {n} nodes were disconnected in {MAX_TRIES} draws; "
+        "use degree >= 3"
+    )
+
+
+def _small_world(n: int, seed: int, k: int = 4, p: float = 0.1) -> nx.Graph:
+    if k < 2 or k % 2 or k >= n:
+        raise ConfigError(f"topology.k: ring-lattice degree must be even with 2 <= k < topology.n = {n}, got {k}")
+    if not 0.0 <= p <= 1.0:
+        raise ConfigError(f"topology.p: rewiring probability must be in [0, 1], got {p}")
+    try:
+        return nx.connected_watts_strogatz_graph(n, k, p, tries=MAX_TRIES, seed=seed)
+    except nx.NetworkXError:
+        raise ConfigError(
+            f"topology.p: Watts-Strogatz({n}, k={k}, p={p}) was disconnected in {MAX_TRIES} draws; lower p or raise k"
+        ) from None
+
+
+def _barabasi_albert(n: int, seed: int, m: int = 2) -> nx.Graph:
+    if not 1 <= m < n:
+        raise ConfigError(f"topology.m: edges per new node must satisfy 1 <= m < topology.n = {n}, got {m}")
+    return nx.barabasi_albert_graph(n, m, seed=seed)
+
+
+def _exponential(n: int, seed: int) -> nx.Graph:
+    g = nx.empty_graph(n)
+    hops = [2**k for k in range(int(math.log2(n - 1)) + 1)] if n > 1 else []
+    for i in range(n):
+        for h in hops:
+            j = (i + h) % n
+            if j != i:
+                g.add_edge(i, j)  # i - 2^k is covered by node i - 2^k's +2^k link
+    return g
+
+
+def _hypercube(n: int, seed: int) -> nx.Graph:
+    if n & (n - 1):
+        raise ConfigError(f"topology.n: hypercube needs a power of two, got {n}")
+    dim = n.bit_length() - 1
+    g = nx.empty_graph(n)
+    g.add_edges_from((i, i ^ (1 << b)) for i in range(n) for b in range(dim) if i < i ^ (1 << b))
+    return g
+
+
+def _two_cliques(n: int, seed: int) -> nx.Graph:
+    # Clique A = 0..h-1, clique B = h..n-1 (sizes n//2 and n - n//2), bridged by the edge (h-1, h).
+    h = n // 2
+    g = nx.empty_graph(n)
+    g.add_edges_from((i, j) for i in range(h) for j in range(i + 1, h))
+    g.add_edges_from((i, j) for i in range(h, n) for j in range(i + 1, n))
+    g.add_edge(h - 1, h)
+    return g
+
+
+def _edges(n: int, seed: int, edges: list = []) -> nx.Graph:  # noqa: B006 - never mutated
+    try:
+        arr = np.asarray(edges)
+    except (TypeError, ValueError):
+        raise ConfigError("topology.edges: must be a list of [u, v] pairs of integer node ids") from None
+    if arr.size == 0:
+        raise ConfigError("topology.edges: must be a non-empty list of [u, v] node-id pairs")
+    if arr.ndim != 2 or arr.shape[1] != 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise ConfigError("topology.edges: must be a list of [u, v] pairs of integer node ids")
+    if arr.min() < 0 or arr.max() >= n:
+        raise ConfigError(f"topology.edges: node ids must lie in 0..topology.n-1 = 0..{n - 1}")
+    loops = arr[arr[:, 0] == arr[:, 1]]
+    if len(loops):
+        raise ConfigError(f"topology.edges: self-loop [{loops[0, 0]}, {loops[0, 1]}] not allowed (pairs must be u != v)")
+    g = nx.empty_graph(n)
+    g.add_edges_from((int(a), int(b)) for a, b in arr)
+    return g
+
+
+#: Registry: kind name -> builder(n, seed, **params) -> networkx graph over 0..n-1.
+KINDS: dict[str, Callable[..., nx.Graph]] = {
+    "ring": _ring,
+    "torus": _torus,
+    "complete": _complete,
+    "star": _star,
+    "erdos_renyi": _erdos_renyi,
+    "random_regular": _random_regular,
+    "small_world": _small_world,
+    "barabasi_albert": _barabasi_albert,
+    "exponential": _exponential,
+    "hypercube": _hypercube,
+    "two_cliques": _two_cliques,
+    "edges": _edges,
+}
+
+#: Family parameters and their defaults (the config keys topology.<name>). torus rows/cols 0 = automatic
+#: (the most square factorisation of n).
+PARAMS: dict[str, dict[str, Any]] = {
+    "ring": {},
+    "torus": {"rows": 0, "cols": 0},
+    "complete": {},
+    "star": {},
+    "erdos_renyi": {"p": 0.3},
+    "random_regular": {"degree": 4},
+    "small_world": {"k": 4, "p": 0.1},
+    "barabasi_albert": {"m": 2},
+    "exponential": {},
+    "hypercube": {},
+    "two_cliques": {},
+    "edges": {"edges": []},
+}
+
+
+def _check_param_type(key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):  # none today; keeps bool from passing as int below
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        value = int(value) if ok else value
+    elif isinstance(default, float):
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, list):
+        ok = isinstance(value, (list, tuple, np.ndarray))
+    else:
+        ok = True
+    if not ok:
+        raise ConfigError(f"topology.{key}: expected {type(default).__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Public constructors
+# --------------------------------------------------------------------------------------------------
+
+
+def make(kind: str, n: int, *, seed: int = 0, weights: Any = "metropolis", **params: Any) -> Topology:
+    """Build a named graph family on n nodes with its mixing weights.
+
+    Kinds and parameters (defaults in PARAMS):
+        ring; complete; star (hub 0);
+        torus(rows, cols): 2-D grid with wrap-around, rows * cols = n (0 = automatic: the most square
+            factorisation, which for prime n is 1 x n, i.e. a ring);
+        erdos_renyi(p): G(n, p), redrawn with seeds seed, seed+1, ... until connected (at most 100 draws);
+        random_regular(degree): uniform random degree-regular graph, n * degree even, degree < n, redrawn until
+            connected;
+        small_world(k, p): connected Watts-Strogatz, ring lattice of even degree k, rewiring probability p;
+        barabasi_albert(m): preferential attachment, m edges per new node;
+        exponential: i linked to i +- 2^j mod n, j = 0..floor(log2(n-1)) (Ying et al. 2021);
+        hypercube: n = 2^d, i linked to i XOR 2^b;
+        two_cliques: cliques 0..n//2-1 and n//2..n-1 joined by the bridge (n//2-1, n//2);
+        edges(edges): a user edge list [[u, v], ...] over 0..n-1.
+
+    Args:
+        kind: one of KINDS.
+        n: number of nodes, >= 2.
+        seed: seed for the random families (ignored by the deterministic ones).
+        weights: "metropolis" (default), "max_degree", or a user [N, N] matrix (see `mixing_matrix`).
+        **params: the family's parameters (PARAMS[kind]); unknown names are rejected.
+
+    Returns:
+        Topology of kind `kind`.
+
+    Raises:
+        ConfigError naming the offending topology.<key> for any invalid setting or a disconnected graph.
+
+    References:
+        Erdos & Renyi 1959; Watts & Strogatz, Nature 1998; Barabasi & Albert, Science 1999;
+        Ying et al., "Exponential Graph is Provably Efficient for Decentralized Deep Training", NeurIPS 2021.
+    """
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise ConfigError(f"topology.kind: unknown kind {kind!r}; allowed: {', '.join(KINDS)}")
+    if not isinstance(n, numbers.Integral) or isinstance(n, bool):
+        raise ConfigError(f"topology.n: expected an integer >= 2, got {n!r}")
+    n = int(n)
+    if n < 2:
+        raise ConfigError(f"topology.n: must be >= 2, got {n}")
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise ConfigError(f"topology.seed: expected an integer, got {seed!r}")
+    allowed = PARAMS[kind]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        names = ", ".join(f"topology.{k}" for k in allowed) or "none"
+        raise ConfigError(f"topology.{unknown[0]}: unknown parameter for kind {kind!r}; allowed: {names}")
+    resolved = {k: _check_param_type(k, params.get(k, d), d) for k, d in allowed.items()}
+    graph = KINDS[kind](n, int(seed), **resolved)
+    key = {"erdos_renyi": "p", "small_world": "p", "random_regular": "degree", "edges": "edges"}.get(kind, "kind")
+    return _build(graph, kind, weights, key)
+
+
+def from_networkx(graph: nx.Graph, weights: Any = "metropolis") -> Topology:
+    """Wrap a user networkx graph: nodes relabelled 0..N-1 in sorted order, then mixing weights as in `make`.
+
+    Self-loops are dropped (the diagonal of W is set by the weight scheme) and multigraphs are collapsed;
+    edge attributes are ignored. Node labels that cannot be compared are ordered by their repr.
+
+    Args:
+        graph: undirected, connected networkx graph with >= 2 nodes.
+        weights: "metropolis" (default), "max_degree", or a user [N, N] matrix in the relabelled order.
+
+    Returns:
+        Topology of kind "networkx".
+
+    Raises:
+        ConfigError naming topology.graph (directed, too small, disconnected) or topology.weights.
+    """
+    if not isinstance(graph, nx.Graph):
+        raise ConfigError(f"topology.graph: expected a networkx graph, got {type(graph).__name__}")
+    if graph.is_directed():
+        raise ConfigError("topology.graph: must be undirected (gossip needs symmetric links)")
+    if graph.number_of_nodes() < 2:
+        raise ConfigError(f"topology.graph: needs >= 2 nodes, got {graph.number_of_nodes()}")
+    try:
+        order = sorted(graph.nodes)
+    except TypeError:
+        order = sorted(graph.nodes, key=repr)
+    index = {node: i for i, node in enumerate(order)}
+    g = nx.empty_graph(len(order))
+    g.add_edges_from((index[a], index[b]) for a, b in graph.edges() if a != b)
+    return _build(g, "networkx", weights, "graph")
+
+
+def _build(graph: nx.Graph, kind: str, weights: Any, key: str) -> Topology:
+    n = graph.number_of_nodes()
+    if not nx.is_connected(graph):
+        parts = nx.number_connected_components(graph)
+        raise ConfigError(f"topology.{key}: graph is disconnected ({parts} components); gossip needs a connected graph")
+    W = mixing_matrix(graph, weights)
+    deg = _degrees(graph, n)
+    K = int(deg.max()) + 1
+    neighbors = np.repeat(np.arange(n, dtype=np.int32)[:, None], K, axis=1)
+    mask = np.zeros((n, K), bool)
+    mask[:, 0] = True
+    for i in range(n):
+        nb = sorted(graph.adj[i])
+        neighbors[i, 1 : 1 + len(nb)] = nb
+        mask[i, 1 : 1 + len(nb)] = True
+    w = np.where(mask, W[np.arange(n)[:, None], neighbors], 0.0).astype(np.float32)
+    arrays = dict(mixing=W, neighbors=neighbors, mask=mask, weights=w, degrees=deg.astype(np.int32))
+    for a in arrays.values():
+        a.setflags(write=False)
+    return Topology(n=n, kind=kind, graph=graph, spectral_gap=spectral_gap(W), **arrays)
+
+
+# --------------------------------------------------------------------------------------------------
+# Analytics
+# --------------------------------------------------------------------------------------------------
+
+
+def _diameter(topo: Topology) -> int:
+    """Hop diameter by breadth-first search from every node (scipy's C BFS, sources in chunks to bound memory)."""
+    import scipy.sparse as sp
+    from scipy.sparse.csgraph import shortest_path
+
+    n, e = topo.n, topo.edges
+    if len(e) == n * (n - 1) // 2:
+        return 1
+    adj = sp.coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n, n)).tocsr()
+    best = 0.0
+    for start in range(0, n, 256):
+        hops = shortest_path(adj, directed=False, unweighted=True, indices=np.arange(start, min(n, start + 256)))
+        best = max(best, float(hops.max()))
+    return int(best)
+
+
+def describe(topo: Topology) -> dict[str, Any]:
+    """Summary statistics of a topology and the consensus rate its gossip promises.
+
+    Definitions:
+        slem = 1 - spectral_gap, the second largest eigenvalue modulus of W;
+        consensus_rate = slem^2: per gossip round, the mean squared disagreement
+            (1/N) sum_i ||x_i - xbar||^2 (the consensus distance) shrinks by at least this factor;
+        rounds_to_100x = ceil(ln(100) / -ln(consensus_rate)): gossip rounds for that bound to shrink the
+            consensus distance 100-fold (1 if slem = 0, inf if slem = 1).
+
+    Args:
+        topo: a Topology.
+
+    Returns:
+        dict with n, kind, edges, degree_min, degree_mean, degree_max, diameter, spectral_gap, slem,
+        consensus_rate, rounds_to_100x (Python scalars).
+
+    References:
+        Xiao & Boyd, "Fast linear iterations for distributed averaging", 2004 (rate = slem per round in norm).
+    """
+    deg = topo.degrees
+    slem = 1.0 - topo.spectral_gap
+    rate = slem**2
+    if rate == 0.0:
+        rounds: float | int = 1
+    elif rate >= 1.0:
+        rounds = math.inf
+    else:
+        rounds = max(1, math.ceil(math.log(100.0) / -math.log(rate) - 1e-9))
+    return {
+        "n": topo.n,
+        "kind": topo.kind,
+        "edges": topo.num_edges,
+        "degree_min": int(deg.min()),
+        "degree_mean": float(deg.mean()),
+        "degree_max": int(deg.max()),
+        "diameter": _diameter(topo),
+        "spectral_gap": float(topo.spectral_gap),
+        "slem": float(slem),
+        "consensus_rate": float(rate),
+        "rounds_to_100x": rounds,
+    }
