@@ -1,0 +1,117 @@
+"""Rounds per second of the node-stacked engine vs a per-node Python loop, next to the FLOP limit.
+
+For N in 16, 64, 100, 256, 1024 nodes on a ring (MLP on digits, quickstart settings), times one communication round
+of the compiled engine (a scan of rounds, compile excluded) and the same round written the usual way: a Python loop
+over nodes calling a jitted one-node local training function, then a loop over nodes averaging neighbours' models.
+The FLOP limit is the round's training FLOPs (6 x parameters x examples, forward + backward) at the matrix-multiply
+throughput measured in the same run.
+
+    python benchmarks/rounds.py [--sizes 16,64,100,256,1024] [--loop-max 256] [--rule mean] [--privacy none]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, matmul_gflops, timeit  # noqa: E402
+
+from jaxdfl import experiment, simulation  # noqa: E402
+from jaxdfl.config import load_config  # noqa: E402
+from jaxdfl.training import local_train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def engine_round_seconds(exp, rounds: int = 10) -> float:
+    """Seconds per round of the compiled engine: a jitted scan of ``rounds`` rounds, compile excluded."""
+    spec = exp.spec
+
+    def many(state, key):
+        def body(s, r):
+            return simulation.round_step(spec, exp.hyper, exp.arrays, s, jax.random.fold_in(key, r))[0], None
+
+        return jax.lax.scan(body, state, jnp.arange(rounds))[0]
+
+    state = simulation.init_state(spec, jax.random.key(0), exp.hyper)
+    fn = jax.jit(many)
+    return timeit(fn, state, jax.random.key(1), repeat=3) / rounds
+
+
+def loop_round_seconds(exp, repeat: int = 2) -> float:
+    """Seconds per round of the per-node reference: Python loops over nodes, one jitted node step each."""
+    spec, a = exp.spec, exp.arrays
+    one = jax.jit(lambda k, t, o, x, y, s: local_train(spec.local, k, t, o, x, y, s, exp.hyper))
+    state = simulation.init_state(spec, jax.random.key(0), exp.hyper)
+    thetas = [state.theta[i] for i in range(spec.n)]
+    opts = [jax.tree.map(lambda leaf: leaf[i], state.opt_state) for i in range(spec.n)]
+    xs, ys, sizes = [a.x[i] for i in range(spec.n)], [a.y[i] for i in range(spec.n)], list(a.sizes)
+    nbrs, weights, mask = exp.topology.neighbors, exp.topology.weights, exp.topology.mask
+
+    def one_round(key):
+        keys = jax.random.split(key, spec.n)
+        new = []
+        for i in range(spec.n):
+            t, opts[i], _ = one(keys[i], thetas[i], opts[i], xs[i], ys[i], sizes[i])
+            new.append(t)
+        out = []
+        for i in range(spec.n):
+            acc = 0.0
+            for k in range(nbrs.shape[1]):
+                if mask[i, k]:
+                    acc = acc + weights[i, k] * new[nbrs[i, k]]
+            out.append(acc)
+        return out
+
+    return timeit(one_round, jax.random.key(2), repeat=repeat)
+
+
+def round_flops(exp) -> float:
+    """Training FLOPs of one round: 6 x parameters x examples processed (forward + backward, dense layers)."""
+    local = exp.spec.local
+    return 6.0 * exp.model.dim * exp.spec.n * local.local_steps * local.batch_size
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="16,64,100,256,1024")
+    ap.add_argument("--loop-max", type=int, default=256, help="largest N timed with the per-node loop")
+    ap.add_argument("--rule", default="mean")
+    ap.add_argument("--privacy", default="none", choices=["none", "example"])
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args(argv)
+    gflops = matmul_gflops()
+    print(f"# machine: {machine()}; matmul {gflops:.1f} GFLOP/s")
+    print(f"# ring, MLP[64] on digits, batch 16, 2 local steps, rule={args.rule}, privacy={args.privacy}")
+    print("| N | engine ms/round | node-rounds/s | loop ms/round | speed-up | FLOP-limit ms | x limit |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    for n in [int(s) for s in args.sizes.split(",")]:
+        overrides = [f"topology.n={n}", f"aggregation.rule=\"{args.rule}\"", "aggregation.gossip=\"auto\""]
+        if args.privacy == "example":
+            overrides += ["privacy.mode=\"example\"", "privacy.noise_multiplier=1.0"]
+        cfg = load_config(str(ROOT / "configs/quickstart.toml"), overrides)
+        exp = experiment.build(cfg)
+        eng = engine_round_seconds(exp)
+        loop = loop_round_seconds(exp) if n <= args.loop_max else float("nan")
+        limit = round_flops(exp) / (gflops * 1e9)
+        row = {"n": n, "engine_ms": eng * 1e3, "node_rounds_per_s": n / eng, "loop_ms": loop * 1e3,
+               "speedup": loop / eng, "flop_limit_ms": limit * 1e3, "x_limit": eng / limit}
+        rows.append(row)
+        loop_s = "—" if np.isnan(loop) else f"{loop * 1e3:.1f}"
+        sp = "—" if np.isnan(loop) else f"{loop / eng:.0f}x"
+        print(f"| {n} | {eng * 1e3:.2f} | {n / eng:,.0f} | {loop_s} | {sp} | {limit * 1e3:.3f} | "
+              f"{eng / limit:.1f} |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

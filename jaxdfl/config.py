@@ -1,0 +1,438 @@
+"""Experiment configuration: defaults in one place, TOML loading, dotted overrides, validation.
+
+A config is a nested mapping with the sections ``topology data model train aggregation attack privacy
+parallel`` and the top-level keys ``seed``, ``seeds``, ``rounds``, ``eval_every``. Every key has a default here
+(:data:`DEFAULTS`); family-specific keys (a topology's ``degree``, a rule's ``tau``, an attack's ``scale``) are
+checked against the registries of the component that owns them, so a misspelt key is an error, never ignored.
+
+Everything here is host-side: it runs before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover
+    import tomli as tomllib
+
+from jaxdfl.errors import ConfigError
+
+#: Fixed keys and their defaults. ``None`` means "unset"; :data:`TYPES` gives the type such a key takes.
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "seeds": None,
+    "rounds": 100,
+    "eval_every": 10,
+    "topology": {"kind": "ring", "n": 16, "weights": "metropolis", "seed": 0},
+    "data": {
+        "name": "digits",
+        "path": "",
+        "partition": "iid",
+        "alpha": 0.5,
+        "shards_per_node": 2,
+        "test_fraction": 0.2,
+        "seed": 0,
+        "synthetic_alpha": 1.0,
+        "synthetic_beta": 1.0,
+        "synthetic_samples": 0,
+    },
+    "model": {"name": "mlp", "hidden": [64], "init": "same"},
+    "train": {
+        "optimizer": "sgd",
+        "lr": 0.1,
+        "momentum": 0.0,
+        "batch_size": 32,
+        "local_steps": 1,
+        "share": "model",
+    },
+    "aggregation": {"rule": "mean", "pre": [], "gossip": "auto"},
+    "attack": {"name": "none", "byzantine": 0, "placement": "random", "ids": [], "seed": 0},
+    "privacy": {
+        "mode": "none",
+        "mechanism": "gaussian",
+        "clip_norm": 1.0,
+        "noise_multiplier": None,
+        "target_epsilon": None,
+        "delta": 1e-5,
+        "accountant": "rdp",
+    },
+}
+
+#: Types of keys whose default is ``None`` or a list.
+TYPES: dict[str, type | tuple[type, ...]] = {
+    "seeds": (list, int),
+    "privacy.noise_multiplier": float,
+    "privacy.target_epsilon": float,
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.partition": ("iid", "dirichlet", "shards"),
+    "model.init": ("same", "independent"),
+    "train.optimizer": ("sgd", "adam"),
+    "train.share": ("model", "update"),
+    "aggregation.gossip": ("auto", "dense", "sparse"),
+    "attack.placement": ("random", "degree", "ids"),
+    "privacy.mode": ("none", "example", "update"),
+    "privacy.mechanism": ("gaussian", "laplace"),
+    "privacy.accountant": ("rdp", "pld"),
+}
+
+
+class Config(Mapping):
+    """A validated, read-only experiment configuration.
+
+    Sections read as attributes (``cfg.train.lr``) or items (``cfg["train"]["lr"]``). Build one with
+    :func:`load_config` or :func:`make_config`; derive variants with :meth:`replace`.
+    """
+
+    def __init__(self, tree: Mapping[str, Any]):
+        self._tree = _freeze(tree)
+
+    def __getitem__(self, key):
+        return self._tree[key]
+
+    def __iter__(self):
+        return iter(self._tree)
+
+    def __len__(self):
+        return len(self._tree)
+
+    def __getattr__(self, name):
+        try:
+            return self._tree[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __repr__(self):
+        return f"Config({json.dumps(self.to_dict(), default=str)})"
+
+    def __eq__(self, other):
+        return isinstance(other, Config) and self.to_dict() == other.to_dict()
+
+    def __hash__(self):
+        return hash(json.dumps(self.to_dict(), sort_keys=True, default=str))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, mutable deep copy (lists and dicts)."""
+        return _thaw(self._tree)
+
+    def replace(self, overrides: Mapping[str, Any] | Iterable[str] = ()) -> Config:
+        """A new validated config with dotted overrides, e.g. ``{"topology.n": 64}`` or ``["topology.n=64"]``."""
+        return make_config(self.to_dict(), overrides)
+
+    def to_toml(self) -> str:
+        """The config as TOML text (``None`` values are left out, since TOML has no null)."""
+        return dumps_toml(self.to_dict())
+
+
+class _Section(dict):
+    """Read-only dict with attribute access."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def _readonly(self, *a, **k):
+        raise TypeError("Config is read-only: use Config.replace({'section.key': value})")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _readonly
+
+
+def _freeze(x):
+    if isinstance(x, Mapping):
+        return _Section({k: _freeze(v) for k, v in x.items()})
+    if isinstance(x, list | tuple):
+        return tuple(_freeze(v) for v in x)
+    return x
+
+
+def _thaw(x):
+    if isinstance(x, Mapping):
+        return {k: _thaw(v) for k, v in x.items()}
+    if isinstance(x, tuple | list):
+        return [_thaw(v) for v in x]
+    return x
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | None = None, overrides: Iterable[str] | Mapping[str, Any] = ()) -> Config:
+    """Load a TOML config file (or the defaults when ``path`` is None) and apply dotted overrides.
+
+    Args:
+      path: a TOML file with the sections of :data:`DEFAULTS`.
+      overrides: ``["topology.n=64", "train.lr=0.05"]`` (values parsed as TOML values, bare words as strings)
+        or a mapping ``{"topology.n": 64}``.
+
+    Raises:
+      ConfigError: unknown keys, wrong types, values out of range (one line naming the key).
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                tree = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path!r} not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
+    return make_config(tree, overrides)
+
+
+def make_config(tree: Mapping[str, Any] | None = None,
+                overrides: Iterable[str] | Mapping[str, Any] = ()) -> Config:
+    """Merge ``tree`` and dotted ``overrides`` over :data:`DEFAULTS` and validate the result."""
+    user = copy.deepcopy(dict(tree or {}))
+    for key, value in _parse_overrides(overrides):
+        _set_dotted(user, key, value)
+    merged = _merge(DEFAULTS, user, prefix="")
+    validate(merged)
+    return Config(merged)
+
+
+def parse_value(text: str) -> Any:
+    """Parse one override value as a TOML value; a bare word that is not TOML is taken as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        if any(c in text for c in "[]{}=\"'"):
+            raise ConfigError(f"cannot parse value {text!r}: use TOML syntax, e.g. 3, 0.1, \"ring\", [1, 2]") from None
+        return text
+
+
+def _parse_overrides(overrides) -> list[tuple[str, Any]]:
+    if isinstance(overrides, Mapping):
+        return list(overrides.items())
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, text = item.split("=", 1)
+        out.append((key.strip(), parse_value(text.strip())))
+    return out
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _merge(defaults: Mapping, user: Mapping, prefix: str) -> dict:
+    """Defaults overlaid with the user's values; family keys (unknown to DEFAULTS) are kept for validate()."""
+    out = copy.deepcopy(dict(defaults))
+    for key, value in user.items():
+        name = f"{prefix}{key}"
+        if prefix == "" and key not in defaults:
+            raise ConfigError(f"unknown top-level key {name!r}; allowed: {', '.join(sorted(defaults))}")
+        if isinstance(defaults.get(key), dict):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{name} must be a section (a TOML table), got {value!r}")
+            out[key] = _merge(defaults[key], value, prefix=f"{name}.")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+def _type_name(t) -> str:
+    if isinstance(t, tuple):
+        return " or ".join(_type_name(x) for x in t)
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", list: "a list"}.get(t, str(t))
+
+
+def _check_type(name: str, value: Any, expected) -> Any:
+    """Check ``value`` against ``expected`` (ints are accepted where numbers are); returns the coerced value."""
+    types = expected if isinstance(expected, tuple) else (expected,)
+    for t in types:
+        if t is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t in (str, bool, list, dict) and isinstance(value, t):
+            return value
+    raise ConfigError(f"{name} must be {_type_name(expected)}, got {value!r}")
+
+
+def _check_section(section: dict, defaults: Mapping, prefix: str, extra: Mapping[str, Any]) -> None:
+    """Type-check a section's keys against DEFAULTS plus the family-specific ``extra`` defaults."""
+    allowed = {**defaults, **extra}
+    for key in list(section):
+        name = f"{prefix}.{key}"
+        if key not in allowed:
+            raise ConfigError(f"unknown key {name!r}; allowed in [{prefix}]: {', '.join(sorted(allowed))}")
+        default = allowed[key]
+        value = section[key]
+        if name in TYPES:
+            if value is not None:
+                section[key] = _check_type(name, value, TYPES[name])
+        elif default is None:
+            continue  # family key whose default is "unset": any TOML value, checked by its owner
+        elif isinstance(default, bool):
+            section[key] = _check_type(name, value, bool)
+        elif isinstance(default, float):
+            section[key] = _check_type(name, value, float)
+        elif isinstance(default, int):
+            section[key] = _check_type(name, value, int)
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        elif isinstance(default, list | tuple) and not isinstance(value, list | tuple):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        if name in CHOICES and section[key] not in CHOICES[name]:
+            raise ConfigError(f"{name} must be one of {', '.join(CHOICES[name])}; got {section[key]!r}")
+
+
+def _positive(cfg, name, *, integer=False, allow_zero=False, upper=None):
+    section, key = name.split(".") if "." in name else (None, name)
+    value = cfg[section][key] if section else cfg[key]
+    bad = value < 0 if allow_zero else value <= 0
+    if bad or not math.isfinite(value) or (upper is not None and value > upper):
+        rng = ">= 0" if allow_zero else "> 0"
+        if upper is not None:
+            rng += f" and <= {upper}"
+        raise ConfigError(f"{name} must be {rng}, got {value!r}")
+
+
+def validate(cfg: dict) -> None:
+    """Validate a merged config in place (types coerced, family keys checked). Raises ConfigError."""
+    from jaxdfl import aggregators, attacks, models, topology
+    from jaxdfl import data as data_mod
+
+    for key in ("seed", "rounds", "eval_every"):
+        cfg[key] = _check_type(key, cfg[key], int)
+    if cfg["seeds"] is not None:
+        seeds = cfg["seeds"]
+        if isinstance(seeds, int) and not isinstance(seeds, bool):
+            if seeds < 1:
+                raise ConfigError(f"seeds must be >= 1 or a list of ints, got {seeds!r}")
+        elif not (isinstance(seeds, list | tuple) and seeds and all(isinstance(s, int) for s in seeds)):
+            raise ConfigError(f"seeds must be a positive count or a non-empty list of ints, got {seeds!r}")
+    _positive(cfg, "rounds", integer=True)
+    _positive(cfg, "eval_every", integer=True)
+    if cfg["rounds"] % cfg["eval_every"]:
+        raise ConfigError(f"eval_every must divide rounds: rounds={cfg['rounds']}, eval_every={cfg['eval_every']}")
+
+    topo = cfg["topology"]
+    _check_section(topo, DEFAULTS["topology"], "topology", topology.PARAMS.get(topo.get("kind"), {}))
+    if topo["kind"] not in topology.KINDS:
+        raise ConfigError(f"topology.kind must be one of {', '.join(topology.KINDS)}; got {topo['kind']!r}")
+    if topo["n"] < 2:
+        raise ConfigError(f"topology.n must be >= 2, got {topo['n']}")
+
+    data = cfg["data"]
+    _check_section(data, DEFAULTS["data"], "data", {})
+    if data["name"] not in data_mod.DATASETS:
+        raise ConfigError(f"data.name must be one of {', '.join(data_mod.DATASETS)}; got {data['name']!r}")
+    _positive(cfg, "data.alpha")
+    _positive(cfg, "data.shards_per_node", integer=True)
+    if not 0 < data["test_fraction"] < 1:
+        raise ConfigError(f"data.test_fraction must be in (0, 1), got {data['test_fraction']}")
+
+    model = cfg["model"]
+    _check_section(model, DEFAULTS["model"], "model", {})
+    if model["name"] not in models.MODELS:
+        raise ConfigError(f"model.name must be one of {', '.join(models.MODELS)}; got {model['name']!r}")
+    if not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in model["hidden"]):
+        raise ConfigError(f"model.hidden must be a list of positive ints, got {model['hidden']!r}")
+
+    train = cfg["train"]
+    _check_section(train, DEFAULTS["train"], "train", {})
+    _positive(cfg, "train.lr")
+    _positive(cfg, "train.momentum", allow_zero=True)
+    if train["momentum"] >= 1:
+        raise ConfigError(f"train.momentum must be in [0, 1), got {train['momentum']}")
+    _positive(cfg, "train.batch_size", integer=True)
+    _positive(cfg, "train.local_steps", integer=True)
+
+    agg = cfg["aggregation"]
+    rule = agg.get("rule")
+    if not isinstance(rule, str) or rule not in aggregators.REGISTRY:
+        raise ConfigError(f"aggregation.rule must be one of {', '.join(aggregators.REGISTRY)}; got {rule!r}")
+    pre = agg.get("pre", [])
+    if not isinstance(pre, list | tuple) or not all(isinstance(p, str) for p in pre):
+        raise ConfigError(f"aggregation.pre must be a list of names from {', '.join(aggregators.PRE_REGISTRY)}")
+    for p in pre:
+        if p not in aggregators.PRE_REGISTRY:
+            raise ConfigError(f"aggregation.pre: unknown pre-aggregator {p!r}; allowed: "
+                              f"{', '.join(aggregators.PRE_REGISTRY)}")
+    sub = {p: {} for p in aggregators.PRE_REGISTRY}
+    _check_section(agg, DEFAULTS["aggregation"], "aggregation", {**aggregators.DEFAULTS[rule], **sub})
+    for p in aggregators.PRE_REGISTRY:
+        if p in agg:
+            if not isinstance(agg[p], Mapping):
+                raise ConfigError(f"aggregation.{p} must be a table of {p}'s settings")
+            if p not in pre:
+                raise ConfigError(f"[aggregation.{p}] is set but {p!r} is not listed in aggregation.pre")
+            merged = {**aggregators.DEFAULTS[p], **agg[p]}
+            _check_section(merged, {}, f"aggregation.{p}", aggregators.DEFAULTS[p])
+            agg[p] = merged
+    for p in pre:
+        agg.setdefault(p, dict(aggregators.DEFAULTS[p]))
+    for key, value in aggregators.DEFAULTS[rule].items():
+        agg.setdefault(key, value)
+
+    att = cfg["attack"]
+    name = att.get("name")
+    if not isinstance(name, str) or name not in attacks.REGISTRY:
+        raise ConfigError(f"attack.name must be one of {', '.join(attacks.REGISTRY)}; got {name!r}")
+    _check_section(att, DEFAULTS["attack"], "attack", attacks.DEFAULTS.get(name, {}))
+    for key, value in attacks.DEFAULTS.get(name, {}).items():
+        att.setdefault(key, value)
+    attacks.validate(name, {k: att[k] for k in attacks.DEFAULTS.get(name, {})})
+    if att["byzantine"] < 0:
+        raise ConfigError(f"attack.byzantine must be >= 0, got {att['byzantine']}")
+    if 2 * att["byzantine"] >= topo["n"]:
+        raise ConfigError(f"attack.byzantine must be below the honest count (< n/2 = {topo['n'] / 2:g}), "
+                          f"got {att['byzantine']}")
+
+    priv = cfg["privacy"]
+    _check_section(priv, DEFAULTS["privacy"], "privacy", {})
+
+
+# --------------------------------------------------------------------------------------------- TOML output
+
+
+def dumps_toml(tree: Mapping[str, Any]) -> str:
+    """Serialise a config tree to TOML (scalars first, then one table per section; None omitted)."""
+    lines: list[str] = []
+
+    def fmt(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            if isinstance(v, float) and not math.isfinite(v):
+                return "inf" if v > 0 else ("-inf" if v < 0 else "nan")
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        raise TypeError(f"cannot write {v!r} as TOML")
+
+    def emit(table: Mapping, prefix: str):
+        scalars = {k: v for k, v in table.items() if not isinstance(v, Mapping) and v is not None}
+        tables = {k: v for k, v in table.items() if isinstance(v, Mapping)}
+        if prefix:
+            lines.append(f"\n[{prefix}]")
+        for k, v in scalars.items():
+            lines.append(f"{k} = {fmt(v)}")
+        for k, v in tables.items():
+            emit(v, f"{prefix}.{k}" if prefix else k)
+
+    emit(tree, "")
+    return "\n".join(lines).lstrip("\n") + "\n"

@@ -1,0 +1,103 @@
+"""Result files (host side): atomic writes, metrics.csv, summary.json, plots.
+
+Every file is written to a temporary name in the target folder and renamed into place, so a crash never leaves a
+half-written result file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(raw)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_jsonable(x):
+    """numpy scalars/arrays -> Python numbers/lists; non-finite floats -> None (JSON has no NaN/inf)."""
+    if isinstance(x, Mapping):
+        return {str(k): to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [to_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return to_jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        return to_jsonable(x.item())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_json(path, obj) -> None:
+    atomic_write(path, json.dumps(to_jsonable(obj), indent=2) + "\n")
+
+
+def history_rows(history: Mapping[str, np.ndarray]) -> tuple[list[str], list[list]]:
+    """Flatten a history (``[E]`` or ``[S, E]`` per metric) into CSV rows (a ``seed`` column for ``[S, E]``)."""
+    keys = ["round"] + [k for k in history if k != "round"]
+    first = np.asarray(history["round"])
+    if first.ndim == 1:
+        return keys, [[np.asarray(history[k])[e].item() for k in keys] for e in range(first.shape[0])]
+    rows = []
+    for s in range(first.shape[0]):
+        for e in range(first.shape[1]):
+            rows.append([s] + [np.asarray(history[k])[s, e].item() for k in keys])
+    return ["seed"] + keys, rows
+
+
+def write_csv(path, header: list[str], rows: list[list]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write(path, buf.getvalue())
+
+
+def plot_accuracy(path, history: Mapping[str, np.ndarray], title: str = "") -> None:
+    """Accuracy vs round: honest mean with the min-max band (mean over seeds with their band when seeded)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = np.asarray(history["round"])
+    mean, lo, hi = (np.asarray(history[k]) for k in ("accuracy_mean", "accuracy_min", "accuracy_max"))
+    if rounds.ndim == 2:  # seeds: average the curves, band over seeds' mins and maxes
+        rounds, mean, lo, hi = rounds[0], mean.mean(0), lo.min(0), hi.max(0)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(rounds, mean, label="honest mean")
+    ax.fill_between(rounds, lo, hi, alpha=0.25, label="min-max over honest nodes")
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    if title:
+        ax.set_title(title)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())

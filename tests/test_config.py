@@ -1,0 +1,79 @@
+"""Config loading, overrides and one-line validation errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from jaxdfl.config import DEFAULTS, dumps_toml, load_config, make_config, parse_value
+from jaxdfl.errors import ConfigError
+
+
+def test_defaults_validate():
+    cfg = make_config()
+    assert cfg.topology.kind == DEFAULTS["topology"]["kind"]
+    assert cfg["train"]["lr"] == DEFAULTS["train"]["lr"]
+
+
+def test_overrides_parse_toml_values(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('rounds = 20\n[topology]\nkind = "random_regular"\nn = 12\ndegree = 3\n')
+    cfg = load_config(str(path), ["topology.n=16", "train.lr=0.05", "model.hidden=[32, 16]", "data.name=digits"])
+    assert cfg.topology.n == 16 and cfg.topology.degree == 3
+    assert cfg.train.lr == pytest.approx(0.05)
+    assert cfg.model.hidden == (32, 16)
+    assert parse_value('"ring"') == "ring" and parse_value("ring") == "ring" and parse_value("3") == 3
+
+
+def test_int_accepted_for_float():
+    assert make_config({"train": {"lr": 1}}).train.lr == 1.0
+
+
+@pytest.mark.parametrize("tree, needle", [
+    ({"topology": {"degre": 3}}, "topology.degre"),
+    ({"bogus": 1}, "bogus"),
+    ({"train": {"lr": "fast"}}, "train.lr"),
+    ({"train": {"lr": -0.1}}, "train.lr"),
+    ({"train": {"batch_size": 0}}, "train.batch_size"),
+    ({"train": {"share": "both"}}, "train.share"),
+    ({"topology": {"kind": "moebius"}}, "topology.kind"),
+    ({"topology": {"n": 1}}, "topology.n"),
+    ({"aggregation": {"rule": "avg"}}, "aggregation.rule"),
+    ({"attack": {"name": "nuke"}}, "attack.name"),
+    ({"attack": {"byzantine": 8}, "topology": {"n": 16}}, "attack.byzantine"),
+    ({"privacy": {"mode": "maybe"}}, "privacy.mode"),
+    ({"rounds": 10, "eval_every": 3}, "eval_every"),
+    ({"model": {"hidden": [0]}}, "model.hidden"),
+    ({"data": {"name": "imagenet"}}, "data.name"),
+    ({"train": "fast"}, "train"),
+])
+def test_errors_name_the_key(tree, needle):
+    with pytest.raises(ConfigError) as info:
+        make_config(tree)
+    msg = str(info.value)
+    assert needle in msg and "\n" not in msg
+
+
+def test_config_is_read_only_and_replace_validates():
+    cfg = make_config()
+    with pytest.raises(TypeError):
+        cfg.train["lr"] = 3
+    assert cfg.replace({"train.lr": 0.3}).train.lr == pytest.approx(0.3)
+    with pytest.raises(ConfigError, match="train.lr"):
+        cfg.replace({"train.lr": -1})
+
+
+def test_toml_round_trip(tmp_path):
+    cfg = make_config({"topology": {"kind": "torus", "n": 16, "rows": 4, "cols": 4}, "model": {"hidden": [8]}})
+    path = tmp_path / "r.toml"
+    path.write_text(dumps_toml(cfg.to_dict()))
+    assert load_config(str(path)) == cfg
+
+
+def test_cli_config_error_exit_2_one_line(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[topology]\nkind = \"ring\"\nn = 8\ndegre = 2\n")
+    proc = subprocess.run([sys.executable, "-m", "jaxdfl.cli", "run", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "topology.degre" in lines[0] and "Traceback" not in proc.stderr

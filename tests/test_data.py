@@ -1,0 +1,71 @@
+"""Datasets and partitions."""
+
+import numpy as np
+import pytest
+
+from jaxdfl import data
+from jaxdfl.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load_digits(test_fraction=0.2, seed=0)
+
+
+def test_digits_shapes_and_split(digits):
+    assert digits.x_train.shape[1:] == (8, 8, 1)
+    assert len(digits.y_train) + len(digits.y_test) == 1797
+    assert len(digits.y_test) == round(1797 * 0.2)
+    assert 0.0 <= digits.x_train.min() and digits.x_train.max() <= 1.0
+    assert digits.num_classes == 10
+
+
+@pytest.mark.parametrize("kind", ["iid", "dirichlet", "shards"])
+def test_partitions_cover_train_set_once(digits, kind):
+    n = 10
+    rng = np.random.default_rng(0)
+    parts = data.PARTITIONS[kind](digits.y_train, n, rng, alpha=0.3, shards_per_node=2)
+    allidx = np.concatenate(parts)
+    assert len(parts) == n
+    assert sorted(allidx.tolist()) == list(range(len(digits.y_train)))
+
+
+def test_stacked_shards_pad_with_own_rows(digits):
+    sh = data.partition(digits, 7, "dirichlet", seed=1, alpha=0.5)
+    assert sh.x.shape[:2] == sh.y.shape and sh.sizes.sum() == len(digits.y_train)
+    for i in range(7):
+        own = {tuple(r.ravel()) for r in sh.x[i, : sh.sizes[i]]}
+        assert all(tuple(r.ravel()) in own for r in sh.x[i, sh.sizes[i]:])
+
+
+def test_label_skew_orders(digits):
+    n = 10
+    skew = lambda h: np.mean((h > 0).sum(1))  # noqa: E731  classes present per node
+    iid = data.partition(digits, n, "iid").label_histogram(10)
+    shards = data.partition(digits, n, "shards", shards_per_node=2).label_histogram(10)
+    dirich = data.partition(digits, n, "dirichlet", alpha=0.05).label_histogram(10)
+    assert skew(iid) == 10 and skew(shards) <= 3 and skew(dirich) < 6
+
+
+def test_partition_deterministic(digits):
+    a = data.partition(digits, 5, "dirichlet", seed=4, alpha=0.5)
+    b = data.partition(digits, 5, "dirichlet", seed=4, alpha=0.5)
+    np.testing.assert_array_equal(a.x, b.x)
+
+
+def test_synthetic_follows_fedprox_shapes():
+    ds = data.synthetic_fedprox(6, alpha=1.0, beta=1.0, seed=0)
+    assert ds.x_train.shape[1] == 60 and ds.num_classes == 10
+    sh = data.partition(ds, 6)
+    assert sh.sizes.min() >= 50 * 0.8 - 1  # lognormal + 50 per node, minus the test share
+    # each node's labels come from its own (W_k, b_k): label histograms differ between nodes
+    h = sh.label_histogram(10)
+    assert not np.all(h[0] == h[1])
+
+
+def test_errors():
+    ds = data.load_digits()
+    with pytest.raises(ConfigError, match="topology.n"):
+        data.partition(ds, 5000)
+    with pytest.raises(ConfigError, match="data.partition"):
+        data.partition(ds, 4, "zipf")

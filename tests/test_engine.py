@@ -1,0 +1,110 @@
+"""The node-stacked engine: vmap equals a per-node loop, scan equals a round loop, determinism, end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdfl
+from jaxdfl import experiment, simulation
+from jaxdfl.training import local_train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_vmapped_local_step_equals_python_loop(small_cfg):
+    exp = experiment.build(small_cfg(**{"model.name": "mlp", "model.hidden": [16], "train.momentum": 0.9}))
+    state = simulation.init_state(exp.spec, jax.random.key(0), exp.hyper)
+    keys = jax.random.split(jax.random.key(1), exp.spec.n)
+    a = exp.arrays
+    vm = jax.jit(jax.vmap(lambda k, t, o, x, y, s: local_train(exp.spec.local, k, t, o, x, y, s, exp.hyper)))
+    theta_v, _, loss_v = vm(keys, state.theta, state.opt_state, a.x, a.y, a.sizes)
+    one = jax.jit(lambda k, t, o, x, y, s: local_train(exp.spec.local, k, t, o, x, y, s, exp.hyper))
+    for i in range(exp.spec.n):
+        opt_i = jax.tree.map(lambda leaf: leaf[i], state.opt_state)
+        theta_i, _, loss_i = one(keys[i], state.theta[i], opt_i, a.x[i], a.y[i], a.sizes[i])
+        np.testing.assert_allclose(theta_v[i], theta_i, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(loss_v[i], loss_i, rtol=1e-5)
+    assert not np.allclose(theta_v, state.theta)  # training moved the models
+
+
+@pytest.mark.parametrize("share", ["model", "update"])
+def test_scan_program_equals_round_loop(small_cfg, share):
+    exp = experiment.build(small_cfg(**{"train.share": share}))
+    key = jax.random.key(5)
+    hist_scan, state_scan = jax.jit(simulation.make_program(exp.spec))(key, exp.hyper, exp.arrays)
+    hist_loop, state_loop = simulation.python_loop_program(exp.spec)(key, exp.hyper, exp.arrays)
+    np.testing.assert_allclose(state_scan.theta, state_loop.theta, rtol=1e-5, atol=1e-6)
+    for k in hist_loop:
+        np.testing.assert_allclose(np.asarray(hist_scan[k]), hist_loop[k], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(hist_scan["round"], [2, 4, 6])
+
+
+def test_same_seed_same_result_other_seed_differs(small_cfg):
+    a = jaxdfl.run(small_cfg())
+    b = jaxdfl.run(small_cfg())
+    c = jaxdfl.run(small_cfg(seed=4))
+    for k in a.history:
+        np.testing.assert_array_equal(a.history[k], b.history[k])
+    assert not np.array_equal(a.history["consensus_distance"], c.history["consensus_distance"])
+
+
+def test_dense_and_sparse_paths_agree(small_cfg):
+    d = jaxdfl.run(small_cfg(**{"aggregation.gossip": "dense"}))
+    s = jaxdfl.run(small_cfg(**{"aggregation.gossip": "sparse"}))
+    assert d.summary["exchange"] == "dense" and s.summary["exchange"] == "sparse"
+    np.testing.assert_allclose(d.history["accuracy_mean"], s.history["accuracy_mean"], atol=1e-6)
+    np.testing.assert_allclose(d.history["consensus_distance"], s.history["consensus_distance"], rtol=1e-3,
+                               atol=1e-7)
+
+
+def test_init_same_vs_independent(small_cfg):
+    same = experiment.build(small_cfg())
+    ind = experiment.build(small_cfg(**{"model.init": "independent"}))
+    s0 = simulation.init_state(same.spec, jax.random.key(0), same.hyper).theta
+    i0 = simulation.init_state(ind.spec, jax.random.key(0), ind.hyper).theta
+    assert float(jnp.max(jnp.abs(s0 - s0[0]))) == 0.0
+    assert float(jnp.min(jnp.abs(i0[0] - i0[1]).max())) > 0.0
+
+
+def test_history_and_summary_shape(small_cfg):
+    r = jaxdfl.run(small_cfg())
+    for k in ("round", "accuracy_mean", "accuracy_min", "accuracy_max", "loss_mean", "consensus_distance",
+              "epsilon"):
+        assert r.history[k].shape == (3,)
+    assert r.summary["rounds"] == 6 and r.summary["final"]["epsilon"] is None
+    f = r.summary["final"]
+    assert f["accuracy_min"] <= f["accuracy_mean"] <= f["accuracy_max"]
+    assert r.summary["compile_seconds"] > 0 and r.summary["run_seconds"] > 0
+
+
+def test_seeds_in_one_program(small_cfg):
+    r = jaxdfl.run(small_cfg(seeds=[3, 4]))
+    single = jaxdfl.run(small_cfg(seed=4))
+    assert r.history["accuracy_mean"].shape == (2, 3)
+    np.testing.assert_allclose(r.history["accuracy_mean"][1], single.history["accuracy_mean"], atol=1e-6)
+    assert set(r.summary["final_std"]) == set(r.summary["final"])
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end(tmp_path):
+    """The README's quickstart through the CLI: under 60 s, mean honest accuracy >= 0.90, files written."""
+    out = tmp_path / "qs"
+    proc = subprocess.run([sys.executable, "-m", "jaxdfl.cli", "run", str(ROOT / "configs/quickstart.toml"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"]["accuracy_mean"] >= 0.90
+    assert summary["compile_seconds"] + summary["run_seconds"] < 60
+    assert set(summary) >= {"rounds", "compile_seconds", "run_seconds", "final"}
+    assert set(summary["final"]) >= {"accuracy_mean", "accuracy_min", "accuracy_max", "loss_mean",
+                                     "consensus_distance", "epsilon"}
+    rows = (out / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + summary["rounds"] // 10
+    assert (out / "accuracy.png").stat().st_size > 1000 and (out / "config.toml").exists()
+    assert "acc=" in proc.stdout
