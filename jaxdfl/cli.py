@@ -63,21 +63,120 @@ def write_outputs(out: Path, result) -> None:
     results.plot_accuracy(out / "accuracy.png", result.history)
 
 
+def _distributed(args) -> None:
+    """Join a multi-host run (``jax.distributed.initialize``) when asked, before any device is touched."""
+    if args.coordinator or args.num_processes or args.process_id is not None:
+        import jax
+
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+
+
 def cmd_run(args) -> int:
     from jaxdfl import config as config_mod
     from jaxdfl import experiment
 
-    overrides = list(args.set or [])
-    if args.seeds is not None:
-        overrides.append(f"seeds={args.seeds}")
-    cfg = config_mod.load_config(args.config, overrides)
+    _distributed(args)
+    if args.resume:
+        out = Path(args.resume)
+        if not (out / "config.toml").exists():
+            raise ConfigError(f"--resume {out}: no config.toml there (give the --out folder of an earlier run)")
+        if args.config or args.set:
+            raise ConfigError("--resume takes the run's own config.toml; give no CONFIG or --set with it")
+        cfg = config_mod.load_config(str(out / "config.toml"))
+    else:
+        if not args.config:
+            raise ConfigError("run needs a CONFIG file (or --resume DIR)")
+        overrides = list(args.set or [])
+        if args.seeds is not None:
+            overrides.append(f"seeds={args.seeds}")
+        cfg = config_mod.load_config(args.config, overrides)
+        out = Path(args.out) if args.out else None
+    if out is not None:
+        from jaxdfl import results
+
+        results.atomic_write(out / "config.toml", cfg.to_toml())
     bar = ProgressBar(cfg.rounds // cfg.eval_every) if not args.quiet else None
-    result = experiment.run(cfg, progress=bar)
+    ckpt = str(out / "checkpoints") if out is not None and cfg.checkpoint_every else None
+    result = experiment.run(cfg, progress=bar, checkpoint_dir=ckpt, resume=bool(args.resume))
     print(summary_line(result.summary))
+    if out is not None:
+        write_outputs(out, result)
+        print(f"wrote {out}/{{config.toml,metrics.csv,summary.json,accuracy.png}}")
+    if result.summary.get("diverged"):
+        print(f"jaxdfl: honest models became non-finite by round {result.summary['diverged_round']}; "
+              f"metrics up to there are kept", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_topology(args) -> int:
+    from jaxdfl import topology
+
+    params = {}
+    for item in args.param or []:
+        from jaxdfl.config import parse_value
+
+        if "=" not in item:
+            raise ConfigError(f"--param {item!r} must look like key=value")
+        k, v = item.split("=", 1)
+        params[k.strip()] = parse_value(v.strip())
+    topo = topology.make(args.kind, args.n, seed=args.seed, weights=args.weights, **params)
+    info = topology.describe(topo)
+    for k, v in info.items():
+        print(f"{k:>24}: {v:.6g}" if isinstance(v, float) else f"{k:>24}: {v}")
+    if args.plot:
+        byz = None
+        if args.attack_config:
+            from jaxdfl import byzantine
+            from jaxdfl.config import load_config
+
+            att = load_config(args.attack_config, [f"topology.n={args.n}"]).attack
+            byz = byzantine.place(args.n, att.byzantine, att.placement, seed=att.seed, degrees=topo.degrees,
+                                  ids=list(att.ids))
+        topology.plot(topo, args.plot, byzantine=byz)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _base_config(args):
+    from jaxdfl import config as config_mod
+
+    overrides = list(args.set or [])
+    if getattr(args, "seeds", None) is not None:
+        overrides.append(f"seeds={args.seeds}")
+    return config_mod.load_config(args.config, overrides)
+
+
+def cmd_sweep(args) -> int:
+    from jaxdfl import sweep
+
+    grid = sweep.parse_grid(args.grid)
+    rows = sweep.run_grid(_base_config(args), grid, out=args.out, log=sweep.stderr_log)
+    print(f"{len(rows)} rows in {args.out}/sweep.csv")
+    return 0
+
+
+def cmd_privacy(args) -> int:
+    from jaxdfl import results, sweep
+
+    study = sweep.PrivacyUtility(_base_config(args), log=sweep.stderr_log)
+    eps = [float(e) for e in args.epsilons.split(",")] if args.epsilons else []
+    study.curve(eps)
+    if args.target_accuracy is not None:
+        best = study.smallest_epsilon(args.target_accuracy, lo=args.lo, hi=args.hi)
+        print(f"target accuracy not reached at epsilon <= {args.hi}" if best is None else
+              f"smallest epsilon reaching accuracy {args.target_accuracy}: {best:.4g}")
+    rows = [{"epsilon": e, "accuracy": a} for e, a in sorted(study.cache.items())]
+    for r in rows:
+        print(f"epsilon {r['epsilon']:10.4g}  accuracy {r['accuracy']:.4f}")
     if args.out:
-        write_outputs(Path(args.out), result)
-        print(f"wrote {args.out}/{{config.toml,metrics.csv,summary.json,accuracy.png}}")
-    return 1 if result.summary.get("diverged") else 0
+        out = Path(args.out)
+        results.write_csv(out / "privacy_utility.csv", ["epsilon", "accuracy"],
+                          [[r["epsilon"], r["accuracy"]] for r in rows])
+        study.plot(out / "privacy_utility.png", args.target_accuracy)
+        print(f"wrote {out}/privacy_utility.{{csv,png}}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,12 +185,45 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run one experiment from a TOML config")
-    p.add_argument("config", help="TOML config file")
+    p.add_argument("config", nargs="?", help="TOML config file")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override, e.g. topology.n=64")
     p.add_argument("--out", metavar="DIR", help="write config.toml, metrics.csv, summary.json, accuracy.png here")
     p.add_argument("--seeds", type=int, metavar="S", help="run S seeds (seed, seed+1, ...) in one program")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--coordinator", help="multi-host: address:port of process 0 (jax.distributed.initialize)")
+    p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+    p.add_argument("--process-id", type=int, help="multi-host: this process's id")
     p.set_defaults(func=cmd_run)
+
+    w = sub.add_parser("sweep", help="run the cartesian product of settings")
+    w.add_argument("config")
+    w.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...")
+    w.add_argument("--set", action="append", metavar="KEY=VALUE")
+    w.add_argument("--seeds", type=int, metavar="S")
+    w.add_argument("--out", required=True, metavar="DIR")
+    w.set_defaults(func=cmd_sweep)
+
+    v = sub.add_parser("privacy", help="privacy-utility curve: accuracy vs target epsilon")
+    v.add_argument("config")
+    v.add_argument("--epsilons", metavar="E1,E2,...", help="target epsilons to run")
+    v.add_argument("--target-accuracy", type=float, help="also find the smallest epsilon reaching this accuracy")
+    v.add_argument("--lo", type=float, default=0.1, help="bisection range for --target-accuracy")
+    v.add_argument("--hi", type=float, default=64.0)
+    v.add_argument("--set", action="append", metavar="KEY=VALUE")
+    v.add_argument("--seeds", type=int, metavar="S")
+    v.add_argument("--out", metavar="DIR")
+    v.set_defaults(func=cmd_privacy)
+
+    t = sub.add_parser("topology", help="describe a graph: degrees, diameter, spectral gap, consensus rate")
+    t.add_argument("kind")
+    t.add_argument("--n", type=int, required=True)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--weights", default="metropolis")
+    t.add_argument("--param", action="append", metavar="KEY=VALUE", help="family parameter, e.g. degree=4")
+    t.add_argument("--plot", metavar="FILE.png", help="draw the graph")
+    t.add_argument("--attack-config", metavar="CONFIG", help="highlight the Byzantine nodes this config places")
+    t.set_defaults(func=cmd_topology)
     return parser
 
 

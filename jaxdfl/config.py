@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "seeds": None,
     "rounds": 100,
     "eval_every": 10,
+    "checkpoint_every": 0,
     "topology": {"kind": "ring", "n": 16, "weights": "metropolis", "seed": 0},
     "data": {
         "name": "digits",
@@ -62,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
         "delta": 1e-5,
         "accountant": "rdp",
     },
+    "parallel": {"devices": "auto", "chunk_size": 0},
 }
 
 #: Types of keys whose default is ``None`` or a list.
@@ -69,6 +71,7 @@ TYPES: dict[str, type | tuple[type, ...]] = {
     "seeds": (list, int),
     "privacy.noise_multiplier": float,
     "privacy.target_epsilon": float,
+    "parallel.devices": (str, int),
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -313,7 +316,7 @@ def validate(cfg: dict) -> None:
     from jaxdfl import aggregators, attacks, models, topology
     from jaxdfl import data as data_mod
 
-    for key in ("seed", "rounds", "eval_every"):
+    for key in ("seed", "rounds", "eval_every", "checkpoint_every"):
         cfg[key] = _check_type(key, cfg[key], int)
     if cfg["seeds"] is not None:
         seeds = cfg["seeds"]
@@ -402,6 +405,17 @@ def validate(cfg: dict) -> None:
 
     priv = cfg["privacy"]
     _check_section(priv, DEFAULTS["privacy"], "privacy", {})
+
+    par = cfg["parallel"]
+    _check_section(par, DEFAULTS["parallel"], "parallel", {})
+    dev = par["devices"]
+    if isinstance(dev, str) and dev != "auto" or isinstance(dev, int) and dev < 1:
+        raise ConfigError(f"parallel.devices must be \"auto\" or a positive integer, got {dev!r}")
+    _positive(cfg, "parallel.chunk_size", allow_zero=True)
+    ck = cfg["checkpoint_every"]
+    if ck < 0 or ck % cfg["eval_every"] or ck > cfg["rounds"]:
+        raise ConfigError(f"checkpoint_every must be 0 (off) or a multiple of eval_every ({cfg['eval_every']}) "
+                          f"up to rounds ({cfg['rounds']}), got {ck}")
 
 
 # --------------------------------------------------------------------------------------------- TOML output

@@ -8,17 +8,19 @@ seeds at once when ``seeds`` is set), computes the privacy spent on the host and
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdfl import aggregators, attacks, byzantine, gossip, models, simulation, topology
+from jaxdfl import aggregators, attacks, byzantine, checkpoint, gossip, models, simulation, topology
 from jaxdfl import data as data_mod
 from jaxdfl.config import Config, load_config, make_config
 from jaxdfl.errors import ConfigError
@@ -43,6 +45,7 @@ class Experiment:
     hyper: dict[str, Any]
     sample_rates: np.ndarray  # [N] q_i = batch_size / m_i
     noise_multiplier: float | None = None
+    devices: int = 1
 
     @property
     def seeds(self) -> list[int] | None:
@@ -139,7 +142,8 @@ def build(cfg: Config | dict | str, progress: Callable | None = None) -> Experim
         n=t.n, local=local, model_init=model.init, model_apply=model.apply, rounds=cfg.rounds,
         eval_every=cfg.eval_every, init=cfg.model.init, share=tr.share, exchange=path, rule=agg.rule,
         rule_hyper=_freeze(rule_hyper), pre=tuple((n, _freeze(h)) for n, h in pre), attack=att.name,
-        attack_hyper=_freeze(attack_hyper), privacy=p.mode, mechanism=p.mechanism, progress=progress)
+        attack_hyper=_freeze(attack_hyper), privacy=p.mode, mechanism=p.mechanism,
+        chunk_size=cfg.parallel.chunk_size or None, progress=progress)
     mixing = topo.mixing if path == "dense" else np.zeros((1, 1))
     arrays = simulation.Arrays(
         x=jnp.asarray(shards.x), y=jnp.asarray(y), sizes=jnp.asarray(shards.sizes),
@@ -148,7 +152,19 @@ def build(cfg: Config | dict | str, progress: Callable | None = None) -> Experim
         mask=jnp.asarray(topo.mask), weights=jnp.asarray(topo.weights), byzantine=jnp.asarray(byz))
     hyper = {"lr": jnp.float32(tr.lr), "momentum": jnp.float32(tr.momentum),
              "clip_norm": jnp.float32(p.clip_norm), "noise_multiplier": jnp.float32(z or 0.0)}
-    return Experiment(cfg, topo, ds, shards, model, byz, spec, arrays, hyper, rates, z)
+    return Experiment(cfg, topo, ds, shards, model, byz, spec, arrays, hyper, rates, z, _devices(cfg))
+
+
+def _devices(cfg: Config) -> int:
+    """How many devices the node axis is split over (``parallel.devices``; must divide topology.n)."""
+    available, n, want = jax.device_count(), cfg.topology.n, cfg.parallel.devices
+    if want == "auto":
+        return max(d for d in range(1, available + 1) if n % d == 0)
+    if want > available:
+        raise ConfigError(f"parallel.devices={want} but only {available} device(s) are visible")
+    if n % want:
+        raise ConfigError(f"parallel.devices={want} must divide topology.n={n} (the node axis is split evenly)")
+    return want
 
 
 def _listify(x):
@@ -163,34 +179,170 @@ def _freeze(d: dict) -> tuple:
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()))
 
 
-def compile_program(exp: Experiment):
-    """Compile the experiment's program once (vmapped over seeds when set). Returns ``(compiled, keys, secs)``."""
-    program = simulation.make_program(exp.spec)
+def _seed_keys(exp: Experiment):
     seeds = exp.seeds
     if seeds is None:
-        keys = jax.random.key(exp.config.seed)
-    else:
-        keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
-        program = jax.vmap(program, in_axes=(0, None, None))
+        return jax.random.key(exp.config.seed)
+    return jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+
+
+def _over_seeds(exp: Experiment, fn, in_axes):
+    return fn if exp.seeds is None else jax.vmap(fn, in_axes=in_axes)
+
+
+def compile_program(exp: Experiment):
+    """Compile the whole experiment as one program (vmapped over seeds when set). Returns ``(compiled, keys, s)``."""
+    program = _over_seeds(exp, simulation.make_program(exp.spec), (0, None, None))
+    keys = _seed_keys(exp)
     t0 = time.perf_counter()
     compiled = jax.jit(program).lower(keys, exp.hyper, exp.arrays).compile()
     return compiled, keys, time.perf_counter() - t0
 
 
-def run(cfg: Config | dict | str, progress: Callable | None = None) -> Result:
+def _mesh(exp: Experiment):
+    """A 1-D device mesh over the node axis, or None for one device."""
+    d = exp.devices
+    if d <= 1:
+        return None
+    from jax.sharding import Mesh
+
+    return Mesh(np.array(jax.devices()[:d]), ("nodes",))
+
+
+def _shard(exp: Experiment, tree, node_axis: int):
+    """Place ``tree`` on the mesh: arrays whose axis ``node_axis`` has length N are split over devices."""
+    mesh = _mesh(exp)
+    if mesh is None:
+        return tree
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def put(leaf):
+        if hasattr(leaf, "ndim") and leaf.ndim > node_axis and leaf.shape[node_axis] == exp.topology.n:
+            spec = PartitionSpec(*([None] * node_axis), "nodes")
+        else:
+            spec = PartitionSpec()
+        return jax.device_put(leaf, NamedSharding(mesh, spec))
+
+    return jax.tree.map(put, tree)
+
+
+class Runner:
+    """An experiment's compiled program, reusable for configs that differ only in dynamic values.
+
+    ``Runner(exp)`` compiles the init and round-segment programs once (segments of ``checkpoint_every`` rounds, or
+    all rounds); ``runner(exp_i)`` runs any experiment with the same static settings (see
+    :func:`same_program`), e.g. another learning rate or noise multiplier, without recompiling.
+    """
+
+    def __init__(self, exp: Experiment):
+        self.exp = exp
+        c = exp.config
+        every = c.checkpoint_every or c.rounds
+        seg_fn = simulation.make_segment(exp.spec, every // c.eval_every)
+        self.node_axis = 1 if exp.seeds is not None else 0
+
+        def init(key, hyper):
+            k_init, k_rounds = jax.random.split(key)
+            return simulation.init_state(exp.spec, k_init, hyper), k_rounds
+
+        self.init = jax.jit(_over_seeds(exp, init, (0, None)))
+        self.arrays = _shard(exp, exp.arrays, 0)
+        t0 = time.perf_counter()
+        state, k_rounds = self._start(exp)
+        segment = jax.jit(_over_seeds(exp, seg_fn, (0, 0, None, None)))
+        self.segment = segment.lower(state, k_rounds, exp.hyper, self.arrays).compile()
+        self.compile_seconds = time.perf_counter() - t0
+
+    def _start(self, exp: Experiment):
+        state, k_rounds = self.init(_seed_keys(exp), exp.hyper)
+        return _shard(exp, state, self.node_axis), k_rounds
+
+    def __call__(self, exp: Experiment | None = None, checkpoint_dir: str | None = None,
+                 resume: bool = False) -> Result:
+        """Run ``exp`` (default: the compiled one) and return its :class:`Result`."""
+        exp = exp or self.exp
+        if not same_program(exp.config, self.exp.config):
+            raise ValueError("Runner: this config differs from the compiled one in a static setting")
+        c = exp.config
+        state, k_rounds = self._start(exp)
+        chunks: list[dict] = []
+        if resume:
+            if checkpoint_dir is None or checkpoint.latest(checkpoint_dir) is None:
+                raise ConfigError(f"no checkpoint to resume from in {checkpoint_dir!r}")
+            (state, k_rounds, chunks), _ = _load(exp, checkpoint_dir, state, k_rounds)
+            state = _shard(exp, state, self.node_axis)
+        t0 = time.perf_counter()
+        while _round(state) < c.rounds:
+            history, state = self.segment(state, k_rounds, exp.hyper, self.arrays)
+            chunks.append(jax.tree.map(np.asarray, history))
+            if checkpoint_dir is not None:
+                checkpoint.save(Path(checkpoint_dir), _round(state), (state, k_rounds, chunks),
+                                {"config": c.to_dict()})
+            if np.any(chunks[-1]["diverged"] > 0):
+                break  # non-finite honest models: stop, keep the metrics so far
+        run_s = time.perf_counter() - t0
+        axis = 0 if exp.seeds is None else 1
+        history = {k: np.concatenate([h[k] for h in chunks], axis=axis) for k in chunks[0]}
+        return finish(exp, history, state, self.compile_seconds, run_s)
+
+
+#: Config keys whose values reach the program as traced hyper-parameters (no recompilation when they change).
+DYNAMIC_KEYS = ("train.lr", "train.momentum", "privacy.clip_norm", "privacy.noise_multiplier",
+                "privacy.target_epsilon", "seed")
+
+
+def static_part(cfg: Config) -> dict:
+    """The config without its dynamic values: two configs with equal static parts share one program."""
+    tree = cfg.to_dict()
+    for key in DYNAMIC_KEYS:
+        node = tree
+        *path, leaf = key.split(".")
+        for part in path:
+            node = node[part]
+        node.pop(leaf, None)
+    return tree
+
+
+def same_program(a: Config, b: Config) -> bool:
+    return static_part(a) == static_part(b)
+
+
+def run(cfg: Config | dict | str, progress: Callable | None = None, checkpoint_dir: str | None = None,
+        resume: bool = False) -> Result:
     """Run one experiment end to end and return its :class:`Result`.
 
     Args:
       cfg: a Config (see :func:`jaxdfl.load_config`), a config dict tree, or a TOML path.
       progress: optional ``progress(chunk_index)`` called from inside the program after each evaluation chunk.
+      checkpoint_dir: where checkpoints go (every ``checkpoint_every`` rounds; 0 = only at the end).
+      resume: continue from the newest checkpoint in ``checkpoint_dir`` (same final metrics, bit for bit).
+
+    The rounds run as one compiled segment, or as segments of ``checkpoint_every`` rounds calling the same
+    compiled program; a run whose honest models turn non-finite stops after the segment that diverged.
     """
     exp = build(cfg, progress=progress)
-    compiled, keys, compile_s = compile_program(exp)
-    t0 = time.perf_counter()
-    history, state = compiled(keys, exp.hyper, exp.arrays)
-    history = jax.tree.map(np.asarray, history)
-    run_s = time.perf_counter() - t0
-    return finish(exp, history, state, compile_s, run_s)
+    return Runner(exp)(exp, checkpoint_dir=checkpoint_dir, resume=resume)
+
+
+def _round(state) -> int:
+    return int(np.max(np.asarray(state.round)))
+
+
+def _load(exp: Experiment, directory, state, k_rounds):
+    """Load the newest checkpoint, using a one-segment-per-chunk template for the stored metrics."""
+    path = checkpoint.latest(directory)
+    with np.load(path) as f:
+        meta_round = json.loads(bytes(f["meta"]).decode())["round"]
+    every = exp.config.checkpoint_every or exp.config.rounds
+    n_segments = meta_round // every
+    evals = every // exp.config.eval_every
+    lead = () if exp.seeds is None else (len(exp.seeds),)
+    template_chunk = {k: np.zeros((*lead, evals), np.int32 if k == "round" else np.float32)
+                      for k in simulation.METRIC_NAMES}
+    template = (state, k_rounds, [dict(template_chunk) for _ in range(n_segments)])
+    (state, k_rounds, chunks), meta = checkpoint.load(path, template)
+    chunks = [{k: np.asarray(v) for k, v in ch.items()} for ch in chunks]
+    return (state, k_rounds, chunks), meta
 
 
 def finish(exp: Experiment, history: dict, state, compile_s: float, run_s: float) -> Result:

@@ -33,6 +33,10 @@ from jaxdfl import aggregators, attacks, gossip
 from jaxdfl.privacy import mechanisms
 from jaxdfl.training import LocalSpec, local_train, make_optimizer
 
+#: Metrics of :func:`evaluate`, plus the round they were taken at.
+METRIC_NAMES = ("accuracy_mean", "accuracy_min", "accuracy_max", "loss_mean", "consensus_distance", "diverged",
+                "round")
+
 #: Hyper-parameters passed as traced values: changing them reuses the compiled program.
 DYNAMIC = ("lr", "momentum", "clip_norm", "noise_multiplier")
 
@@ -166,31 +170,44 @@ def evaluate(spec: Spec, arrays: Arrays, theta) -> dict[str, jax.Array]:
     }
 
 
+def make_segment(spec: Spec, n_chunks: int):
+    """``segment(state, rounds_key, hyper, arrays) -> (history, state)``: ``n_chunks`` evaluation chunks.
+
+    Each chunk runs ``eval_every`` rounds (a ``lax.scan``) and then evaluates; ``history`` maps each metric (and
+    ``round``) to ``[n_chunks]``. Round keys come from ``fold_in(rounds_key, state.round)``, so running the
+    segments of a run one after another (checkpointing) gives exactly the one-segment result.
+    """
+
+    def segment(state: State, k_rounds, hyper, arrays: Arrays):
+        def one_round(state, _):
+            key_r = jax.random.fold_in(k_rounds, state.round)
+            return round_step(spec, hyper, arrays, state, key_r)
+
+        def chunk(state, _):
+            state, _ = jax.lax.scan(one_round, state, None, length=spec.eval_every)
+            metrics = evaluate(spec, arrays, state.theta)
+            metrics["round"] = state.round
+            if spec.progress is not None:
+                jax.debug.callback(spec.progress, state.round // spec.eval_every - 1)
+            return state, metrics
+
+        state, history = jax.lax.scan(chunk, state, None, length=n_chunks)
+        return history, state
+
+    return segment
+
+
 def make_program(spec: Spec):
     """The whole experiment as one function ``program(key, hyper, arrays) -> (history, final_state)``.
 
     ``history`` maps each metric (and ``round``) to an array ``[n_evals]``. Jit it (and vmap it over keys for
     seeds); its compile time does not depend on ``spec.rounds``.
     """
+    segment = make_segment(spec, spec.n_evals)
 
     def program(key, hyper, arrays: Arrays):
         k_init, k_rounds = jax.random.split(key)
-        state = init_state(spec, k_init, hyper)
-
-        def one_round(state, _):
-            key_r = jax.random.fold_in(k_rounds, state.round)
-            return round_step(spec, hyper, arrays, state, key_r)
-
-        def chunk(state, index):
-            state, _ = jax.lax.scan(one_round, state, None, length=spec.eval_every)
-            metrics = evaluate(spec, arrays, state.theta)
-            metrics["round"] = state.round
-            if spec.progress is not None:
-                jax.debug.callback(spec.progress, index)
-            return state, metrics
-
-        state, history = jax.lax.scan(chunk, state, jnp.arange(spec.n_evals))
-        return history, state
+        return segment(init_state(spec, k_init, hyper), k_rounds, hyper, arrays)
 
     return program
 

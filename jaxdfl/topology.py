@@ -635,3 +635,33 @@ def describe(topo: Topology) -> dict[str, Any]:
         "consensus_rate": float(rate),
         "rounds_to_100x": rounds,
     }
+
+
+def plot(topo: Topology, path, byzantine: np.ndarray | None = None) -> None:
+    """Draw the graph to a PNG (spring layout; Byzantine nodes in red when a node mask is given)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jaxdfl.results import atomic_write
+
+    pos = nx.circular_layout(topo.graph) if topo.kind in ("ring", "exponential") else \
+        nx.spring_layout(topo.graph, seed=0)
+    colors = ["tab:blue"] * topo.n
+    if byzantine is not None:
+        colors = ["tab:red" if b else "tab:blue" for b in byzantine]
+    fig, ax = plt.subplots(figsize=(6, 6))
+    nx.draw_networkx(topo.graph, pos, ax=ax, node_color=colors, node_size=max(20, 300 - 2 * topo.n),
+                     with_labels=topo.n <= 40, font_size=7, edge_color="0.6")
+    title = f"{topo.kind}, n={topo.n}, spectral gap {topo.spectral_gap:.4f}"
+    if byzantine is not None:
+        title += f", {int(np.sum(byzantine))} Byzantine (red)"
+    ax.set_title(title)
+    ax.axis("off")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())

@@ -1,0 +1,69 @@
+"""Checkpoints of the full simulator state (host side): one ``.npz`` per checkpoint, written atomically.
+
+A checkpoint holds every leaf of a pytree (node parameters, optimizer states, the round counter, the rounds key as
+raw key data, the metrics so far) as ``leaf_00000 ...`` arrays, plus ``meta`` (JSON: round, config fingerprint).
+The accountant needs no state of its own: epsilon is a pure function of the rounds completed, recomputed on load.
+Files are named ``round_000040.npz`` under ``DIR/checkpoints/``; a new one is written to a temporary name and
+renamed, so a killed run never corrupts the last good checkpoint. The two newest are kept.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxdfl.errors import ConfigError
+from jaxdfl.results import atomic_write
+
+KEEP = 2
+
+
+def _to_host(leaf):
+    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        return np.asarray(jax.random.key_data(leaf))
+    return np.asarray(leaf)
+
+
+def save(directory: str | Path, round_: int, tree, meta: dict) -> Path:
+    """Write ``tree`` (any pytree of arrays, typed keys allowed) as ``directory/round_XXXXXX.npz``."""
+    directory = Path(directory)
+    leaves = jax.tree.leaves(tree)
+    buf = io.BytesIO()
+    arrays = {f"leaf_{i:05d}": _to_host(leaf) for i, leaf in enumerate(leaves)}
+    np.savez(buf, meta=np.frombuffer(json.dumps({**meta, "round": round_}).encode(), np.uint8), **arrays)
+    path = directory / f"round_{round_:06d}.npz"
+    atomic_write(path, buf.getvalue())
+    for old in sorted(directory.glob("round_*.npz"))[:-KEEP]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def latest(directory: str | Path) -> Path | None:
+    """The newest checkpoint file in ``directory``, or None."""
+    files = sorted(Path(directory).glob("round_*.npz"))
+    return files[-1] if files else None
+
+
+def load(path: str | Path, template) -> tuple[object, dict]:
+    """Read a checkpoint into the structure (and key types) of ``template``. Returns ``(tree, meta)``."""
+    with np.load(path) as f:
+        meta = json.loads(bytes(f["meta"]).decode())
+        stored = [f[f"leaf_{i:05d}"] for i in range(len(f.files) - 1)]
+    leaves, treedef = jax.tree.flatten(template)
+    if len(stored) != len(leaves):
+        raise ConfigError(f"checkpoint {path} does not match this config ({len(stored)} arrays, "
+                          f"expected {len(leaves)})")
+    out = []
+    for leaf, arr in zip(leaves, stored, strict=True):
+        if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            out.append(jax.random.wrap_key_data(arr, impl=jax.random.key_impl(leaf)))
+        else:
+            if np.shape(leaf) != arr.shape:
+                raise ConfigError(f"checkpoint {path} does not match this config (shape {arr.shape} vs "
+                                  f"{np.shape(leaf)})")
+            out.append(jax.numpy.asarray(arr, dtype=leaf.dtype))
+    return jax.tree.unflatten(treedef, out), meta

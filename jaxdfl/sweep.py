@@ -1,0 +1,263 @@
+"""Sweeps over settings (host side): grids, privacy-utility curves, resumable result tables.
+
+Settings that differ only in dynamic values (:data:`jaxdfl.experiment.DYNAMIC_KEYS`: learning rate, momentum,
+clipping norm, noise multiplier / target epsilon, seed) share one compiled program; settings that change shapes
+(N, the graph, the model, the rule) compile one after another.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxdfl import experiment, results
+from jaxdfl.config import Config, parse_value
+from jaxdfl.errors import ConfigError
+
+FINAL = ("accuracy_mean", "accuracy_min", "accuracy_max", "loss_mean", "consensus_distance", "epsilon")
+
+
+def parse_grid(items: Iterable[str]) -> list[tuple[str, list]]:
+    """``["train.lr=0.1,0.05", "topology.kind=ring,torus"]`` -> ``[("train.lr", [0.1, 0.05]), ...]``."""
+    grid = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--grid {item!r} must look like key=v1,v2,...")
+        key, text = item.split("=", 1)
+        values = [parse_value(v.strip()) for v in _split_top(text)]
+        if not values:
+            raise ConfigError(f"--grid {key}: give at least one value")
+        grid.append((key.strip(), values))
+    return grid
+
+
+def _split_top(text: str) -> list[str]:
+    """Split on commas outside brackets, so list values like [32,16] survive."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        out.append(cur)
+    return out
+
+
+def expand(base: Config, grid: Sequence[tuple[str, list]]) -> list[tuple[dict[str, Any], Config]]:
+    """The cartesian product of ``grid`` over ``base``: ``[(overrides, config), ...]`` (all validated first)."""
+    keys = [k for k, _ in grid]
+    out = []
+    for values in itertools.product(*(v for _, v in grid)):
+        overrides = dict(zip(keys, values, strict=True))
+        out.append((overrides, base.replace(overrides)))
+    return out
+
+
+def setting_id(overrides: Mapping[str, Any]) -> str:
+    return ",".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in overrides.items()) or "base"
+
+
+def _rows_for(sid: str, overrides: Mapping[str, Any], result: experiment.Result) -> list[dict[str, Any]]:
+    s = result.summary
+    base = {"setting": sid, **{k: json.dumps(v) if isinstance(v, list) else v for k, v in overrides.items()},
+            "spectral_gap": s["spectral_gap"], "compile_seconds": s["compile_seconds"],
+            "run_seconds": s["run_seconds"], "diverged": s["diverged"]}
+    if "final_per_seed" in s:
+        return [{**base, "seed": seed, **{k: s["final_per_seed"][k][i] for k in FINAL}}
+                for i, seed in enumerate(s["seeds"])]
+    return [{**base, "seed": result.config.seed, **{k: s["final"][k] for k in FINAL}}]
+
+
+def _read_done(path: Path) -> tuple[list[dict], set[str]]:
+    if not path.exists():
+        return [], set()
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return rows, {r["setting"] for r in rows}
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    header: list[str] = []
+    for r in rows:
+        header += [k for k in r if k not in header]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=header)
+    w.writeheader()
+    w.writerows(rows)
+    results.atomic_write(path, buf.getvalue())
+
+
+def run_grid(base: Config, grid: Sequence[tuple[str, list]], out: str | Path | None = None,
+             log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Run every setting of ``grid`` (each with all of ``base.seeds``), reusing compiled programs.
+
+    With ``out``: rows go to ``out/sweep.csv`` (rewritten atomically after every setting), each setting's
+    history to ``out/settings/<n>/metrics.csv``, and settings already in sweep.csv are skipped, so an interrupted
+    sweep restarted with the same command continues where it stopped. Returns all rows.
+    """
+    settings = expand(base, grid)
+    out = Path(out) if out is not None else None
+    rows, done = _read_done(out / "sweep.csv") if out else ([], set())
+    runners: list[tuple[dict, experiment.Runner]] = []
+    for index, (overrides, cfg) in enumerate(settings):
+        sid = setting_id(overrides)
+        if sid in done:
+            if log:
+                log(f"[{index + 1}/{len(settings)}] {sid}: done earlier, skipped")
+            continue
+        exp = experiment.build(cfg)
+        static = experiment.static_part(cfg)
+        runner = next((r for s, r in runners if s == static), None)
+        if runner is None:
+            runner = experiment.Runner(exp)
+            runners.append((static, runner))
+        result = runner(exp)
+        rows += _rows_for(sid, overrides, result)
+        if out:
+            header, hist_rows = results.history_rows(result.history)
+            results.write_csv(out / "settings" / f"{index:04d}" / "metrics.csv", header, hist_rows)
+            results.write_json(out / "settings" / f"{index:04d}" / "summary.json",
+                               {"setting": sid, **result.summary})
+            _write_rows(out / "sweep.csv", rows)
+        if log:
+            f = result.summary["final"]
+            log(f"[{index + 1}/{len(settings)}] {sid}: accuracy {f['accuracy_mean']:.4f}")
+    if out:
+        plot_sweep(out, settings)
+    return rows
+
+
+def plot_sweep(out: Path, settings) -> None:
+    """accuracy vs round per setting; final accuracy vs spectral gap when the topology varies."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    finals = []
+    for index, (overrides, _) in enumerate(settings):
+        path = out / "settings" / f"{index:04d}" / "metrics.csv"
+        if not path.exists():
+            continue
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        rounds = sorted({int(r["round"]) for r in rows})
+        acc = [np.mean([float(r["accuracy_mean"]) for r in rows if int(r["round"]) == t]) for t in rounds]
+        ax.plot(rounds, acc, label=setting_id(overrides))
+        summary = json.loads((path.parent / "summary.json").read_text())
+        finals.append((summary["spectral_gap"], acc[-1], setting_id(overrides)))
+    ax.set_xlabel("round")
+    ax.set_ylabel("honest mean test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    _save(fig, out / "accuracy.png")
+    if len({round(g, 12) for g, _, _ in finals}) > 1:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        gaps, accs, labels = zip(*finals, strict=True)
+        ax.scatter(gaps, accs)
+        for g, a, lab in finals:
+            ax.annotate(lab, (g, a), fontsize=6)
+        ax.set_xscale("log")
+        ax.set_xlabel("spectral gap")
+        ax.set_ylabel("final honest mean accuracy")
+        ax.grid(alpha=0.3)
+        _save(fig, out / "accuracy_vs_gap.png")
+
+
+def _save(fig, path):
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    results.atomic_write(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------------------------- privacy-utility
+
+
+class PrivacyUtility:
+    """Accuracy as a function of the privacy budget for one config, reusing one compiled program.
+
+    ``curve(epsilons)`` runs the experiment at each target epsilon (the noise multiplier calibrated on the host);
+    ``smallest_epsilon(target_accuracy)`` searches epsilon by bisection on a log scale, using that accuracy grows
+    with epsilon (less noise), instead of a grid.
+    """
+
+    def __init__(self, base: Config, log: Callable[[str], None] | None = None):
+        if base.privacy.mode == "none":
+            raise ConfigError("privacy.mode must be \"example\" or \"update\" for a privacy-utility study")
+        self.base = base
+        self.log = log
+        self.runner: experiment.Runner | None = None
+        self.cache: dict[float, float] = {}
+
+    def accuracy(self, eps: float) -> float:
+        eps = float(eps)
+        if eps not in self.cache:
+            cfg = self.base.replace({"privacy.target_epsilon": eps, "privacy.noise_multiplier": None})
+            exp = experiment.build(cfg)
+            if self.runner is None:
+                self.runner = experiment.Runner(exp)
+            result = self.runner(exp)
+            self.cache[eps] = float(np.mean(result.summary["final"]["accuracy_mean"]))
+            if self.log:
+                self.log(f"epsilon {eps:.4g} (z = {exp.noise_multiplier:.4f}): accuracy {self.cache[eps]:.4f}")
+        return self.cache[eps]
+
+    def curve(self, epsilons: Sequence[float]) -> list[tuple[float, float]]:
+        return [(float(e), self.accuracy(e)) for e in epsilons]
+
+    def smallest_epsilon(self, target_accuracy: float, lo: float = 0.1, hi: float = 64.0,
+                         rel_tol: float = 0.05, max_runs: int = 12) -> float | None:
+        """Smallest epsilon in [lo, hi] (to ``rel_tol``) reaching ``target_accuracy``; None if hi does not."""
+        if self.accuracy(hi) < target_accuracy:
+            return None
+        if self.accuracy(lo) >= target_accuracy:
+            return lo
+        for _ in range(max_runs):
+            if hi / lo <= 1 + rel_tol:
+                break
+            mid = float(np.sqrt(lo * hi))
+            if self.accuracy(mid) >= target_accuracy:
+                hi = mid
+            else:
+                lo = mid
+        return hi
+
+    def plot(self, path, target_accuracy: float | None = None) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        pts = sorted(self.cache.items())
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
+        if target_accuracy is not None:
+            ax.axhline(target_accuracy, color="0.5", ls="--", label=f"target {target_accuracy}")
+            ax.legend()
+        ax.set_xscale("log")
+        ax.set_xlabel(f"epsilon (delta = {self.base.privacy.delta:g})")
+        ax.set_ylabel("final honest mean accuracy")
+        ax.set_title(f"privacy-utility, privacy.mode = {self.base.privacy.mode}")
+        ax.grid(alpha=0.3)
+        _save(fig, Path(path))
+
+
+def stderr_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
