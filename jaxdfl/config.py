@@ -30,7 +30,19 @@ DEFAULTS: dict[str, Any] = {
     "rounds": 100,
     "eval_every": 10,
     "checkpoint_every": 0,
-    "topology": {"kind": "ring", "n": 16, "weights": "metropolis", "seed": 0},
+    "accuracy_threshold": 0.8,
+    "topology": {
+        "kind": "ring",
+        "n": 16,
+        "weights": "metropolis",
+        "seed": 0,
+        "dynamic": "static",
+        "drop_prob": 0.0,
+        "node_dropout": 0.0,
+        "stragglers": 0.0,
+        "inter_every": 1,
+        "pool": 16,
+    },
     "data": {
         "name": "digits",
         "path": "",
@@ -75,6 +87,7 @@ TYPES: dict[str, type | tuple[type, ...]] = {
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
+    "topology.dynamic": ("static", "resample", "matching", "edge_dropout"),
     "data.partition": ("iid", "dirichlet", "shards"),
     "model.init": ("same", "independent"),
     "train.optimizer": ("sgd", "adam"),
@@ -318,6 +331,7 @@ def validate(cfg: dict) -> None:
 
     for key in ("seed", "rounds", "eval_every", "checkpoint_every"):
         cfg[key] = _check_type(key, cfg[key], int)
+    cfg["accuracy_threshold"] = _check_type("accuracy_threshold", cfg["accuracy_threshold"], float)
     if cfg["seeds"] is not None:
         seeds = cfg["seeds"]
         if isinstance(seeds, int) and not isinstance(seeds, bool):
@@ -336,6 +350,19 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"topology.kind must be one of {', '.join(topology.KINDS)}; got {topo['kind']!r}")
     if topo["n"] < 2:
         raise ConfigError(f"topology.n must be >= 2, got {topo['n']}")
+    for key in ("drop_prob", "node_dropout", "stragglers"):
+        if not 0.0 <= topo[key] < 1.0:
+            raise ConfigError(f"topology.{key} must be in [0, 1), got {topo[key]}")
+    if topo["inter_every"] < 1:
+        raise ConfigError(f"topology.inter_every must be >= 1, got {topo['inter_every']}")
+    if topo["inter_every"] > 1 and topo["kind"] != "hierarchical":
+        raise ConfigError("topology.inter_every applies to kind = \"hierarchical\" only")
+    if topo["drop_prob"] > 0 and topo["dynamic"] != "edge_dropout":
+        raise ConfigError("topology.drop_prob needs topology.dynamic = \"edge_dropout\"")
+    if topo["pool"] < 1:
+        raise ConfigError(f"topology.pool must be >= 1, got {topo['pool']}")
+    if not 0.0 <= cfg["accuracy_threshold"] <= 1.0:
+        raise ConfigError(f"accuracy_threshold must be in [0, 1], got {cfg['accuracy_threshold']}")
 
     data = cfg["data"]
     _check_section(data, DEFAULTS["data"], "data", {})

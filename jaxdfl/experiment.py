@@ -103,8 +103,12 @@ def build(cfg: Config | dict | str, progress: Callable | None = None) -> Experim
     elif not isinstance(cfg, Config):
         cfg = make_config(cfg)
     t, d, tr = cfg.topology, cfg.data, cfg.train
-    topo_params = {k: v for k, v in t.items() if k not in ("kind", "n", "weights", "seed")}
-    topo = topology.make(t.kind, t.n, seed=t.seed, weights=_listify(t.weights), **_listify(topo_params))
+    topo_params = _listify({k: v for k, v in t.items() if k in topology.PARAMS[t.kind]})
+    topo = topology.make(t.kind, t.n, seed=t.seed, weights=_listify(t.weights), **topo_params)
+    if t.dynamic == "resample":
+        pool = [topology.make(t.kind, t.n, seed=t.seed + 1 + i, **topo_params) for i in range(t.pool)]
+    else:
+        pool = [topo]
     ds = data_mod.load(d, t.n)
     att = cfg.attack
     byz = byzantine.place(t.n, att.byzantine, att.placement, seed=att.seed, degrees=topo.degrees,
@@ -128,10 +132,13 @@ def build(cfg: Config | dict | str, progress: Callable | None = None) -> Experim
     p = cfg.privacy
 
     plain = agg.rule == "mean" and att.name == "none" and not agg.pre
+    static_graph = t.dynamic == "static" and t.node_dropout == 0 and t.inter_every == 1
     path = gossip.choose_path(t.n, topo.neighbors.shape[1], agg.gossip) if plain else "robust"
-    if not plain and agg.gossip != "auto":
-        raise ConfigError(f"aggregation.gossip={agg.gossip!r} applies only to plain mean gossip without attacks "
-                          f"or pre-aggregation; use \"auto\"")
+    if not static_graph and path == "dense":
+        path = "sparse"  # the graph changes every round: mix through the round's neighbour table
+    if (not plain or not static_graph) and agg.gossip == "dense":
+        raise ConfigError("aggregation.gossip=\"dense\" applies only to plain mean gossip on a static graph "
+                          "without attacks or pre-aggregation; use \"auto\"")
 
     model = models.make(cfg.model.name, ds.num_classes, ds.input_shape, cfg.model.hidden)
     dp_buffer = mechanisms.buffer_size(rates.max() * shards.sizes.max()) if p.mode == "example" else 0
@@ -143,16 +150,59 @@ def build(cfg: Config | dict | str, progress: Callable | None = None) -> Experim
         eval_every=cfg.eval_every, init=cfg.model.init, share=tr.share, exchange=path, rule=agg.rule,
         rule_hyper=_freeze(rule_hyper), pre=tuple((n, _freeze(h)) for n, h in pre), attack=att.name,
         attack_hyper=_freeze(attack_hyper), privacy=p.mode, mechanism=p.mechanism,
-        chunk_size=cfg.parallel.chunk_size or None, progress=progress)
+        chunk_size=cfg.parallel.chunk_size or None, dynamic=t.dynamic, n_edges=topo.num_edges,
+        node_dropout=t.node_dropout > 0, stragglers=t.stragglers > 0,
+        inter_every=t.inter_every if t.kind == "hierarchical" else 0, message_bytes=4 * model.dim,
+        accuracy_threshold=cfg.accuracy_threshold, progress=progress)
     mixing = topo.mixing if path == "dense" else np.zeros((1, 1))
     arrays = simulation.Arrays(
         x=jnp.asarray(shards.x), y=jnp.asarray(y), sizes=jnp.asarray(shards.sizes),
         x_test=jnp.asarray(ds.x_test), y_test=jnp.asarray(ds.y_test),
         mixing=jnp.asarray(mixing, jnp.float32), neighbors=jnp.asarray(topo.neighbors),
-        mask=jnp.asarray(topo.mask), weights=jnp.asarray(topo.weights), byzantine=jnp.asarray(byz))
-    hyper = {"lr": jnp.float32(tr.lr), "momentum": jnp.float32(tr.momentum),
-             "clip_norm": jnp.float32(p.clip_norm), "noise_multiplier": jnp.float32(z or 0.0)}
+        mask=jnp.asarray(topo.mask), weights=jnp.asarray(topo.weights), byzantine=jnp.asarray(byz),
+        edge_id=jnp.asarray(edge_ids(topo)), inter=jnp.asarray(inter_links(topo, t)),
+        **dict(zip(("pool_neighbors", "pool_mask"), map(jnp.asarray, stack_tables(pool)), strict=True)))
+    hyper = make_hyper(cfg, z)
     return Experiment(cfg, topo, ds, shards, model, byz, spec, arrays, hyper, rates, z, _devices(cfg))
+
+
+def make_hyper(cfg: Config, noise_multiplier: float | None) -> dict[str, jax.Array]:
+    """The dynamic values of a config (see :data:`jaxdfl.simulation.DYNAMIC`) as traced scalars."""
+    t, tr, p = cfg.topology, cfg.train, cfg.privacy
+    values = {"lr": tr.lr, "momentum": tr.momentum, "clip_norm": p.clip_norm,
+              "noise_multiplier": noise_multiplier or 0.0, "drop_prob": t.drop_prob,
+              "node_dropout": t.node_dropout, "stragglers": t.stragglers}
+    return {k: jnp.float32(v) for k, v in values.items()}
+
+
+def edge_ids(topo: topology.Topology) -> np.ndarray:
+    """``[N, K]`` index of the undirected edge behind each neighbour-table entry (-1 on self and padding)."""
+    index = {tuple(e): i for i, e in enumerate(topo.edges.tolist())}
+    out = np.full(topo.neighbors.shape, -1, np.int32)
+    for i, k in zip(*np.nonzero(topo.mask[:, 1:]), strict=True):
+        j = int(topo.neighbors[i, k + 1])
+        out[i, k + 1] = index[(min(i, j), max(i, j))]
+    return out
+
+
+def inter_links(topo: topology.Topology, t) -> np.ndarray:
+    """``[N, K]`` True on the entries linking two clusters of a hierarchical topology."""
+    if t.kind != "hierarchical":
+        return np.zeros(topo.neighbors.shape, bool)
+    cluster = topology.clusters(topo, t.cluster_size)
+    return topo.mask & (cluster[topo.neighbors] != cluster[:, None])
+
+
+def stack_tables(topos: list[topology.Topology]) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbour tables and masks of several graphs padded to one width: ``[P, N, K]`` each."""
+    k = max(tp.neighbors.shape[1] for tp in topos)
+    n = topos[0].n
+    nbr = np.tile(np.arange(n, dtype=np.int32)[None, :, None], (len(topos), 1, k))
+    msk = np.zeros((len(topos), n, k), bool)
+    for i, tp in enumerate(topos):
+        nbr[i, :, : tp.neighbors.shape[1]] = tp.neighbors
+        msk[i, :, : tp.mask.shape[1]] = tp.mask
+    return nbr, msk
 
 
 def _devices(cfg: Config) -> int:

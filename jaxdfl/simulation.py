@@ -34,11 +34,11 @@ from jaxdfl.privacy import mechanisms
 from jaxdfl.training import LocalSpec, local_train, make_optimizer
 
 #: Metrics of :func:`evaluate`, plus the round they were taken at.
-METRIC_NAMES = ("accuracy_mean", "accuracy_min", "accuracy_max", "loss_mean", "consensus_distance", "diverged",
-                "round")
+METRIC_NAMES = ("accuracy_mean", "accuracy_min", "accuracy_max", "loss_mean", "consensus_distance",
+                "above_threshold", "diverged", "round", "consensus_per_round", "messages_per_node", "bytes_per_node")
 
 #: Hyper-parameters passed as traced values: changing them reuses the compiled program.
-DYNAMIC = ("lr", "momentum", "clip_norm", "noise_multiplier")
+DYNAMIC = ("lr", "momentum", "clip_norm", "noise_multiplier", "drop_prob", "node_dropout", "stragglers")
 
 
 class Arrays(NamedTuple):
@@ -54,6 +54,10 @@ class Arrays(NamedTuple):
     mask: jax.Array  # [N, K]
     weights: jax.Array  # [N, K]
     byzantine: jax.Array  # [N] bool
+    edge_id: jax.Array  # [N, K] int32: undirected edge index of each table entry (-1 on self and padding)
+    inter: jax.Array  # [N, K] bool: entry is an inter-cluster (bridge) link of a hierarchical topology
+    pool_neighbors: jax.Array  # [P, N, Kp] graphs to draw from each round (dynamic = "resample")
+    pool_mask: jax.Array  # [P, N, Kp]
 
 
 class State(NamedTuple):
@@ -62,6 +66,7 @@ class State(NamedTuple):
     theta: jax.Array  # [N, D]
     opt_state: Any  # stacked optax state
     round: jax.Array  # int32 scalar: rounds completed
+    messages: jax.Array  # float32 scalar: messages sent by honest nodes so far (one per live directed edge)
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,13 @@ class Spec:
     privacy: str = "none"  # "none" | "example" | "update"
     mechanism: str = "gaussian"
     chunk_size: int | None = None
+    dynamic: str = "static"  # "static" | "resample" | "matching" | "edge_dropout"
+    n_edges: int = 0
+    node_dropout: bool = False
+    stragglers: bool = False
+    inter_every: int = 0  # hierarchical: bridge links live every this many rounds (0: always)
+    message_bytes: int = 0  # bytes of one message (D x 4)
+    accuracy_threshold: float = 0.0
     progress: Callable | None = field(default=None, compare=False)
 
     @property
@@ -99,7 +111,74 @@ def init_state(spec: Spec, key, hyper) -> State:
     else:
         theta = jax.vmap(spec.model_init)(jax.random.split(key, spec.n))
     opt = make_optimizer(spec.local.optimizer, hyper["lr"], hyper["momentum"])
-    return State(theta, jax.vmap(opt.init)(theta), jnp.zeros((), jnp.int32))
+    return State(theta, jax.vmap(opt.init)(theta), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
+
+
+class Graph(NamedTuple):
+    """The communication graph of one round as a neighbour table. ``[N, K]`` each."""
+
+    neighbors: jax.Array
+    mask: jax.Array
+    weights: jax.Array
+
+
+def metropolis_weights(neighbors, mask):
+    """Metropolis-Hastings weights of the graph a mask leaves: W_ij = 1 / (1 + max(d_i, d_j)), W_ii the rest.
+
+    ``neighbors, mask: [N, K]`` (column 0 = self, always valid) -> ``[N, K]`` float32 (0 on masked entries).
+    """
+    deg = jnp.sum(mask, axis=1) - 1
+    w = jnp.where(mask, 1.0 / (1.0 + jnp.maximum(deg[:, None], deg[neighbors])), 0.0)
+    w = w.at[:, 0].set(0.0)
+    return w.at[:, 0].set(1.0 - jnp.sum(w, axis=1)).astype(jnp.float32)
+
+
+def random_matching(key, n: int) -> Graph:
+    """A uniformly random (near-)perfect matching of the N nodes: one-peer gossip, weights 1/2 each.
+
+    With N odd one node is left unmatched for the round (it keeps its own model).
+    """
+    perm = jax.random.permutation(key, n)
+    pairs = n // 2
+    a, b = perm[: 2 * pairs : 2], perm[1 : 2 * pairs : 2]
+    partner = jnp.arange(n).at[a].set(b).at[b].set(a)
+    matched = partner != jnp.arange(n)
+    neighbors = jnp.stack([jnp.arange(n), partner], axis=1).astype(jnp.int32)
+    mask = jnp.stack([jnp.ones(n, bool), matched], axis=1)
+    weights = jnp.stack([jnp.where(matched, 0.5, 1.0), jnp.where(matched, 0.5, 0.0)], axis=1)
+    return Graph(neighbors, mask, weights.astype(jnp.float32))
+
+
+def round_graph(spec: Spec, hyper, arrays: Arrays, key, round_index, online):
+    """This round's graph: the static table, or one drawn from the round key (inside the compiled program).
+
+    ``edge_dropout`` removes each undirected edge independently with ``hyper["drop_prob"]``; ``matching`` uses a
+    random matching; ``resample`` picks one of a pool of graphs of the same family drawn on the host; node dropout
+    removes offline nodes' links; a hierarchical topology keeps its bridge links only every ``inter_every``
+    rounds. Whenever links change, weights are Metropolis-Hastings weights of the surviving graph.
+    """
+    if spec.dynamic == "matching":
+        g = random_matching(key, spec.n)
+        neighbors, mask = g.neighbors, g.mask
+    elif spec.dynamic == "resample":
+        pick = jax.random.randint(key, (), 0, arrays.pool_neighbors.shape[0])
+        neighbors, mask = arrays.pool_neighbors[pick], arrays.pool_mask[pick]
+    else:
+        neighbors, mask = arrays.neighbors, arrays.mask
+    changed = spec.dynamic != "static"
+    if spec.dynamic == "edge_dropout":
+        alive = jax.random.bernoulli(key, 1.0 - hyper["drop_prob"], (max(spec.n_edges, 1),))
+        mask = mask & ((arrays.edge_id < 0) | alive[jnp.maximum(arrays.edge_id, 0)])
+    if spec.inter_every > 1:
+        mask = mask & (~arrays.inter | (round_index % spec.inter_every == 0))
+        changed = True
+    if spec.node_dropout:
+        mask = mask & online[neighbors] & online[:, None]
+        changed = True
+    mask = mask.at[:, 0].set(True)
+    if not changed:
+        return Graph(neighbors, mask, arrays.weights)
+    return Graph(neighbors, mask, metropolis_weights(neighbors, mask))
 
 
 def _bound_rule(spec: Spec):
@@ -108,43 +187,66 @@ def _bound_rule(spec: Spec):
     return lambda x, mask, weights: rule(x, mask, weights, **hyper)
 
 
-def exchange(spec: Spec, key, msg, arrays: Arrays):
+def exchange(spec: Spec, key, msg, arrays: Arrays, graph: Graph):
     """Each node's aggregate of its neighbourhood's messages: ``msg [N, D] -> [N, D]``."""
     if spec.exchange == "dense":
         return gossip.dense(arrays.mixing, msg)
     if spec.exchange == "sparse":
-        return gossip.sparse(arrays.neighbors, arrays.weights, msg)
+        return gossip.sparse(graph.neighbors, graph.weights, msg)
     k_attack, k_agg = jax.random.split(key)
-    block = gossip.gather(msg, arrays.neighbors)
-    mask = arrays.mask
+    block = gossip.gather(msg, graph.neighbors)
+    mask = graph.mask
     if spec.attack != "none":
-        ctx = attacks.AttackContext(messages=msg, block=block, neighbors=arrays.neighbors, mask=mask,
-                                    weights=arrays.weights, byzantine=arrays.byzantine, rule=_bound_rule(spec))
+        ctx = attacks.AttackContext(messages=msg, block=block, neighbors=graph.neighbors, mask=mask,
+                                    weights=graph.weights, byzantine=arrays.byzantine, rule=_bound_rule(spec))
         block, mask = attacks.REGISTRY[spec.attack](k_attack, ctx, **dict(spec.attack_hyper))
     pre = tuple((name, dict(h)) for name, h in spec.pre)
-    return aggregators.aggregate(k_agg, block, mask, arrays.weights, spec.rule, dict(spec.rule_hyper), pre,
+    return aggregators.aggregate(k_agg, block, mask, graph.weights, spec.rule, dict(spec.rule_hyper), pre,
                                  chunk_size=spec.chunk_size)
 
 
 def round_step(spec: Spec, hyper, arrays: Arrays, state: State, key) -> tuple[State, jax.Array]:
-    """One communication round for all nodes. Returns the new state and the nodes' mean local loss ``[N]``."""
-    k_train, k_priv, k_exchange = jax.random.split(key, 3)
-    train = jax.vmap(lambda k, t, o, x, y, s: local_train(spec.local, k, t, o, x, y, s, hyper))
+    """One communication round for all nodes. Returns the new state and the honest consensus distance."""
+    k_train, k_priv, k_exchange, k_graph, k_churn = jax.random.split(key, 5)
+    k_online, k_slow, k_steps = jax.random.split(k_churn, 3)
+    online = jnp.ones(spec.n, bool)
+    if spec.node_dropout:
+        online = jax.random.bernoulli(k_online, 1.0 - hyper["node_dropout"], (spec.n,))
+    steps = jnp.full(spec.n, spec.local.local_steps, jnp.int32)
+    if spec.stragglers:  # a straggler completes a uniform 0..local_steps-1 of its steps
+        slow = jax.random.bernoulli(k_slow, hyper["stragglers"], (spec.n,))
+        steps = jnp.where(slow, jax.random.randint(k_steps, (spec.n,), 0, spec.local.local_steps), steps)
+    steps = jnp.where(online, steps, 0)
+    train = jax.vmap(lambda k, t, o, x, y, s, st: local_train(spec.local, k, t, o, x, y, s, hyper, st))
     theta1, opt_state, loss = train(jax.random.split(k_train, spec.n), state.theta, state.opt_state,
-                                    arrays.x, arrays.y, arrays.sizes)
+                                    arrays.x, arrays.y, arrays.sizes, steps)
     delta = theta1 - state.theta
     if spec.privacy == "update":
         noisy = jax.vmap(lambda k, d: mechanisms.privatize_update(
             k, d, hyper["clip_norm"], hyper["noise_multiplier"], spec.mechanism))
         delta = noisy(jax.random.split(k_priv, spec.n), delta)
     msg = delta if spec.share == "update" else state.theta + delta
-    agg = exchange(spec, k_exchange, msg, arrays)
+    graph = round_graph(spec, hyper, arrays, k_graph, state.round, online)
+    agg = exchange(spec, k_exchange, msg, arrays, graph)
     theta = state.theta + agg if spec.share == "update" else agg
-    return State(theta, opt_state, state.round + 1), loss
+    theta = jnp.where(online[:, None], theta, state.theta)  # an offline node neither trains nor mixes
+    honest = ~arrays.byzantine
+    sent = jnp.sum(jnp.where(honest[:, None], graph.mask[:, 1:], False))
+    new = State(theta, opt_state, state.round + 1, state.messages + sent.astype(jnp.float32))
+    return new, consensus_distance(theta, honest)
+
+
+def consensus_distance(theta, honest):
+    """Mean over honest nodes of ``||x_i - mean_honest(x)||^2``. ``theta: [N, D]``, ``honest: [N]``."""
+    count = jnp.sum(honest)
+    mean_model = jnp.sum(jnp.where(honest[:, None], theta, 0.0), axis=0) / count
+    sq = jnp.sum((theta - mean_model) ** 2, axis=1)
+    return jnp.sum(jnp.where(honest, sq, 0.0)) / count
 
 
 def evaluate(spec: Spec, arrays: Arrays, theta) -> dict[str, jax.Array]:
-    """Test metrics over honest nodes: accuracy mean/min/max, loss mean, consensus distance, diverged share."""
+    """Test metrics over honest nodes: accuracy mean/min/max, loss mean, consensus distance, the share of honest
+    nodes at or above ``accuracy_threshold``, and the share whose parameters are non-finite."""
     honest = ~arrays.byzantine
     finite = jnp.all(jnp.isfinite(theta), axis=1)
 
@@ -157,15 +259,14 @@ def evaluate(spec: Spec, arrays: Arrays, theta) -> dict[str, jax.Array]:
     acc, loss = jax.vmap(one)(theta)
     acc = jnp.where(finite, acc, 0.0)
     count = jnp.sum(honest)
-    mean_model = jnp.sum(jnp.where(honest[:, None], theta, 0.0), axis=0) / count
-    sq = jnp.sum((theta - mean_model) ** 2, axis=1)
     inf = jnp.asarray(jnp.inf, acc.dtype)
     return {
         "accuracy_mean": jnp.sum(jnp.where(honest, acc, 0.0)) / count,
         "accuracy_min": jnp.min(jnp.where(honest, acc, inf)),
         "accuracy_max": jnp.max(jnp.where(honest, acc, -inf)),
         "loss_mean": jnp.sum(jnp.where(honest, loss, 0.0)) / count,
-        "consensus_distance": jnp.sum(jnp.where(honest, sq, 0.0)) / count,
+        "consensus_distance": consensus_distance(theta, honest),
+        "above_threshold": jnp.sum(honest & (acc >= spec.accuracy_threshold)) / count,
         "diverged": jnp.sum(honest & ~finite) / count,
     }
 
@@ -184,9 +285,13 @@ def make_segment(spec: Spec, n_chunks: int):
             return round_step(spec, hyper, arrays, state, key_r)
 
         def chunk(state, _):
-            state, _ = jax.lax.scan(one_round, state, None, length=spec.eval_every)
+            state, consensus = jax.lax.scan(one_round, state, None, length=spec.eval_every)
             metrics = evaluate(spec, arrays, state.theta)
             metrics["round"] = state.round
+            metrics["consensus_per_round"] = consensus  # [eval_every]
+            honest = jnp.sum(~arrays.byzantine)
+            metrics["messages_per_node"] = state.messages / honest  # cumulative, honest senders
+            metrics["bytes_per_node"] = state.messages / honest * spec.message_bytes
             if spec.progress is not None:
                 jax.debug.callback(spec.progress, state.round // spec.eval_every - 1)
             return state, metrics
@@ -214,18 +319,23 @@ def make_program(spec: Spec):
 
 def python_loop_program(spec: Spec):
     """The same experiment driven round by round from Python (reference for tests; not for speed)."""
-    step = jax.jit(lambda hyper, arrays, state, key: round_step(spec, hyper, arrays, state, key)[0])
+    step = jax.jit(lambda hyper, arrays, state, key: round_step(spec, hyper, arrays, state, key))
     ev = jax.jit(lambda arrays, theta: evaluate(spec, arrays, theta))
 
     def program(key, hyper, arrays):
         k_init, k_rounds = jax.random.split(key)
         state = init_state(spec, k_init, hyper)
-        rows = []
+        rows, per_round = [], []
         for r in range(spec.rounds):
-            state = step(hyper, arrays, state, jax.random.fold_in(k_rounds, r))
+            state, cons = step(hyper, arrays, state, jax.random.fold_in(k_rounds, r))
+            per_round.append(cons)
             if (r + 1) % spec.eval_every == 0:
                 m = ev(arrays, state.theta)
                 m["round"] = state.round
+                m["consensus_per_round"] = np.stack(per_round[-spec.eval_every:])
+                honest = np.sum(~np.asarray(arrays.byzantine))
+                m["messages_per_node"] = state.messages / honest
+                m["bytes_per_node"] = state.messages / honest * spec.message_bytes
                 rows.append(m)
         history = {k: np.stack([np.asarray(row[k]) for row in rows]) for k in rows[0]}
         return history, state

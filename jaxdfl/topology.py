@@ -388,6 +388,30 @@ def _two_cliques(n: int, seed: int) -> nx.Graph:
     return g
 
 
+def _hierarchical(n: int, seed: int, cluster_size: int = 8) -> nx.Graph:
+    # Clusters of consecutive ids (cluster c = nodes c*s .. c*s+s-1), complete inside; each cluster's first node
+    # is its bridge, and the bridges form a complete graph (the inter-cluster layer).
+    if not 2 <= cluster_size <= n:
+        raise ConfigError(f"topology.cluster_size: must be in [2, n={n}], got {cluster_size}")
+    g = nx.empty_graph(n)
+    starts = list(range(0, n, cluster_size))
+    for a in starts:
+        members = range(a, min(n, a + cluster_size))
+        g.add_edges_from((i, j) for i in members for j in members if i < j)
+    g.add_edges_from((a, b) for a in starts for b in starts if a < b)
+    return g
+
+
+def clusters(topo: "Topology", cluster_size: int) -> np.ndarray:
+    """``[N]`` cluster id of every node of a hierarchical topology (consecutive ids, ``cluster_size`` each)."""
+    return np.arange(topo.n) // cluster_size
+
+
+def bridges(n: int, cluster_size: int) -> np.ndarray:
+    """Ids of the bridge nodes of a hierarchical topology (the first node of each cluster)."""
+    return np.arange(0, n, cluster_size)
+
+
 def _edges(n: int, seed: int, edges: list = []) -> nx.Graph:  # noqa: B006 - never mutated
     try:
         arr = np.asarray(edges)
@@ -420,6 +444,7 @@ KINDS: dict[str, Callable[..., nx.Graph]] = {
     "exponential": _exponential,
     "hypercube": _hypercube,
     "two_cliques": _two_cliques,
+    "hierarchical": _hierarchical,
     "edges": _edges,
 }
 
@@ -437,6 +462,7 @@ PARAMS: dict[str, dict[str, Any]] = {
     "exponential": {},
     "hypercube": {},
     "two_cliques": {},
+    "hierarchical": {"cluster_size": 8},
     "edges": {"edges": []},
 }
 
@@ -479,6 +505,9 @@ def make(kind: str, n: int, *, seed: int = 0, weights: Any = "metropolis", **par
         exponential: i linked to i +- 2^j mod n, j = 0..floor(log2(n-1)) (Ying et al. 2021);
         hypercube: n = 2^d, i linked to i XOR 2^b;
         two_cliques: cliques 0..n//2-1 and n//2..n-1 joined by the bridge (n//2-1, n//2);
+        hierarchical(cluster_size): complete clusters of consecutive ids; each cluster's first node is its
+            bridge and the bridges form a complete graph (with ``topology.inter_every`` the bridge links are used
+            only every that many rounds);
         edges(edges): a user edge list [[u, v], ...] over 0..n-1.
 
     Args:

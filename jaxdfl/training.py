@@ -70,8 +70,8 @@ def batch_gradient(spec: LocalSpec, key, theta, x, y, size, hyper):
     return loss, grad
 
 
-def local_train(spec: LocalSpec, key, theta, opt_state, x, y, size, hyper):
-    """Run ``spec.local_steps`` optimizer steps for one node.
+def local_train(spec: LocalSpec, key, theta, opt_state, x, y, size, hyper, steps=None):
+    """Run ``spec.local_steps`` optimizer steps for one node (only the first ``steps`` take effect).
 
     Args:
       key: this node's key for this round.
@@ -79,17 +79,24 @@ def local_train(spec: LocalSpec, key, theta, opt_state, x, y, size, hyper):
       opt_state: the node's optax state.
       x: [M, ...] the node's (padded) shard; y: [M] labels; size: number of valid rows.
       hyper: dynamic numbers (``clip_norm``, ``noise_multiplier`` in DP mode).
+      steps: optional traced int: steps this node completes this round (stragglers, offline nodes); the scan
+        keeps its static length and later steps leave the state unchanged.
 
     Returns:
       ``(theta [D], opt_state, mean loss over the steps)``.
     """
     opt = make_optimizer(spec.optimizer, 0.0)  # numbers live in opt_state (injected hyper-parameters)
 
-    def step(carry, k):
+    def step(carry, xs):
         theta, opt_state = carry
+        k, t = xs
         loss, grad = batch_gradient(spec, k, theta, x, y, size, hyper)
-        updates, opt_state = opt.update(grad, opt_state, theta)
-        return (optax.apply_updates(theta, updates), opt_state), loss
+        updates, new_opt = opt.update(grad, opt_state, theta)
+        new = (optax.apply_updates(theta, updates), new_opt)
+        if steps is not None:
+            new = jax.tree.map(lambda a, b: jnp.where(t < steps, a, b), new, (theta, opt_state))
+        return new, loss
 
-    (theta, opt_state), losses = jax.lax.scan(step, (theta, opt_state), jax.random.split(key, spec.local_steps))
+    xs = (jax.random.split(key, spec.local_steps), jnp.arange(spec.local_steps))
+    (theta, opt_state), losses = jax.lax.scan(step, (theta, opt_state), xs)
     return theta, opt_state, jnp.mean(losses)

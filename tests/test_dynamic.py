@@ -1,0 +1,147 @@
+"""Time-varying graphs, churn, stragglers, hierarchical gossip and communication metrics."""
+
+import jax
+import jax.numpy as jnp
+import networkx as nx
+import numpy as np
+import pytest
+
+from jaxdfl import experiment, gossip, simulation, topology
+from jaxdfl.training import local_train
+
+
+def test_metropolis_weights_match_host_mixing_on_random_masks():
+    topo = topology.make("erdos_renyi", 12, p=0.5, seed=2)
+    eid = experiment.edge_ids(topo)
+    rng = np.random.default_rng(0)
+    alive = rng.random(topo.num_edges) > 0.4
+    mask = topo.mask & ((eid < 0) | alive[np.maximum(eid, 0)])
+    w = np.asarray(simulation.metropolis_weights(jnp.asarray(topo.neighbors), jnp.asarray(mask)))
+    g = nx.empty_graph(12)
+    g.add_edges_from(e for e, a in zip(topo.edges.tolist(), alive, strict=True) if a)
+    ref = topology.mixing_matrix(g, "metropolis")
+    dense = np.zeros((12, 12))
+    for i in range(12):
+        for k in range(topo.neighbors.shape[1]):
+            if mask[i, k]:
+                dense[i, topo.neighbors[i, k]] += w[i, k]
+    np.testing.assert_allclose(dense, ref, atol=1e-6)
+
+
+def test_edge_ids_are_symmetric():
+    topo = topology.make("random_regular", 10, degree=3, seed=1)
+    eid = experiment.edge_ids(topo)
+    for i in range(10):
+        for k in range(1, topo.neighbors.shape[1]):
+            if topo.mask[i, k]:
+                j = topo.neighbors[i, k]
+                back = list(topo.neighbors[j]).index(i)
+                assert eid[i, k] == eid[j, back] >= 0
+    assert (eid[:, 0] == -1).all()
+
+
+@pytest.mark.parametrize("n", [8, 9])
+def test_matching_gossip_preserves_the_average(n):
+    g = simulation.random_matching(jax.random.key(3), n)
+    x = jax.random.normal(jax.random.key(0), (n, 5))
+    y = gossip.sparse(g.neighbors, g.weights, x)
+    np.testing.assert_allclose(y.mean(0), x.mean(0), atol=1e-6)
+    partner = np.asarray(g.neighbors[:, 1])
+    matched = np.asarray(g.mask[:, 1])
+    assert matched.sum() == 2 * (n // 2)
+    assert all(partner[partner[i]] == i for i in range(n))
+    np.testing.assert_allclose(y[matched], 0.5 * (x[matched] + x[partner[matched]]), atol=1e-6)
+
+
+def test_edge_dropout_zero_equals_static(small_cfg):
+    a = experiment.run(small_cfg())
+    b = experiment.run(small_cfg(**{"topology.dynamic": "edge_dropout", "topology.drop_prob": 0.0}))
+    np.testing.assert_allclose(a.history["accuracy_mean"], b.history["accuracy_mean"], atol=1e-6)
+    np.testing.assert_allclose(a.history["consensus_distance"], b.history["consensus_distance"], rtol=1e-4,
+                               atol=1e-8)
+
+
+def _graph(cfg, round_index=0, key=0):
+    exp = experiment.build(cfg)
+    online = jnp.ones(exp.spec.n, bool)
+    if exp.spec.node_dropout:
+        online = jax.random.bernoulli(jax.random.key(key + 1), 1 - exp.hyper["node_dropout"], (exp.spec.n,))
+    g = simulation.round_graph(exp.spec, exp.hyper, exp.arrays, jax.random.key(key), jnp.int32(round_index),
+                               online)
+    return exp, g, online
+
+
+def test_edge_dropout_drops_symmetrically_and_weights_stay_doubly_stochastic(small_cfg):
+    exp, g, _ = _graph(small_cfg(**{"topology.kind": "complete", "topology.dynamic": "edge_dropout",
+                                    "topology.drop_prob": 0.5}))
+    nbr, mask, w = map(np.asarray, g)
+    dense = np.zeros((8, 8))
+    for i in range(8):
+        for k in range(nbr.shape[1]):
+            if mask[i, k]:
+                dense[i, nbr[i, k]] += w[i, k]
+    np.testing.assert_allclose(dense, dense.T, atol=1e-7)
+    np.testing.assert_allclose(dense.sum(1), 1.0, atol=1e-6)
+    assert 0 < (dense > 0).sum() - 8 < 8 * 7  # some edges dropped, some kept
+
+
+def test_node_dropout_offline_nodes_are_cut_off(small_cfg):
+    exp, g, online = _graph(small_cfg(**{"topology.node_dropout": 0.5}))
+    mask, nbr = np.asarray(g.mask), np.asarray(g.neighbors)
+    online = np.asarray(online)
+    assert not online.all() and online.any()
+    for i in range(8):
+        live = nbr[i][mask[i]][1:]
+        if not online[i]:
+            assert len(live) == 0
+        assert online[live].all()
+
+
+def test_offline_node_keeps_its_model(small_cfg):
+    exp = experiment.build(small_cfg(**{"topology.node_dropout": 0.6}))
+    state = simulation.init_state(exp.spec, jax.random.key(0), exp.hyper)
+    state = state._replace(theta=state.theta + jax.random.normal(jax.random.key(9), state.theta.shape))
+    new, _ = simulation.round_step(exp.spec, exp.hyper, exp.arrays, state, jax.random.key(4))
+    unchanged = np.all(np.asarray(new.theta) == np.asarray(state.theta), axis=1)
+    assert unchanged.any() and not unchanged.all()
+
+
+def test_hierarchical_bridges_live_every_inter_every_rounds(small_cfg):
+    cfg = small_cfg(**{"topology.kind": "hierarchical", "topology.cluster_size": 4, "topology.inter_every": 3})
+    exp, g0, _ = _graph(cfg, round_index=0)
+    _, g1, _ = _graph(cfg, round_index=1)
+    inter = np.asarray(exp.arrays.inter)
+    assert inter.sum() == 2  # one bridge link (0 - 4), seen from both ends
+    assert np.asarray(g0.mask)[inter].all() and not np.asarray(g1.mask)[inter].any()
+    np.testing.assert_allclose(np.asarray(g1.weights).sum(1), 1.0, atol=1e-6)
+
+
+def test_resample_draws_from_a_pool_of_graphs(small_cfg):
+    cfg = small_cfg(**{"topology.kind": "random_regular", "topology.degree": 3, "topology.dynamic": "resample",
+                       "topology.pool": 4})
+    graphs = {tuple(np.asarray(_graph(cfg, key=k)[1].neighbors).ravel()) for k in range(12)}
+    assert len(graphs) > 1
+
+
+def test_straggler_with_zero_steps_does_not_move(small_cfg):
+    exp = experiment.build(small_cfg())
+    state = simulation.init_state(exp.spec, jax.random.key(0), exp.hyper)
+    a = exp.arrays
+    opt0 = jax.tree.map(lambda leaf: leaf[0], state.opt_state)
+    args = (exp.spec.local, jax.random.key(1), state.theta[0], opt0, a.x[0], a.y[0], a.sizes[0], exp.hyper)
+    t0, _, _ = local_train(*args, jnp.int32(0))
+    t1, _, _ = local_train(*args, jnp.int32(1))
+    t2, _, _ = local_train(*args, jnp.int32(2))
+    full, _, _ = local_train(*args)
+    np.testing.assert_array_equal(t0, state.theta[0])
+    assert not np.allclose(t1, t0) and not np.allclose(t1, t2)
+    np.testing.assert_array_equal(t2, full)
+
+
+def test_communication_metrics_on_a_static_ring(small_cfg):
+    r = experiment.run(small_cfg())
+    np.testing.assert_allclose(r.history["messages_per_node"], [4, 8, 12])  # 2 neighbours per round
+    np.testing.assert_allclose(r.history["bytes_per_node"], r.history["messages_per_node"] * 4 * (64 * 10 + 10))
+    assert r.history["consensus_per_round"].shape == (3, 2)
+    np.testing.assert_allclose(r.history["consensus_per_round"][:, -1], r.history["consensus_distance"],
+                               rtol=1e-5)
