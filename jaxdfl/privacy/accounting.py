@@ -22,9 +22,12 @@ What is accounted, per node (each node protects its own data):
   delta = 0; the ``accountant`` and ``delta`` do not enter.
 
 Accountants: "rdp" (dp-accounting's RdpAccountant, default orders; the
-conversion to (eps, delta) is the improved one of Balle et al. 2020 /
-Asoodeh et al. 2020) and "pld" (PLDAccountant, value_discretization_interval
-1e-4, pessimistic estimate). Both are upper bounds; PLD is near-tight.
+conversion to (eps, delta) is the improved one of Canonne, Kamath & Steinke
+2020, Prop. 12 / Asoodeh et al. 2020) and "pld" (dp-accounting's privacy loss
+distribution, value_discretization_interval 1e-4, pessimistic estimate; for
+q = 1 the exact analytic Gaussian value it approximates is used directly).
+Both are upper bounds; PLD is near-tight. Per-step RDP curves and composed
+PLDs are cached, so re-reporting after every evaluation costs little.
 
 Buffer overflow in ``poisson_batch`` (see its docstring) is handled by a
 total-variation argument: if the implemented run differs from the ideal
@@ -37,7 +40,8 @@ implementation. ``buffer_size`` picks the buffer so the slack is
 ``fraction`` (default 1e-3) of delta at the expected epsilon.
 
 Recipe for the engine (example mode), once per run on the host:
-  1. eps_end = example_epsilons(z, rates, R*K, delta).max() (or the target).
+  1. eps_end = example_epsilons(z, rates, R*K, delta).max(), or the target
+     epsilon when calibrating (the buffer does not depend on z).
   2. B = buffer_size(sizes, rates, R*K, delta, eps_end).
   3. eta_i = overflow_probability(sizes_i, rates_i, B, R*K).
   4. report example_epsilons(z, rates, steps_done, delta, overflow_probs=eta);
@@ -53,7 +57,9 @@ References:
   ICML 2018.
 """
 
+import contextlib
 import functools
+import logging
 import math
 import warnings
 
@@ -125,6 +131,24 @@ def _check_overflow(eta):
 # ------------------------------------------------------------- cached accountants
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+    """Silence dp-accounting's per-order convergence warnings during a call.
+
+    For large q the fractional-order series may not converge; dp-accounting
+    then drops that order (the minimum over the remaining orders is still a
+    valid bound) and logs a warning, once per call, which floods the log
+    during calibration.
+    """
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 @functools.lru_cache(maxsize=4096)
 def _rdp_per_step(z, q):
     """RDP curve of ONE Poisson-subsampled Gaussian step (default orders).
@@ -133,7 +157,8 @@ def _rdp_per_step(z, q):
     exactly what RdpAccountant.compose does with a SelfComposedDpEvent.
     """
     acc = dp_accounting.rdp.RdpAccountant()
-    acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)))
+    with _quiet_absl():
+        acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)))
     return acc.orders, acc.rdp
 
 

@@ -116,8 +116,11 @@ def dp_sum(key, grads, valid, clip, noise_multiplier, expected_batch):
     add/remove-one adjacency the clipped sum has L2 sensitivity C, so the
     noise is calibrated to the sum, not to the mean.
 
-    With z = 0 and C = inf the result is bit-exactly
-    jnp.where(valid[:, None], grads, 0).sum(0) / b.
+    With z = 0 and C = inf no arithmetic but the masked sum and the division
+    by b takes place (the clip is a bitwise identity, the noise exactly 0), so
+    the result is grads[valid].sum(0) / b up to the order XLA chooses for the
+    float32 reduction (which depends on fusion; bitwise whenever the sum is
+    order-independent, e.g. a single valid row).
 
     Args:
       key: typed PRNG key, used only for the noise.
@@ -223,7 +226,12 @@ def privatize_update(key, delta, clip, noise_multiplier, mechanism):
     update lies in a ball of radius C, so two arbitrary datasets of the node
     give updates at most 2C apart (replace adjacency, the default of
     ``accounting.update_epsilons``); against the node being absent (zero
-    update) the distance is C. Each round is one invocation.
+    update) the distance is C. Each round is one invocation. The bound holds
+    whatever un-noised state the node keeps locally (its own model), since
+    every possible clipped update lies in the same ball: by joint convexity of
+    the hockey-stick divergence (quasi-convexity of the Renyi divergence) the
+    per-round guarantee holds conditionally on all earlier messages, so rounds
+    compose adaptively. Only the returned vector may leave the node.
 
     Args:
       key: typed PRNG key, used only for the noise.
