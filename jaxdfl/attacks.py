@@ -1,0 +1,682 @@
+"""Byzantine attacks on the gathered neighbourhood block (jitted kernels).
+
+Every attack acts on what the receivers see. The engine gathers, for each node i, the messages of its neighbourhood
+into a block ``[N, K, D]`` (row 0 = i itself, padding rows masked out) and passes it here with the graph arrays in an
+:class:`AttackContext`. An attack returns the block each receiver actually gets: every valid row k > 0 whose sender
+``neighbors[i, k]`` is Byzantine is replaced by the message that sender sends to *that* receiver (the omniscient
+setting: the message may depend on the receiver's model and on its honest neighbours' messages), and every other row
+is left bit-for-bit untouched. ``crash`` instead drops those rows from the mask.
+
+All kernels are whole-array operations over the node axis (no Python loops over nodes) and jit-compatible. Numeric
+hyper-parameters (``scale``, ``sigma``, ``eps``, ``z`` given as a number, ``value``, ``search_max``) may be traced
+scalars; the others (``target``, ``center``, ``adaptive``, ``z=None``) select code paths and must be static Python
+values.
+
+Conventions shared by the attacks
+---------------------------------
+- Honest rows of receiver i: its own row 0 and the valid rows whose sender is honest. ``mu_i`` and ``sigma_i`` are
+  the coordinate-wise mean and (population, ddof=0) standard deviation of those rows, unweighted.
+- Attacked rows of receiver i: valid rows k > 0 whose sender is Byzantine; ``b_i`` is their number and ``n_i`` the
+  number of valid rows (self included).
+- Rows of Byzantine receivers are computed by the same formulas but carry no meaning (the engine ignores Byzantine
+  nodes' aggregates). A non-finite value can reach an honest receiver only as an attacked row of ``inf`` (by design)
+  or when a Byzantine sender's own message is non-finite and ``sign_flip(target="own")`` / ``mimic`` copies it.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.stats import norm
+
+from jaxdfl.errors import ConfigError
+
+__all__ = [
+    "AttackContext",
+    "DEFAULTS",
+    "POISONING",
+    "REGISTRY",
+    "alie",
+    "alie_z",
+    "attacked_rows",
+    "crash",
+    "dissensus",
+    "flip_labels",
+    "gaussian",
+    "honest_rows",
+    "honest_stats",
+    "inf",
+    "ipm",
+    "isolation",
+    "label_flip",
+    "large_norm",
+    "mimic",
+    "none",
+    "resolve",
+    "sign_flip",
+    "validate",
+]
+
+
+class AttackContext(NamedTuple):
+    """Everything an attack may look at (the omniscient adversary), for all N receivers at once.
+
+    Fields:
+        messages: [N, D] what every node would send if honest (Byzantine rows: what it computed training honestly).
+        block: [N, K, D] messages[neighbors]; row 0 of receiver i is i itself.
+        neighbors: [N, K] int32 node ids; padding entries point at the receiver itself.
+        mask: [N, K] bool, valid rows (row 0 always True).
+        weights: [N, K] float32 mixing weights W_ij (0 on padding).
+        byzantine: [N] bool, Byzantine node mask.
+        rule: one-node aggregation rule ``rule(x [K, D], mask [K], weights [K]) -> [D]`` bound to its
+            hyper-parameters, used by the adaptive search of ``alie`` and ``ipm``; None when not available.
+    """
+
+    messages: jax.Array
+    block: jax.Array
+    neighbors: jax.Array
+    mask: jax.Array
+    weights: jax.Array
+    byzantine: jax.Array
+    rule: Callable | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared pieces
+# ---------------------------------------------------------------------------------------------------------------
+
+# ALIE's normal quantile is taken at a probability clipped to [_P_MIN, 1 - _P_MIN] (|z_max| <= 3.72): the paper's
+# formula has no solution when the Byzantine senders are already a majority (p > 1) or when only the receiver is
+# honest (p = 0), and an infinite z would turn the attack into `inf`.
+_P_MIN = 1e-4
+
+# Adaptive strength search (alie, ipm): _GRID_POINTS candidates search_max * 2^-(G-1), ..., search_max / 2,
+# search_max, then _GOLDEN_ITERS golden-section steps between the grid neighbours of the best candidate; the
+# non-adaptive scale is always a candidate, so the result is never less damaging than it. Costs
+# _GRID_POINTS + 3 + _GOLDEN_ITERS evaluations of the rule on the whole block.
+_GRID_POINTS = 12
+_GOLDEN_ITERS = 8
+_INV_PHI = (math.sqrt(5.0) - 1.0) / 2.0  # 1/phi = 0.618...
+
+# ndtri is a long chain of small ops; compiling it as one program keeps eager (test, notebook) calls fast. Inside
+# an outer jit it is inlined like any other function.
+_normal_ppf = jax.jit(norm.ppf)
+
+
+def _row0(ctx: AttackContext) -> jax.Array:
+    """[1, K] bool: True at the receiver's own row."""
+    return (jnp.arange(ctx.mask.shape[1]) == 0)[None, :]
+
+
+def attacked_rows(ctx: AttackContext) -> jax.Array:
+    """Rows of each receiver's block that a Byzantine sender controls.
+
+    Definition: a[i, k] = mask[i, k] and byzantine[neighbors[i, k]] and k > 0.
+
+    Args:
+        ctx: the attack context.
+
+    Returns:
+        [N, K] bool.
+    """
+    return ctx.mask & ctx.byzantine[ctx.neighbors] & ~_row0(ctx)
+
+
+def honest_rows(ctx: AttackContext) -> jax.Array:
+    """Rows of each receiver's block holding honest vectors: its own row 0 and its valid honest senders.
+
+    Args:
+        ctx: the attack context.
+
+    Returns:
+        [N, K] bool.
+    """
+    return ctx.mask & (_row0(ctx) | ~ctx.byzantine[ctx.neighbors])
+
+
+def honest_stats(ctx: AttackContext) -> tuple[jax.Array, jax.Array]:
+    """Coordinate-wise mean and standard deviation of the honest vectors each receiver sees.
+
+    Definition: mu_i = (1/h_i) sum_{k in H_i} x_ik; sigma_i = sqrt((1/h_i) sum_{k in H_i} (x_ik - mu_i)^2), with H_i
+    the honest rows (always containing row 0, so h_i >= 1). Non-honest rows enter through ``where``, never through
+    a multiplication, so a non-finite Byzantine row cannot turn the statistics into NaN.
+
+    Args:
+        ctx: the attack context.
+
+    Returns:
+        (mu [N, D], sigma [N, D]) in the block's dtype.
+    """
+    h = honest_rows(ctx)[..., None]
+    count = jnp.sum(h, axis=1).astype(ctx.block.dtype)
+    mu = jnp.sum(jnp.where(h, ctx.block, 0), axis=1) / count
+    var = jnp.sum(jnp.where(h, jnp.square(ctx.block - mu[:, None, :]), 0), axis=1) / count
+    return mu, jnp.sqrt(var)
+
+
+def _replace(ctx: AttackContext, message: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Put `message` ([N, D] per receiver, or [N, K, D] per receiver and sender) into the attacked rows."""
+    if message.ndim == 2:
+        message = message[:, None, :]
+    a = attacked_rows(ctx)[..., None]
+    block = jnp.where(a, message.astype(ctx.block.dtype), ctx.block)
+    return block, ctx.mask
+
+
+def _num(x, dtype) -> jax.Array:
+    return jnp.asarray(x, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attacks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def none(key: jax.Array, ctx: AttackContext) -> tuple[jax.Array, jax.Array]:
+    """No attack: Byzantine nodes send their honest messages.
+
+    Args:
+        key: PRNG key (unused).
+        ctx: the attack context.
+
+    Returns:
+        (block [N, K, D], mask [N, K]) unchanged.
+    """
+    del key
+    return ctx.block, ctx.mask
+
+
+def sign_flip(key: jax.Array, ctx: AttackContext, scale=1.0, target: str = "mean") -> tuple[jax.Array, jax.Array]:
+    """Sign flipping: send the negated, scaled honest mean or the sender's own honest message.
+
+    Definition: target "mean": m_{b->i} = -scale * mu_i (one message per receiver);
+    target "own": m_{b->i} = -scale * x_b (x_b: what b computed honestly; one message per sender).
+
+    Args:
+        key: PRNG key (unused).
+        ctx: the attack context.
+        scale: positive factor.
+        target: "mean" or "own".
+
+    Returns:
+        (block [N, K, D], mask [N, K]).
+
+    References:
+        Allen-Zhu et al., Byzantine-resilient non-convex SGD, 2021; Karimireddy, He, Jaggi, Learning from history
+        for Byzantine robust optimization, 2021 (sign flipping attack).
+    """
+    del key
+    s = _num(scale, ctx.block.dtype)
+    if target == "mean":
+        mu, _ = honest_stats(ctx)
+        return _replace(ctx, -s * mu)
+    if target == "own":
+        return _replace(ctx, -s * ctx.block)
+    raise ConfigError(f"attack.target: sign_flip target must be 'mean' or 'own', got {target!r}")
+
+
+def gaussian(key: jax.Array, ctx: AttackContext, sigma=1.0, center: str = "mean") -> tuple[jax.Array, jax.Array]:
+    """Gaussian attack: send the honest mean plus Gaussian noise, or pure Gaussian noise.
+
+    Definition: m_{b->i} = c_i + sigma * xi_{b,i}, xi_{b,i} ~ N(0, I_D) independent for every (receiver, sender)
+    pair, c_i = mu_i (center "mean") or 0 (center "zero").
+
+    Args:
+        key: PRNG key for the noise.
+        ctx: the attack context.
+        sigma: noise standard deviation (>= 0).
+        center: "mean" or "zero".
+
+    Returns:
+        (block [N, K, D], mask [N, K]).
+
+    References:
+        Blanchard et al., Machine learning with adversaries: Byzantine tolerant gradient descent, 2017.
+    """
+    if center not in ("mean", "zero"):
+        raise ConfigError(f"attack.center: gaussian center must be 'mean' or 'zero', got {center!r}")
+    noise = _num(sigma, ctx.block.dtype) * jax.random.normal(key, ctx.block.shape, ctx.block.dtype)
+    if center == "mean":
+        mu, _ = honest_stats(ctx)
+        noise = noise + mu[:, None, :]
+    return _replace(ctx, noise)
+
+
+def large_norm(key: jax.Array, ctx: AttackContext, scale=1e6) -> tuple[jax.Array, jax.Array]:
+    """Large-norm attack: every coordinate of the message equals `scale` (norm scale * sqrt(D)).
+
+    Definition: m_{b->i} = scale * 1_D.
+
+    Args:
+        key: PRNG key (unused).
+        ctx: the attack context.
+        scale: the value of every coordinate (finite, > 0).
+
+    Returns:
+        (block [N, K, D], mask [N, K]).
+
+    References:
+        Blanchard et al., Machine learning with adversaries: Byzantine tolerant gradient descent, 2017 (a single
+        arbitrary vector moves the mean anywhere).
+    """
+    del key
+    n, _, d = ctx.block.shape
+    return _replace(ctx, jnp.broadcast_to(_num(scale, ctx.block.dtype), (n, d)))
+
+
+def inf(key: jax.Array, ctx: AttackContext, value=float("inf")) -> tuple[jax.Array, jax.Array]:
+    """Non-finite attack: every coordinate of the message equals `value` (inf, -inf or nan).
+
+    Definition: m_{b->i} = value * 1_D with value non-finite. A rule that averages them yields a non-finite
+    aggregate; a robust rule must keep honest nodes finite.
+
+    Args:
+        key: PRNG key (unused).
+        ctx: the attack context.
+        value: a non-finite float.
+
+    Returns:
+        (block [N, K, D], mask [N, K]).
+    """
+    del key
+    n, _, d = ctx.block.shape
+    return _replace(ctx, jnp.broadcast_to(_num(value, ctx.block.dtype), (n, d)))
+
+
+def crash(key: jax.Array, ctx: AttackContext) -> tuple[jax.Array, jax.Array]:
+    """Crash failure: Byzantine senders are silent, their rows are dropped from the receivers' masks.
+
+    Definition: mask'[i, k] = mask[i, k] and not attacked[i, k]; the block is unchanged. Whether the rule
+    renormalises the remaining weights is the rule's business.
+
+    Args:
+        key: PRNG key (unused).
+        ctx: the attack context.
+
+    Returns:
+        (block [N, K, D] unchanged, mask [N, K]).
+    """
+    del key
+    return ctx.block, ctx.mask & ~attacked_rows(ctx)
+
+
+def alie_z(ctx: AttackContext) -> jax.Array:
+    """ALIE's z_max for every receiver, from its neighbourhood counts.
+
+    Definition (Baruch et al. 2019, Algorithm 1, with n -> n_i, m -> b_i): s_i = floor(n_i/2 + 1) - b_i,
+    z_i = Phi^-1((n_i - b_i - s_i) / (n_i - b_i)), the probability clipped to [1e-4, 1 - 1e-4].
+
+    Args:
+        ctx: the attack context.
+
+    Returns:
+        [N] z values in the block's dtype.
+    """
+    n = jnp.sum(ctx.mask, axis=1).astype(jnp.float32)
+    b = jnp.sum(attacked_rows(ctx), axis=1).astype(jnp.float32)
+    s = jnp.floor(n / 2.0 + 1.0) - b
+    p = jnp.clip((n - b - s) / (n - b), _P_MIN, 1.0 - _P_MIN)
+    return _normal_ppf(p).astype(ctx.block.dtype)
+
+
+def _search_scale(ctx: AttackContext, base, direction, default, search_max):
+    """Per-receiver scale s in {default} u [0, search_max] maximising ||rule(block(s)) - mu_i||.
+
+    block(s) carries m_i(s) = base_i + s_i * direction_i in the attacked rows. A geometric grid of _GRID_POINTS
+    values ending at search_max brackets the best scale; _GOLDEN_ITERS golden-section steps refine it between the
+    best grid point's neighbours; the best value ever evaluated wins, the default scale on ties. NaN objectives
+    count as -inf.
+
+    Args:
+        ctx: the attack context, with ctx.rule set.
+        base: [N, D]; direction: [N, D]; default: [N] the non-adaptive scale; search_max: scalar.
+
+    Returns:
+        [N] scales.
+    """
+    if ctx.rule is None:
+        raise ConfigError("attack.adaptive: the adaptive search needs the aggregation rule (AttackContext.rule)")
+    dtype = ctx.block.dtype
+    rule = jax.vmap(ctx.rule)
+    attacked = attacked_rows(ctx)[..., None]
+    mu, _ = honest_stats(ctx)
+    n = ctx.block.shape[0]
+
+    def damage(s):
+        message = (base + s[:, None] * direction).astype(dtype)
+        block = jnp.where(attacked, message[:, None, :], ctx.block)
+        dist = jnp.linalg.norm(rule(block, ctx.mask, ctx.weights) - mu, axis=-1)
+        return jnp.where(jnp.isnan(dist), -jnp.inf, dist)
+
+    def keep_best(best, s, f):
+        best_s, best_f = best
+        better = f > best_f
+        return jnp.where(better, s, best_s), jnp.where(better, f, best_f)
+
+    search_max = _num(search_max, dtype)
+    default = jnp.broadcast_to(_num(default, dtype), (n,))
+    best = (default, damage(default))
+
+    grid = search_max * jnp.exp2(jnp.arange(-(_GRID_POINTS - 1), 1, dtype=dtype))
+    values = jax.lax.map(lambda s: damage(jnp.full((n,), s, dtype)), grid)  # [G, N]
+    g = jnp.argmax(values, axis=0)
+    best = keep_best(best, grid[g], jnp.max(values, axis=0))
+
+    # Golden section for a maximum on [lo, hi], the grid neighbours of the best grid point.
+    lo = jnp.where(g == 0, 0.0, grid[jnp.maximum(g - 1, 0)]).astype(dtype)
+    hi = grid[jnp.minimum(g + 1, _GRID_POINTS - 1)]
+    c = hi - _INV_PHI * (hi - lo)
+    d = lo + _INV_PHI * (hi - lo)
+    fc, fd = damage(c), damage(d)
+    best = keep_best(keep_best(best, c, fc), d, fd)
+
+    def step(_, state):
+        lo, hi, c, d, fc, fd, best = state
+        left = fc > fd  # the maximum lies in [lo, d]
+        lo, hi = jnp.where(left, lo, c), jnp.where(left, d, hi)
+        new = jnp.where(left, hi - _INV_PHI * (hi - lo), lo + _INV_PHI * (hi - lo))
+        f = damage(new)
+        # Left: the old c becomes d and `new` the lower point; right: the old d becomes c and `new` the upper one.
+        c, fc, d, fd = (
+            jnp.where(left, new, d),
+            jnp.where(left, f, fd),
+            jnp.where(left, c, new),
+            jnp.where(left, fc, f),
+        )
+        return lo, hi, c, d, fc, fd, keep_best(best, new, f)
+
+    state = jax.lax.fori_loop(0, _GOLDEN_ITERS, step, (lo, hi, c, d, fc, fd, best))
+    return state[-1][0]
+
+
+def alie(key: jax.Array, ctx: AttackContext, z=None, adaptive: bool = False, search_max=10.0):
+    """A Little Is Enough: a message inside the honest spread that shifts every coordinate together.
+
+    Definition: m_{b->i} = mu_i + z_i * sigma_i. Sign convention: plus, as in the project's REFERENCE.md; codebases
+    that send mu - z sigma correspond to a negative z here. z_i = z if given, else the paper's z_max computed per
+    receiver from n_i (valid rows, self included) and b_i (Byzantine senders): s_i = floor(n_i/2 + 1) - b_i,
+    z_i = Phi^-1((n_i - b_i - s_i)/(n_i - b_i)) (see `alie_z`). With adaptive=True, z_i is instead chosen per
+    receiver among the non-adaptive z_i and [0, search_max] to maximise ||rule(attacked block_i) - mu_i||
+    (bounded grid + golden-section search, see `_search_scale`), as the "optimal" ALIE variants do.
+
+    Args:
+        key: PRNG key (unused).
+        ctx: the attack context (ctx.rule needed when adaptive).
+        z: the number of standard deviations, or None for z_max.
+        adaptive: search the most damaging z for the rule in use.
+        search_max: upper end of the adaptive search interval.
+
+    Returns:
+        (block [N, K, D], mask [N, K]).
+
+    References:
+        Baruch, Baruch, Goldberg, A little is enough: circumventing defenses for distributed learning, 2019;
+        Shejwalkar & Houmansadr, Manipulating the Byzantine: optimizing model poisoning attacks, 2021 (optimised
+        scale).
+    """
+    del key
+    mu, sigma = honest_stats(ctx)
+    zi = alie_z(ctx) if z is None else jnp.broadcast_to(_num(z, ctx.block.dtype), mu.shape[:1])
+    if adaptive:
+        zi = _search_scale(ctx, mu, sigma, zi, search_max)
+    return _replace(ctx, mu + zi[:, None] * sigma)
+
+
+def ipm(key: jax.Array, ctx: AttackContext, eps=0.1, adaptive: bool = False, search_max=10.0):
+    """Inner product manipulation (Fall of Empires): send a negative multiple of the honest mean.
+
+    Definition: m_{b->i} = -eps_i * mu_i, eps_i = eps, or with adaptive=True the value among eps and
+    [0, search_max] maximising ||rule(attacked block_i) - mu_i|| per receiver (bounded grid + golden-section
+    search, see `_search_scale`).
+
+    Args:
+        key: PRNG key (unused).
+        ctx: the attack context (ctx.rule needed when adaptive).
+        eps: positive strength (0.1 in the decentralized literature, 2.0 in ByzFL's defaults).
+        adaptive: search the most damaging eps for the rule in use.
+        search_max: upper end of the adaptive search interval.
+
+    Returns:
+        (block [N, K, D], mask [N, K]).
+
+    References:
+        Xie, Koyejo, Gupta, Fall of empires: breaking Byzantine-tolerant SGD by inner product manipulation, 2020.
+    """
+    del key
+    mu, _ = honest_stats(ctx)
+    e = jnp.broadcast_to(_num(eps, ctx.block.dtype), mu.shape[:1])
+    if adaptive:
+        e = _search_scale(ctx, jnp.zeros_like(mu), -mu, e, search_max)
+    return _replace(ctx, -e[:, None] * mu)
+
+
+def mimic(key: jax.Array, ctx: AttackContext, target=None):
+    """Mimic: Byzantine senders copy one honest node, consistently, to over-represent it.
+
+    Definition: target None: m_{b->i} = x_{j(i)} with j(i) the honest neighbour of i (other than i) with the
+    smallest node id, or i itself if it has none; target t (a node id): m_{b->i} = x_t for every receiver.
+
+    Args:
+        key: PRNG key (unused).
+        ctx: the attack context.
+        target: None (per receiver) or a node id in [0, N).
+
+    Returns:
+        (block [N, K, D], mask [N, K]).
+
+    References:
+        Karimireddy, He, Jaggi, Byzantine-robust learning on heterogeneous datasets via bucketing, 2022.
+    """
+    del key
+    n, k, _ = ctx.block.shape
+    if target is not None:
+        if not 0 <= int(target) < n:
+            raise ConfigError(f"attack.target: mimic target must be a node id in [0, {n}), got {target}")
+        return _replace(ctx, jnp.broadcast_to(ctx.messages[int(target)], (n, ctx.block.shape[2])))
+    candidate = honest_rows(ctx) & ~_row0(ctx)
+    ids = jnp.where(candidate, ctx.neighbors, jnp.iinfo(jnp.int32).max)
+    row = jnp.where(jnp.any(candidate, axis=1), jnp.argmin(ids, axis=1), 0)
+    return _replace(ctx, jnp.take_along_axis(ctx.block, row[:, None, None], axis=1)[:, 0])
+
+
+def flip_labels(y: jax.Array, num_classes: int) -> jax.Array:
+    """Label flipping: y -> C - 1 - y.
+
+    Args:
+        y: [...] integer labels in [0, C).
+        num_classes: C.
+
+    Returns:
+        [...] flipped labels, same dtype.
+    """
+    return (num_classes - 1 - y).astype(y.dtype)
+
+
+def label_flip(key: jax.Array, ctx: AttackContext):
+    """Label flipping (data poisoning): Byzantine nodes train on labels y -> C - 1 - y and send the result.
+
+    The poisoning happens in training (the engine applies `flip_labels` to Byzantine nodes' labels); their messages
+    are then honest computations on poisoned data, so this kernel leaves the block unchanged.
+
+    Args:
+        key: PRNG key (unused).
+        ctx: the attack context.
+
+    Returns:
+        (block [N, K, D], mask [N, K]) unchanged.
+
+    References:
+        Biggio, Nelson, Laskov, Poisoning attacks against support vector machines, 2012; Allen-Zhu et al. 2021.
+    """
+    del key
+    return ctx.block, ctx.mask
+
+
+def dissensus(key: jax.Array, ctx: AttackContext, eps=1.5):
+    """Dissensus: push each honest receiver away from its honest neighbours.
+
+    Definition, for receiver i and each Byzantine neighbour b (all of them send the same message to i, together
+    carrying the correction in proportion to their weights):
+        m_{b->i} = x_i - eps * sum_{j honest in N(i)} W_ij (x_j - x_i) / sum_{b' Byzantine in N(i)} W_ib'
+    so that the gossip step x_i + sum_j W_ij (x_j - x_i) over the attacked block becomes x_i - (eps - 1) *
+    sum_{j honest} W_ij (x_j - x_i). eps = 1 is `isolation`. Receivers whose Byzantine neighbours have zero total
+    weight get m = x_i (the guard keeps them finite; such rows do not move a weighted average anyway).
+
+    Args:
+        key: PRNG key (unused).
+        ctx: the attack context (ctx.weights is W).
+        eps: positive strength (1.5 in He et al.'s experiments).
+
+    Returns:
+        (block [N, K, D], mask [N, K]).
+
+    References:
+        He, Karimireddy, Jaggi, Byzantine-robust decentralized learning via ClippedGossip, 2022.
+    """
+    del key
+    dtype = ctx.block.dtype
+    w = ctx.weights.astype(dtype)
+    own = ctx.block[:, 0, :]
+    hon = (honest_rows(ctx) & ~_row0(ctx))[..., None]
+    pull = jnp.sum(jnp.where(hon, w[..., None] * (ctx.block - own[:, None, :]), 0), axis=1)
+    byz_weight = jnp.sum(jnp.where(attacked_rows(ctx), w, 0), axis=1)
+    safe = jnp.where(byz_weight > 0, byz_weight, 1)
+    message = own - _num(eps, dtype) * jnp.where((byz_weight > 0)[:, None], pull / safe[:, None], 0)
+    return _replace(ctx, message)
+
+
+def isolation(key: jax.Array, ctx: AttackContext):
+    """Isolation: make each receiver's weighted neighbourhood average equal its own model, freezing it.
+
+    Definition: the messages solving sum_k W_ik (x'_ik - x_i) = 0 with all Byzantine senders sending the same m:
+        m_{b->i} = x_i - sum_{j honest in N(i)} W_ij (x_j - x_i) / sum_{b' Byzantine in N(i)} W_ib',
+    i.e. `dissensus` with eps = 1.
+
+    Args:
+        key: PRNG key (unused).
+        ctx: the attack context (ctx.weights is W).
+
+    Returns:
+        (block [N, K, D], mask [N, K]).
+
+    References:
+        He, Karimireddy, Jaggi, Byzantine-robust decentralized learning via ClippedGossip, 2022.
+    """
+    return dissensus(key, ctx, eps=1.0)
+
+
+REGISTRY: dict[str, Callable] = {
+    "none": none,
+    "sign_flip": sign_flip,
+    "gaussian": gaussian,
+    "large_norm": large_norm,
+    "inf": inf,
+    "crash": crash,
+    "alie": alie,
+    "ipm": ipm,
+    "mimic": mimic,
+    "label_flip": label_flip,
+    "dissensus": dissensus,
+    "isolation": isolation,
+}
+
+# Attacks that act through the Byzantine nodes' training data rather than on their messages.
+POISONING = {"label_flip"}
+
+# Hyper-parameter names and defaults of every attack (the config layer rejects other keys).
+#   sign_flip.scale  > 0       message -scale * target
+#   sign_flip.target "mean"    "mean": honest mean of the receiver's neighbourhood; "own": the sender's own message
+#   gaussian.sigma   >= 0      noise standard deviation
+#   gaussian.center  "mean"    "mean": mu_i + noise; "zero": pure noise
+#   large_norm.scale > 0       every coordinate of the message
+#   inf.value        inf       a non-finite float: inf, -inf or nan
+#   alie.z           None      None: z_max per receiver (Baruch et al.); a number: fixed z in mu + z sigma
+#   alie/ipm.adaptive False    search the most damaging scale for the rule in use
+#   alie/ipm.search_max 10.0   upper end of that search
+#   ipm.eps          0.1       message -eps * mu_i
+#   mimic.target     None      None: per receiver, its smallest-id honest neighbour; an int: that node everywhere
+#   dissensus.eps    1.5       strength (1 = isolation)
+DEFAULTS: dict[str, dict[str, object]] = {
+    "none": {},
+    "sign_flip": {"scale": 1.0, "target": "mean"},
+    "gaussian": {"sigma": 1.0, "center": "mean"},
+    "large_norm": {"scale": 1e6},
+    "inf": {"value": float("inf")},
+    "crash": {},
+    "alie": {"z": None, "adaptive": False, "search_max": 10.0},
+    "ipm": {"eps": 0.1, "adaptive": False, "search_max": 10.0},
+    "mimic": {"target": None},
+    "label_flip": {},
+    "dissensus": {"eps": 1.5},
+    "isolation": {},
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host-side validation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _need(ok: bool, key: str, what: str, v) -> None:
+    if not ok:
+        raise ConfigError(f"attack.{key}: must be {what}, got {v!r}")
+
+
+def validate(name: str, hyper: dict | None = None) -> None:
+    """Check an attack name and its hyper-parameters on the host, before compilation.
+
+    Args:
+        name: a key of REGISTRY.
+        hyper: a subset of DEFAULTS[name] (missing keys take the defaults).
+
+    Raises:
+        ConfigError: one line naming ``attack.name`` or ``attack.<key>`` and what is allowed.
+    """
+    if name not in REGISTRY:
+        raise ConfigError(f"attack.name: unknown attack {name!r}; allowed: {', '.join(sorted(REGISTRY))}")
+    hyper = dict(hyper or {})
+    allowed = DEFAULTS[name]
+    for key in hyper:
+        if key not in allowed:
+            names = ", ".join(sorted(allowed)) or "none"
+            raise ConfigError(f"attack.{key}: not a setting of attack {name!r}; allowed: {names}")
+    for key, v in hyper.items():
+        finite = _is_real(v) and math.isfinite(float(v))
+        if key in ("scale", "search_max") or (key == "eps"):
+            _need(finite and float(v) > 0, key, "a finite number > 0", v)
+        elif key == "sigma":
+            _need(finite and float(v) >= 0, key, "a finite number >= 0", v)
+        elif key == "value":
+            _need(_is_real(v) and not math.isfinite(float(v)), key, "a non-finite float (inf, -inf or nan)", v)
+        elif key == "z":
+            _need(v is None or finite, key, "None (z_max from the neighbourhood sizes) or a finite number", v)
+        elif key == "adaptive":
+            _need(isinstance(v, bool), key, "true or false", v)
+        elif key == "center":
+            _need(v in ("mean", "zero"), key, "'mean' or 'zero'", v)
+        elif key == "target" and name == "sign_flip":
+            _need(v in ("mean", "own"), key, "'mean' or 'own'", v)
+        elif key == "target" and name == "mimic":
+            ok = v is None or (isinstance(v, numbers.Integral) and not isinstance(v, bool) and int(v) >= 0)
+            _need(ok, key, "None (per receiver) or a node id >= 0", v)
+
+
+def resolve(name: str, hyper: dict | None = None) -> dict[str, object]:
+    """Validate and return the full hyper-parameter dict of an attack (defaults filled in).
+
+    Args:
+        name: a key of REGISTRY.
+        hyper: a subset of DEFAULTS[name].
+
+    Returns:
+        dict with every key of DEFAULTS[name].
+    """
+    validate(name, hyper)
+    return {**DEFAULTS[name], **(hyper or {})}
