@@ -1,0 +1,91 @@
+"""Byzantine-robust aggregation rules as one-node kernels, lifted over all nodes at once.
+
+Contract. A rule aggregates ONE node's neighbourhood::
+
+    rule(x [K, D], mask [K] bool, weights [K] float32, **hyper) -> [D]
+
+Row 0 of ``x`` is the receiving node's own vector and is always valid; ``weights`` are the mixing weights ``W_ij``
+(0 on padding). Padded rows may hold anything, inf and NaN included: they are removed by select, never by
+multiplying with 0. Every rule accepts ``weights``; the server-style rules (median, trimmed mean, Krum, multi-Krum,
+geometric median, centred clipping, MeaMed, MoNNA) ignore them and weigh the valid rows equally, as in their papers;
+``mean``, ``clipped_gossip`` and ``ios`` use them. The output keeps the input dtype (arithmetic in float32 or wider).
+
+:func:`aggregate` lifts a rule over the gathered ``[N, K, D]`` block with ``jax.vmap`` (chunked with ``lax.map``
+when the temporaries would exceed a memory budget). Pre-aggregators (``PRE_REGISTRY``) transform the neighbourhood
+first: ``pre(key, x, mask, weights, **hyper) -> (x, mask, weights)``. ``DEFAULTS`` lists every hyper-parameter
+with its default; :func:`validate` checks a configuration on the host before compilation.
+
+Hyper-parameters (``f`` always counts tolerated Byzantine rows in one neighbourhood, self included in n):
+
+- ``trimmed_mean``, ``meamed``, ``monna``, ``nnm``: ``f`` values/rows dropped; need n > 2f.
+- ``krum``: ``f``; needs n - f - 2 >= 1. ``multi_krum``: ``f`` and ``m`` (rows averaged; 0 = n - f).
+- ``geometric_median``: ``nu`` (smoothing radius > 0), ``iters`` (max Weiszfeld steps), ``tol`` (relative).
+- ``centered_clip``: ``tau`` (radius >= 0), ``iters``.
+- ``clipped_gossip``: ``tau`` (radius >= 0), ``adaptive`` (tau = distance of the (m - f)-th closest neighbour),
+  ``f`` (used when adaptive).
+- ``ios``: ``f`` neighbours removed; needs f < number of neighbours.
+- ``bucketing``: ``s`` (bucket size; a static Python int, it sets the output shape).
+- ``clip``: ``tau`` (radius >= 0), ``self_centered`` (clip around the node's own vector instead of zero).
+
+Every other hyper-parameter may be a traced jnp scalar, so a sweep over tau, nu, tol, f, m, iters or adaptive reuses
+one compiled program (``STATIC_HYPER`` lists the exceptions).
+
+BRIDGE (Yang & Bajwa) screens the node's own and its neighbours' vectors with a robust rule, then steps on the
+local gradient; the screening variants are rules here: BRIDGE-T = ``trimmed_mean`` (f = b), BRIDGE-M = ``median``,
+BRIDGE-K = ``krum`` (f = b), applied to the shared models; the local gradient step is the engine's. BRIDGE-B (Krum
+selection followed by a trimmed mean) is approximated by ``multi_krum`` with ``m = n - 2b`` followed by averaging;
+an exact Krum-then-trim chain is not provided.
+
+Speed. Order statistics use sorting networks over the K rows (one fused elementwise loop, no ``jnp.sort``);
+distance rules use the centred Gram matrix and iterate in the K-dimensional coefficient space.
+"""
+
+from jaxdfl.aggregators.distance import centered_clip
+from jaxdfl.aggregators.distance import clipped_gossip
+from jaxdfl.aggregators.distance import geometric_median
+from jaxdfl.aggregators.distance import ios
+from jaxdfl.aggregators.distance import krum
+from jaxdfl.aggregators.distance import mean
+from jaxdfl.aggregators.distance import monna
+from jaxdfl.aggregators.distance import multi_krum
+from jaxdfl.aggregators.network import DEFAULTS
+from jaxdfl.aggregators.network import MEMORY_BUDGET_BYTES
+from jaxdfl.aggregators.network import PRE_REGISTRY
+from jaxdfl.aggregators.network import REGISTRY
+from jaxdfl.aggregators.network import STATIC_HYPER
+from jaxdfl.aggregators.network import aggregate
+from jaxdfl.aggregators.network import auto_chunk
+from jaxdfl.aggregators.network import validate
+from jaxdfl.aggregators.order_stats import meamed
+from jaxdfl.aggregators.order_stats import median
+from jaxdfl.aggregators.order_stats import sorting_network
+from jaxdfl.aggregators.order_stats import trimmed_mean
+from jaxdfl.aggregators.pre import bucketing
+from jaxdfl.aggregators.pre import clip
+from jaxdfl.aggregators.pre import nnm
+
+__all__ = [
+    "DEFAULTS",
+    "MEMORY_BUDGET_BYTES",
+    "PRE_REGISTRY",
+    "REGISTRY",
+    "STATIC_HYPER",
+    "aggregate",
+    "auto_chunk",
+    "bucketing",
+    "centered_clip",
+    "clip",
+    "clipped_gossip",
+    "geometric_median",
+    "ios",
+    "krum",
+    "mean",
+    "meamed",
+    "median",
+    "monna",
+    "multi_krum",
+    "nnm",
+    "sorting_network",
+    "trimmed_mean",
+    "validate",
+]

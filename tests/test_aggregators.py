@@ -1,0 +1,437 @@
+"""Tests of jaxdfl.aggregators: a contract suite over REGISTRY, NumPy references, robustness, pre-aggregators,
+validation, and the whole-network lift."""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdfl import aggregators as A
+from jaxdfl.aggregators import reference as R
+from jaxdfl.errors import ConfigError
+
+RULES = sorted(A.REGISTRY)
+K, D = 7, 6
+# Hyper-parameters for the tests: geometric median run to convergence so that it can be compared with the
+# float64 reference; larger radii so that clipping is active but not total on unit-scale data.
+HYPER = {
+    "geometric_median": {"iters": 400, "tol": 0.0, "nu": 1e-3},
+    "centered_clip": {"tau": 1.5, "iters": 4},
+    "clipped_gossip": {"tau": 1.5},
+}
+
+
+def hyper(rule):
+    return {**A.DEFAULTS[rule], **HYPER.get(rule, {})}
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_vmap(rule, items):
+    fn = A.REGISTRY[rule]
+    h = dict(items)
+    return jax.jit(jax.vmap(lambda x, m, w: fn(x, m, w, **h)))
+
+
+def batched(rule, **h):
+    """jit(vmap(rule)) with the test hyper-parameters (overridden by h), compiled once per rule, hyper and shape.
+
+    Everything runs jitted: eager calls would dispatch (and compile) the unrolled networks op by op.
+    """
+    return _jit_vmap(rule, tuple(sorted({**hyper(rule), **h}.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def jit_pre(name, items):
+    fn = A.PRE_REGISTRY[name]
+    return jax.jit(jax.vmap(lambda k, x, m, w: fn(k, x, m, w, **dict(items))))
+
+
+def make_batch(seed, b=6, k=K, d=D, min_valid=5):
+    """b random neighbourhoods with random masks (row 0 valid, at least min_valid rows) and mixing weights."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(b, k, d)).astype(np.float32)
+    mask = np.zeros((b, k), bool)
+    for i in range(b):
+        n = rng.integers(min_valid, k + 1)
+        mask[i, 0] = True
+        mask[i, 1 + rng.choice(k - 1, n - 1, replace=False)] = True
+    w = np.where(mask, rng.uniform(0.5, 1.5, size=(b, k)), 0.0)
+    w = (w / w.sum(1, keepdims=True)).astype(np.float32)
+    return x, mask, w
+
+
+def garbage(x, mask, fill):
+    return np.where(mask[..., None], x, np.float32(fill)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- sorting network
+
+
+@pytest.mark.parametrize("k", range(1, 13))
+def test_sorting_network_sorts_all_zero_one_inputs(k):
+    # 0-1 principle: a comparator network sorts every input iff it sorts every 0/1 input.
+    v = np.array(list(itertools.product([0, 1], repeat=k)), np.int8).T
+    rows = [v[i] for i in range(k)]
+    for i, j in A.sorting_network(k):
+        rows[i], rows[j] = np.minimum(rows[i], rows[j]), np.maximum(rows[i], rows[j])
+    out = np.stack(rows)
+    assert (np.diff(out, axis=0) >= 0).all()
+
+
+# --------------------------------------------------------------------------- contract suite
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_matches_numpy_reference(rule):
+    ref = R.REGISTRY[rule]
+    h = hyper(rule)
+    if rule == "geometric_median":
+        h = {"nu": h["nu"]}
+    for seed in range(3):
+        x, mask, w = make_batch(seed)
+        out = np.asarray(batched(rule)(x, mask, w))
+        expect = np.stack([ref(x[i], mask[i], w[i], **h) for i in range(len(x))])
+        if rule == "geometric_median":
+            # float32 Weiszfeld stops where the objective stops improving in float32: compare objectives tightly,
+            # positions loosely (the minimum is flat).
+            for i in range(len(x)):
+                v = x[i][mask[i]].astype(np.float64)
+                obj = lambda z: np.linalg.norm(v - z, axis=1).sum()  # noqa: E731
+                assert obj(out[i]) <= obj(expect[i]) * (1 + 1e-5)
+            np.testing.assert_allclose(out, expect, rtol=0, atol=3e-3)
+            continue
+        np.testing.assert_allclose(out, expect, rtol=2e-4, atol=2e-4, err_msg=f"{rule} seed {seed}")
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_vmap_equals_per_node_call(rule):
+    x, mask, w = make_batch(10)
+    fn = A.REGISTRY[rule]
+    h = hyper(rule)
+    out = np.asarray(batched(rule)(x, mask, w))
+    one = jax.jit(lambda a, b, c: fn(a, b, c, **h))
+    single = np.stack([np.asarray(one(x[i], mask[i], w[i])) for i in range(len(x))])
+    np.testing.assert_allclose(out, single, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_invariant_to_permuting_neighbours(rule):
+    x, mask, w = make_batch(20)
+    perm = np.concatenate([[0], 1 + np.random.default_rng(0).permutation(K - 1)])
+    out = batched(rule)(x, mask, w)
+    out_p = batched(rule)(x[:, perm], mask[:, perm], w[:, perm])
+    tol = 2e-3 if rule == "geometric_median" else 1e-4  # float32 Weiszfeld stops at a slightly different point
+    np.testing.assert_allclose(np.asarray(out_p), np.asarray(out), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_padding_contents_do_not_matter(rule):
+    x, mask, w = make_batch(30)
+    clean = batched(rule)(garbage(x, mask, 0.0), mask, w)
+    assert np.isfinite(np.asarray(clean)).all()
+    for fill in (np.inf, -np.inf, np.nan, 3e38):
+        out = batched(rule)(garbage(x, mask, fill), mask, w)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(clean), err_msg=f"{rule} fill={fill}")
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_all_equal_inputs_return_that_input(rule):
+    _, mask, w = make_batch(40)
+    v = np.random.default_rng(1).normal(size=(len(mask), 1, D)).astype(np.float32)
+    x = np.broadcast_to(v, (len(mask), K, D)).copy()
+    out = batched(rule)(x, mask, w)
+    np.testing.assert_allclose(np.asarray(out), v[:, 0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_output_dtype_is_input_dtype(rule, dtype):
+    # Abstract evaluation traces the whole rule (so dtype errors surface) without compiling it.
+    fn = functools.partial(A.REGISTRY[rule], **hyper(rule))
+    out = jax.eval_shape(fn, jax.ShapeDtypeStruct((K, D), dtype), jax.ShapeDtypeStruct((K,), bool),
+                         jax.ShapeDtypeStruct((K,), jnp.float32))
+    assert out.dtype == dtype and out.shape == (D,)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_no_recompilation_on_new_values(rule):
+    traces = []
+    fn = A.REGISTRY[rule]
+    numeric = {k: v for k, v in hyper(rule).items()}
+
+    @jax.jit
+    def run(x, m, w, h):
+        traces.append(1)
+        return jax.vmap(lambda a, b, c: fn(a, b, c, **h))(x, m, w)
+
+    as_array = lambda h: {k: jnp.asarray(v) for k, v in h.items()}  # noqa: E731
+    x, mask, w = make_batch(60)
+    out1 = run(x, mask, w, as_array(numeric))
+    # Traced hyper-parameters give the same result as Python ones.
+    np.testing.assert_allclose(np.asarray(out1), np.asarray(batched(rule)(x, mask, w)), rtol=1e-5, atol=1e-5)
+    x2, _, w2 = make_batch(61)
+    numeric2 = {k: (v + 1 if isinstance(v, int) and not isinstance(v, bool) and k != "f" else v)
+                for k, v in numeric.items()}
+    numeric2 = {k: (v * 1.5 if isinstance(v, float) else v) for k, v in numeric2.items()}
+    out2 = run(x2, mask, w2, as_array(numeric2))
+    assert len(traces) == 1
+    assert not np.allclose(np.asarray(out1), np.asarray(out2))
+
+
+# --------------------------------------------------------------------------- rule-specific checks
+
+
+def test_median_even_count_averages_the_middle_pair():
+    x = jnp.array([[1.0], [4.0], [2.0], [10.0], [7.0]])
+    mask = jnp.array([True, True, True, True, False])
+    assert float(A.median(x, mask)[0]) == 3.0
+
+
+def test_traced_f_equals_static_f():
+    x, mask, w = make_batch(70, min_valid=7)
+    for rule in ("trimmed_mean", "meamed", "krum", "multi_krum", "monna", "ios"):
+        fn = A.REGISTRY[rule]
+        static = batched(rule, f=2)(x, mask, w)
+        traced = jax.jit(jax.vmap(lambda a, b, c, f: fn(a, b, c, f=f), in_axes=(0, 0, 0, None)))(x, mask, w, 2)
+        np.testing.assert_allclose(np.asarray(traced), np.asarray(static), rtol=1e-6, atol=1e-6, err_msg=rule)
+
+
+@pytest.mark.parametrize("f", [0, 1, 2, 3])
+def test_meamed_and_trimmed_mean_against_reference_for_several_f(f):
+    x, mask, w = make_batch(80, b=8, k=9, min_valid=2 * f + 1)
+    for rule in ("meamed", "trimmed_mean"):
+        out = batched(rule, f=f)(x, mask, w)
+        expect = np.stack([R.REGISTRY[rule](x[i], mask[i], f=f) for i in range(len(x))])
+        np.testing.assert_allclose(np.asarray(out), expect, rtol=1e-5, atol=1e-5, err_msg=rule)
+
+
+def test_multi_krum_with_explicit_m():
+    x, mask, w = make_batch(90, min_valid=6)
+    out = batched("multi_krum", f=1, m=2)(x, mask, w)
+    expect = np.stack([R.multi_krum(x[i], mask[i], f=1, m=2) for i in range(len(x))])
+    np.testing.assert_allclose(np.asarray(out), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_clipped_gossip_adaptive_against_reference():
+    x, mask, w = make_batch(100)
+    for f in (1, 2):
+        out = batched("clipped_gossip", adaptive=True, f=f)(x, mask, w)
+        expect = np.stack([R.clipped_gossip(x[i], mask[i], w[i], adaptive=True, f=f) for i in range(len(x))])
+        np.testing.assert_allclose(np.asarray(out), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_distances_stay_accurate_near_consensus():
+    # Vectors with a large common offset and tiny differences: a raw x @ x.T Gram matrix would lose the distances.
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(1, 50)) * 100.0
+    x = (base + 1e-3 * rng.normal(size=(7, 50))).astype(np.float32)
+    x[5] = base[0] + 0.5  # one clear outlier relative to the spread
+    mask = np.ones(7, bool)
+    w = np.full(7, 1 / 7, np.float32)
+    for rule in ("krum", "monna"):
+        out = np.asarray(batched(rule, f=1)(x[None], mask[None], w[None]))[0]
+        np.testing.assert_allclose(out, R.REGISTRY[rule](x, mask, f=1), rtol=0, atol=1e-4, err_msg=rule)
+
+
+# --------------------------------------------------------------------------- robustness
+
+
+ROBUST = ["median", "trimmed_mean", "krum", "multi_krum", "geometric_median", "clipped_gossip", "meamed", "monna",
+          "ios", "centered_clip"]
+
+
+def outlier_neighbourhood(seed, k=9, f=2):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(k, 20)).astype(np.float32)
+    bad = 1 + rng.choice(k - 1, f, replace=False)
+    x[bad] = 1e6
+    honest = np.setdiff1d(np.arange(k), bad)
+    w = np.full(k, 1.0 / k, np.float32)
+    return x, np.ones(k, bool), w, honest
+
+
+@pytest.mark.parametrize("rule", ROBUST)
+def test_robust_rules_stay_near_the_honest_vectors(rule):
+    h = {**A.DEFAULTS[rule], "f": 2} if "f" in A.DEFAULTS[rule] else dict(A.DEFAULTS[rule])
+    data = [outlier_neighbourhood(seed) for seed in range(3)]
+    outs = np.asarray(_jit_vmap(rule, tuple(sorted(h.items())))(*(np.stack([d[i] for d in data]) for i in range(3))))
+    for (x, mask, w, honest), out in zip(data, outs):
+        hx = x[honest]
+        if rule in ("median", "trimmed_mean", "meamed"):
+            # coordinate-wise rules stay in the honest bounding box
+            assert (out >= hx.min(0) - 1e-5).all() and (out <= hx.max(0) + 1e-5).all()
+        elif rule == "krum":
+            assert np.min(np.abs(hx - out).max(1)) < 1e-6  # one of the honest vectors
+        else:
+            assert np.linalg.norm(out - hx.mean(0)) < 10.0, rule
+
+
+def test_mean_is_not_robust():
+    x, mask, w, honest = outlier_neighbourhood(0)
+    out = np.asarray(batched("mean")(x[None], mask[None], w[None]))[0]
+    assert np.linalg.norm(out - x[honest].mean(0)) > 1e4
+
+
+def test_clipped_gossip_moves_at_most_tau_per_neighbour_weight():
+    x, mask, w, _ = outlier_neighbourhood(1)
+    out = np.asarray(batched("clipped_gossip", tau=0.7)(x[None], mask[None], w[None]))[0]
+    assert np.linalg.norm(out - x[0]) <= 0.7 * w[1:].sum() + 1e-4
+
+
+# --------------------------------------------------------------------------- pre-aggregators
+
+
+def test_nnm_against_reference():
+    x, mask, w = make_batch(110)
+    keys = jax.random.split(jax.random.key(0), len(x))
+    out, m2, w2 = jit_pre("nnm", (("f", 2),))(keys, x, mask, w)
+    for i in range(len(x)):
+        np.testing.assert_allclose(np.asarray(out[i])[mask[i]], R.nnm(x[i], mask[i], w[i], f=2), rtol=1e-5,
+                                   atol=1e-5)
+    assert (np.asarray(m2) == mask).all() and np.allclose(np.asarray(w2), w)
+
+
+@pytest.mark.parametrize("self_centered", [False, True])
+def test_clip_against_reference(self_centered):
+    x, mask, w = make_batch(120)
+    x = x * 2.0
+    keys = jax.random.split(jax.random.key(0), len(x))
+    out, _, _ = jit_pre("clip", (("self_centered", self_centered), ("tau", 1.2)))(keys, x, mask, w)
+    for i in range(len(x)):
+        expect = R.clip(x[i], mask[i], w[i], tau=1.2, self_centered=self_centered)
+        np.testing.assert_allclose(np.asarray(out[i])[mask[i]], expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("s", [1, 2, 3])
+def test_bucketing_partitions_the_neighbours(s):
+    k = 8
+    mask = np.array([True, True, False, True, True, True, False, True])
+    x = np.eye(k, dtype=np.float32)  # row j = e_j, so a bucket mean reveals its members
+    w = np.where(mask, 1.0 / mask.sum(), 0.0).astype(np.float32)
+    seen = set()
+    keys = jax.random.split(jax.random.key(s), 4)
+    outs = jit_pre("bucketing", (("s", s),))(keys, *(np.broadcast_to(a, (4, *a.shape)) for a in (x, mask, w)))
+    for out, m2, w2 in zip(*(np.asarray(o) for o in outs)):
+        assert out.shape == (1 + -(-(k - 1) // s), k)
+        np.testing.assert_array_equal(out[0], x[0])
+        members = [tuple(np.flatnonzero(row > 0)) for row in out[1:][m2[1:]]]
+        flat = sorted(j for mb in members for j in mb)
+        assert flat == sorted(np.flatnonzero(mask[1:]) + 1)  # every valid neighbour exactly once
+        sizes = sorted(len(mb) for mb in members)
+        assert all(sz == s for sz in sizes[1:]) and sizes[0] <= s
+        for mb, row, wt in zip(members, out[1:][m2[1:]], w2[1:][m2[1:]]):
+            np.testing.assert_allclose(row[list(mb)], 1.0 / len(mb), rtol=1e-6)
+            np.testing.assert_allclose(wt, w[list(mb)].sum(), rtol=1e-6)
+        seen.add(tuple(members))
+    if s < 5:
+        assert len(seen) > 1  # the shuffle depends on the key
+
+
+def test_pre_aggregators_compose_with_any_rule_under_aggregate():
+    x, mask, w = make_batch(130)
+    run = jax.jit(A.aggregate, static_argnames=("rule", "pre"))
+    chained = run(jax.random.key(0), x, mask, w, "trimmed_mean", {"f": 1},
+                  pre=(("clip", (("tau", 2.0),)), ("bucketing", ()), ("nnm", (("f", 1),))))
+    assert chained.shape == (len(x), D) and np.isfinite(np.asarray(chained)).all()
+    # Same as applying the steps by hand.
+    keys = jax.vmap(lambda k: jax.random.split(k, 3))(jax.random.split(jax.random.key(0), len(x)))
+    y = (x, mask, w)
+    for j, (name, items) in enumerate((("clip", (("tau", 2.0),)), ("bucketing", (("s", 2),)), ("nnm", (("f", 1),)))):
+        y = jit_pre(name, items)(keys[:, j], *y)
+    expect = batched("trimmed_mean", f=1)(*y)
+    np.testing.assert_allclose(np.asarray(chained), np.asarray(expect), rtol=1e-6, atol=1e-6)
+
+
+def test_nnm_leaves_honest_rows_honest():
+    # NNM mixes each honest row only with honest rows when the outliers are far; the outlier rows stay far, so
+    # NNM must be followed by a robust rule (here the median) to be robust.
+    x, mask, w, honest = outlier_neighbourhood(2, f=2)
+    mixed, _, _ = jit_pre("nnm", (("f", 2),))(jax.random.split(jax.random.key(0), 1), x[None], mask[None], w[None])
+    np.testing.assert_allclose(np.asarray(mixed)[0, honest], np.broadcast_to(x[honest].mean(0), (7, 20)), atol=1e-5)
+    run = jax.jit(A.aggregate, static_argnames=("rule", "pre"))
+    out = run(jax.random.key(0), x[None], mask[None], w[None], "median", pre=(("nnm", (("f", 2),)),))
+    np.testing.assert_allclose(np.asarray(out)[0], x[honest].mean(0), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- whole network
+
+
+def test_aggregate_chunked_equals_unchunked():
+    x, mask, w = make_batch(140, b=7)
+    run = jax.jit(A.aggregate, static_argnames=("rule", "chunk_size", "memory_budget"))
+    full = run(jax.random.key(1), x, mask, w, "multi_krum")
+    out = run(jax.random.key(1), x, mask, w, "multi_krum", chunk_size=3)  # 3 + 3 + a remainder of 1
+    np.testing.assert_allclose(np.asarray(out), np.asarray(full), rtol=1e-6)
+    auto = run(jax.random.key(1), x, mask, w, "multi_krum", memory_budget=x[0].nbytes * 4)  # chunks of 2
+    np.testing.assert_allclose(np.asarray(auto), np.asarray(full), rtol=1e-6)
+
+
+def test_auto_chunk():
+    assert A.auto_chunk(100, 9, 100_000) is None  # the benchmark size runs unchunked
+    c = A.auto_chunk(10_000, 9, 100_000)
+    assert c is not None and 1 <= c < 10_000 and c * 2 * 9 * 100_000 * 4 <= A.MEMORY_BUDGET_BYTES
+
+
+def test_aggregate_under_jit_with_traced_hyper():
+    x, mask, w = make_batch(150)
+    run = jax.jit(A.aggregate, static_argnames=("rule", "pre", "chunk_size"))
+    out = run(jax.random.key(0), x, mask, w, "centered_clip", {"tau": jnp.float32(0.5), "iters": 2})
+    expect = A.aggregate(jax.random.key(0), x, mask, w, "centered_clip", {"tau": 0.5, "iters": 2})
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expect), rtol=1e-6)
+
+
+def test_bucketing_uses_distinct_node_keys():
+    # Two nodes with identical neighbourhoods: their shuffles (hence the median of the bucket means) differ.
+    x = np.tile(np.random.default_rng(4).normal(size=(1, 7, D)).astype(np.float32), (2, 1, 1))
+    mask = np.ones((2, 7), bool)
+    w = np.full((2, 7), 1 / 7, np.float32)
+    differ = []
+    run = jax.jit(A.aggregate, static_argnames=("rule", "pre"))
+    for seed in range(4):
+        out = np.asarray(run(jax.random.key(seed), x, mask, w, "median", pre=(("bucketing", (("s", 2),)),)))
+        differ.append(not np.allclose(out[0], out[1]))
+    assert any(differ)
+
+
+# --------------------------------------------------------------------------- validate
+
+
+def test_validate_accepts_defaults():
+    sizes = np.array([5, 7, 9])
+    for rule in RULES:
+        A.validate(rule, {}, sizes)
+    A.validate("trimmed_mean", {"f": 2}, sizes, pre=(("nnm", {"f": 1}), ("clip", {"tau": 1.0})))
+
+
+@pytest.mark.parametrize("args, match", [
+    (("nope", {}, [5]), "aggregation.rule"),
+    (("krum", {"tau": 1.0}, [5]), "aggregation.tau"),
+    (("trimmed_mean", {"f": 2}, [4, 9]), "aggregation.f"),
+    (("median", {}, [5], (("bogus", {}),)), "aggregation.pre"),
+    (("krum", {"f": 1}, [3, 9]), "aggregation.f"),
+    (("multi_krum", {"m": 9}, [5, 9]), "aggregation.m"),
+    (("centered_clip", {"tau": -1.0}, [5]), "aggregation.tau"),
+    (("geometric_median", {"nu": 0.0}, [5]), "aggregation.nu"),
+    (("meamed", {"f": 1.5}, [5]), "aggregation.f"),
+    (("ios", {"f": 2}, [3]), "aggregation.f"),
+    (("clipped_gossip", {"adaptive": True, "f": 1}, [2]), "aggregation.f"),
+    (("clipped_gossip", {"adaptive": "yes"}, [5]), "aggregation.adaptive"),
+    (("median", {}, [5], (("clip", {"tau": -2.0}),)), "aggregation.clip.tau"),
+    (("median", {}, [5], (("bucketing", {"s": 0}),)), "aggregation.bucketing.s"),
+    (("median", {}, [5], (("nnm", {"f": 3}),)), "aggregation.nnm.f"),
+    # bucketing shrinks 7 rows to 1 + 3 = 4, too few for trimming 2 per side
+    (("trimmed_mean", {"f": 2}, [7], (("bucketing", {"s": 2}),)), "aggregation.f"),
+])
+def test_validate_rejects(args, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        A.validate(*args)
+    assert "\n" not in str(err.value)
+
+
+def test_aggregate_rejects_unknown_hyper_keys():
+    x, mask, w = make_batch(160, b=2)
+    with pytest.raises(ConfigError, match="aggregation.tau"):
+        A.aggregate(jax.random.key(0), x, mask, w, "median", {"tau": 1.0})
