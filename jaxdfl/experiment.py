@@ -24,7 +24,7 @@ from jaxdfl import aggregators, attacks, byzantine, checkpoint, gossip, models, 
 from jaxdfl import data as data_mod
 from jaxdfl.config import Config, load_config, make_config
 from jaxdfl.errors import ConfigError
-from jaxdfl.privacy import accounting, mechanisms
+from jaxdfl.privacy import accounting
 from jaxdfl.training import LocalSpec
 
 METRICS = ("accuracy_mean", "accuracy_min", "accuracy_max", "loss_mean", "consensus_distance", "epsilon")
@@ -44,8 +44,12 @@ class Experiment:
     arrays: simulation.Arrays
     hyper: dict[str, Any]
     sample_rates: np.ndarray  # [N] q_i = batch_size / m_i
-    noise_multiplier: float | None = None
+    privacy: PrivacyPlan
     devices: int = 1
+
+    @property
+    def noise_multiplier(self) -> float | None:
+        return self.privacy.noise_multiplier
 
     @property
     def seeds(self) -> list[int] | None:
@@ -64,7 +68,7 @@ class Experiment:
         if p.mode == "example":
             steps = rounds_done * self.config.train.local_steps
             return accounting.example_epsilons(self.noise_multiplier, self.sample_rates, steps, p.delta,
-                                               p.accountant)
+                                               p.accountant, self.privacy.overflow)
         eps = accounting.update_epsilons(self.noise_multiplier, rounds_done, p.delta, p.mechanism, p.accountant)
         return np.full(self.topology.n, eps)
 
@@ -79,21 +83,46 @@ class Result:
     state: Any = field(default=None, repr=False)
 
 
-def _privacy_setup(cfg: Config, shards: data_mod.Shards, honest: np.ndarray):
-    """Validate privacy settings, pick the noise multiplier (calibrating to a target if asked)."""
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """The privacy settings a run uses, fixed on the host before compiling."""
+
+    noise_multiplier: float | None  # z (given, or calibrated to the target)
+    buffer: int = 0  # static Poisson buffer of DP-SGD
+    overflow: np.ndarray | None = None  # [N] probability each node's buffer ever overflows (charged to delta)
+
+
+def plan_privacy(cfg: Config, shards: data_mod.Shards, rates: np.ndarray, honest: np.ndarray) -> PrivacyPlan:
+    """Validate the privacy settings, size the DP-SGD buffer, and calibrate z to a target epsilon if asked.
+
+    ``example`` mode: steps = rounds x local_steps Poisson-subsampled Gaussian steps per node with q_i = b/m_i;
+    the static buffer B is chosen so that the chance a node's batch ever overflows it (eta_i) is a 1e-3 share of
+    delta, and eta_i is charged to delta in the accounting. ``update`` mode: one Gaussian (or Laplace)
+    release per round, node-level adjacency (see :mod:`jaxdfl.privacy.accounting`).
+    """
     p = cfg.privacy
     accounting.validate(p.mode, p.mechanism, p.clip_norm, p.noise_multiplier, p.target_epsilon, p.delta,
                         p.accountant, int(shards.sizes.min()))
-    rates = cfg.train.batch_size / shards.sizes.astype(np.float64)
     if p.mode == "none":
-        return rates, None
-    if p.noise_multiplier is not None:
-        return rates, float(p.noise_multiplier)
-    if p.mode == "example":
-        steps = cfg.rounds * cfg.train.local_steps
-        q = float(rates[honest].max())  # the smallest honest shard spends the most
-        return rates, accounting.calibrate_noise(p.target_epsilon, q, steps, p.delta, p.accountant)
-    return rates, accounting.calibrate_update(p.target_epsilon, cfg.rounds, p.delta, p.mechanism, p.accountant)
+        return PrivacyPlan(None)
+    if p.mode == "update":
+        z = p.noise_multiplier
+        if z is None:
+            z = accounting.calibrate_update_noise(p.target_epsilon, cfg.rounds, p.delta, p.mechanism, p.accountant)
+        return PrivacyPlan(float(z))
+    steps = cfg.rounds * cfg.train.local_steps
+    if p.target_epsilon is not None:
+        eps_end = p.target_epsilon
+    else:
+        eps_end = float(accounting.example_epsilons(p.noise_multiplier, rates[honest], steps, p.delta,
+                                                    p.accountant).max())
+    buffer = accounting.buffer_size(shards.sizes, rates, steps, p.delta, eps_end)
+    overflow = np.asarray(accounting.overflow_probability(shards.sizes, rates, buffer, steps), np.float64)
+    z = p.noise_multiplier
+    if z is None:
+        z = accounting.calibrate_example_noise(p.target_epsilon, rates[honest], steps, p.delta, p.accountant,
+                                               overflow[honest])
+    return PrivacyPlan(float(z), int(buffer), overflow)
 
 
 def build(cfg: Config | dict | str, progress: Callable | None = None) -> Experiment:
@@ -128,7 +157,9 @@ def build(cfg: Config | dict | str, progress: Callable | None = None) -> Experim
     aggregators.validate(agg.rule, rule_hyper, topo.sizes, pre)
 
     honest = ~byz
-    rates, z = _privacy_setup(cfg, shards, honest)
+    rates = tr.batch_size / shards.sizes.astype(np.float64)
+    plan = plan_privacy(cfg, shards, rates, honest)
+    z = plan.noise_multiplier
     p = cfg.privacy
 
     plain = agg.rule == "mean" and att.name == "none" and not agg.pre
@@ -141,9 +172,8 @@ def build(cfg: Config | dict | str, progress: Callable | None = None) -> Experim
                           "without attacks or pre-aggregation; use \"auto\"")
 
     model = models.make(cfg.model.name, ds.num_classes, ds.input_shape, cfg.model.hidden)
-    dp_buffer = mechanisms.buffer_size(rates.max() * shards.sizes.max()) if p.mode == "example" else 0
     local = LocalSpec(apply=model.apply, optimizer=tr.optimizer, batch_size=tr.batch_size,
-                      local_steps=tr.local_steps, dp_example=p.mode == "example", dp_buffer=int(dp_buffer))
+                      local_steps=tr.local_steps, dp_example=p.mode == "example", dp_buffer=plan.buffer)
     attack_hyper = {k: att[k] for k in attacks.DEFAULTS.get(att.name, {})}
     spec = simulation.Spec(
         n=t.n, local=local, model_init=model.init, model_apply=model.apply, rounds=cfg.rounds,
@@ -163,7 +193,7 @@ def build(cfg: Config | dict | str, progress: Callable | None = None) -> Experim
         edge_id=jnp.asarray(edge_ids(topo)), inter=jnp.asarray(inter_links(topo, t)),
         **dict(zip(("pool_neighbors", "pool_mask"), map(jnp.asarray, stack_tables(pool)), strict=True)))
     hyper = make_hyper(cfg, z)
-    return Experiment(cfg, topo, ds, shards, model, byz, spec, arrays, hyper, rates, z, _devices(cfg))
+    return Experiment(cfg, topo, ds, shards, model, byz, spec, arrays, hyper, rates, plan, _devices(cfg))
 
 
 def make_hyper(cfg: Config, noise_multiplier: float | None) -> dict[str, jax.Array]:

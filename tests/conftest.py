@@ -1,6 +1,8 @@
 import os
 
-os.environ.setdefault("XLA_FLAGS", "")  # tests that need several devices set it in a subprocess
+# Tests check results, not speed: XLA's backend optimisations double the CPU compile time of a small experiment
+# and buy nothing here. Set before jax is imported (tests needing several devices start a subprocess).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 import pytest
 
