@@ -1,0 +1,193 @@
+"""Benchmark: every robust aggregation rule on the whole network, against per-node loops and the memory roofline.
+
+For each rule and size (N nodes, K rows per neighbourhood, D coordinates, float32) it times, in one run:
+
+- ``ms``: ``jaxdfl.aggregators.aggregate`` (the rule vmapped over all nodes, jitted), best of ``--reps`` calls;
+- ``loop ms``: a Python loop over nodes calling the same one-node rule, jitted once, on pre-sliced ``[K, D]``
+  inputs (best of fewer calls; on the large size extrapolated from a subset of nodes);
+- ``numpy loop ms``: a Python loop over nodes calling the plain NumPy reference of the rule (float64, per node,
+  as the peer libraries do), extrapolated from ``--numpy-nodes`` nodes;
+- ``x roofline``: ``ms`` divided by the time to read the N*K*D block once at the bandwidth measured in the same run
+  by a large array copy (read + write of a donated buffer).
+
+Usage: ``python benchmarks/aggregators.py [--out benchmarks/aggregators.md]``. Total runtime is a few minutes on a
+2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdfl import aggregators as A
+from jaxdfl.aggregators import reference as R
+
+ORDER_STATS = ("median", "trimmed_mean", "meamed")
+
+
+def best_time(fn, reps: int) -> float:
+    """Best wall time in seconds of ``reps`` calls (after one warm-up call, which also compiles)."""
+    jax.block_until_ready(fn())
+    best = np.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def copy_bandwidth(nbytes: int = 1 << 29, reps: int = 7) -> float:
+    """Sustained bandwidth in bytes/s of an out-of-place-free copy: ``a <- a + 1`` on a donated buffer counts one
+    read and one write of every byte."""
+    f = jax.jit(lambda a: a + 1.0, donate_argnums=0)
+    a = jnp.zeros((nbytes // 4,), jnp.float32)
+    a = f(a)
+    a.block_until_ready()
+    best = np.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        a = f(a)
+        a.block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def make_inputs(n: int, k: int, d: int, seed: int = 0):
+    """A random [N, K, D] block, every node with a random number of valid rows (at least K - 2), Metropolis-like
+    weights, and NaN in the padded rows (they must not matter)."""
+    rng = np.random.default_rng(seed)
+    key = jax.random.key(seed)
+    block = jax.random.normal(key, (n, k, d), jnp.float32)
+    mask = np.ones((n, k), bool)
+    drop = rng.integers(0, 3, size=n)
+    for i in range(n):
+        if drop[i]:
+            mask[i, k - drop[i]:] = False
+    w = np.where(mask, 1.0, 0.0)
+    w = (w / w.sum(1, keepdims=True)).astype(np.float32)
+    block = jnp.where(jnp.asarray(mask)[:, :, None], block, jnp.nan)
+    return block, jnp.asarray(mask), jnp.asarray(w)
+
+
+def min_size(rule: str) -> int:
+    return {"krum": 4, "multi_krum": 4}.get(rule, 3)
+
+
+def run_size(n, k, d, rules, reps, loop_reps, loop_nodes, numpy_nodes, bandwidth):
+    block, mask, w = make_inputs(n, k, d)
+    roofline = block.size * block.dtype.itemsize / bandwidth
+    key = jax.random.key(1)
+    agg = jax.jit(A.aggregate, static_argnames=("rule",))
+    host_block = np.asarray(block)
+    host_mask = np.asarray(mask)
+    host_w = np.asarray(w)
+    loop_nodes = min(loop_nodes, n)
+    pieces = [(jnp.asarray(host_block[i]), jnp.asarray(host_mask[i]), jnp.asarray(host_w[i]))
+              for i in range(loop_nodes)]
+    rows = []
+    for rule in rules:
+        h = dict(A.DEFAULTS[rule])
+        t = best_time(lambda: agg(key, block, mask, w, rule), reps)
+        one = jax.jit(functools.partial(A.REGISTRY[rule], **h))
+
+        def loop():
+            return jnp.stack([one(*p) for p in pieces])
+
+        t_loop = best_time(loop, loop_reps) * n / loop_nodes
+        ref = R.REGISTRY[rule]
+        t0 = time.perf_counter()
+        for i in range(numpy_nodes):
+            ref(host_block[i], host_mask[i], host_w[i], **h)
+        t_np = (time.perf_counter() - t0) * n / numpy_nodes
+        rows.append((rule, t, t_loop, t_np, roofline))
+        print(f"  {rule:17s} {t * 1e3:9.1f} ms  loop {t_loop * 1e3:9.1f} ms  numpy loop {t_np * 1e3:9.0f} ms  "
+              f"x roofline {t / roofline:5.1f}", flush=True)
+    del block
+    return rows
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()}), "
+            f"load average at start {load:.1f}")
+
+
+def table(results, bandwidth, command, info) -> str:
+    lines = [
+        "# Aggregation rules: whole-network kernels vs per-node loops",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {info}. Copy bandwidth measured in the same run: {bandwidth / 1e9:.1f} GB/s.",
+        "",
+        "`ms`: `aggregate` (rule vmapped over all N nodes, jitted), best of several calls. `loop ms`: Python loop over "
+        "nodes calling the same jitted one-node rule (large size: extrapolated from a subset of nodes). "
+        "`numpy loop ms`: Python loop over nodes calling the plain float64 NumPy reference (extrapolated). "
+        "`x roofline`: `ms` / time to read the N*K*D float32 block once at the copy bandwidth. Default "
+        "hyper-parameters (`DEFAULTS`); each node has K-2..K valid rows, NaN in the padding.",
+        "",
+    ]
+    for (n, k, d, chunk), rows in results:
+        roof = rows[0][4]
+        note = f", chunked automatically ({chunk} nodes per chunk)" if chunk else ""
+        lines += [f"## N={n}, K={k}, D={d:,} (block {n * k * d * 4 / 1e9:.2f} GB, roofline {roof * 1e3:.1f} ms"
+                  f"{note})", "",
+                  "| rule | ms | loop ms | speed-up vs loop | numpy loop ms | speed-up vs numpy | x roofline |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for rule, t, t_loop, t_np, roofline in rows:
+            lines.append(f"| {rule} | {t * 1e3:.1f} | {t_loop * 1e3:.0f} | {t_loop / t:.1f}x | {t_np * 1e3:.0f} | "
+                         f"{t_np / t:.0f}x | {t / roofline:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rules", default=",".join(A.REGISTRY))
+    p.add_argument("--sizes", default="100x9x100000,300x17x100000", help="NxKxD,...")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--loop-reps", type=int, default=2)
+    p.add_argument("--loop-nodes", type=int, default=100, help="nodes timed in the jitted loop (then extrapolated)")
+    p.add_argument("--numpy-nodes", type=int, default=5, help="nodes timed in the NumPy loop (then extrapolated)")
+    p.add_argument("--out", default=None, help="write the markdown table here")
+    args = p.parse_args(argv)
+    command = "python benchmarks/aggregators.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    info = machine()
+    print(info, flush=True)
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
+    rules = args.rules.split(",")
+    results = []
+    start = time.perf_counter()
+    for spec in args.sizes.split(","):
+        n, k, d = (int(v) for v in spec.split("x"))
+        chunk = A.auto_chunk(n, k, d)
+        print(f"N={n} K={k} D={d} chunk={chunk}", flush=True)
+        rows = run_size(n, k, d, rules, args.reps, args.loop_reps, args.loop_nodes, args.numpy_nodes, bandwidth)
+        results.append(((n, k, d, chunk), rows))
+    print(f"total {time.perf_counter() - start:.0f} s", flush=True)
+    md = table(results, bandwidth, command.strip(), info)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
