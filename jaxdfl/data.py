@@ -6,7 +6,12 @@ size ``M`` by repeating the node's own rows, so a padded row is never an out-of-
 inside the compiled program from ``range(sizes[i])`` of each node's own shard.
 
 Preprocessing (identical for every node): digits pixels are scaled from 0..16 to [0, 1]; synthetic features are
-used as generated.
+used as generated; file-backed datasets (mnist, fashion_mnist, emnist_*, cifar10, cifar100, npz) and mnist1d are
+read and normalised by :mod:`jaxdfl.datasets` (uint8 pixels / 255, images ``[S, H, W, C]``).
+
+Partitions combine a label skew (``iid``, ``dirichlet``, ``shards``) with an optional quantity skew (``none``,
+``dirichlet``, ``power``) of the node sizes; :func:`partition_report` and :func:`plot_partition` describe the
+result.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from jaxdfl import datasets
 from jaxdfl.errors import ConfigError
 
 
@@ -119,12 +125,32 @@ def synthetic_fedprox(n_nodes: int, alpha: float = 1.0, beta: float = 1.0, seed:
                    cat(xs_te).astype(np.float32), cat(ys_te).astype(np.int32), classes, groups=cat(groups))
 
 
+def _from_split(name: str, split) -> Dataset:
+    return Dataset(name, split.x_train, split.y_train, split.x_test, split.y_test, split.num_classes)
+
+
+def _file_loader(name: str, read: Callable) -> Callable[..., Dataset]:
+    """A DATASETS entry that reads local files from ``data.path`` (``test_fraction`` unused: official splits)."""
+    return lambda n_nodes, **kw: _from_split(name, read(kw.get("path", "")))
+
+
 #: Dataset loaders by config name: ``loader(n_nodes=..., test_fraction=..., seed=..., **data_section) -> Dataset``.
+#: File-backed datasets read ``data.path`` (see :mod:`jaxdfl.datasets` for formats and normalisation).
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "digits": lambda n_nodes, **kw: load_digits(**kw),
     "synthetic": lambda n_nodes, **kw: synthetic_fedprox(
         n_nodes, alpha=kw["synthetic_alpha"], beta=kw["synthetic_beta"], seed=kw["seed"],
         test_fraction=kw["test_fraction"], samples=kw["synthetic_samples"]),
+    "mnist": _file_loader("mnist", lambda p: datasets.load_mnist(p, "mnist")),
+    "fashion_mnist": _file_loader("fashion_mnist", lambda p: datasets.load_mnist(p, "fashion_mnist")),
+    **{f"emnist_{s}": _file_loader(f"emnist_{s}", lambda p, s=s: datasets.load_emnist(p, s))
+       for s in datasets.EMNIST_SPLITS},
+    "cifar10": _file_loader("cifar10", lambda p: datasets.load_cifar(p, 10)),
+    "cifar100": _file_loader("cifar100", lambda p: datasets.load_cifar(p, 100)),
+    "npz": _file_loader("npz", datasets.load_npz),
+    "mnist1d": lambda n_nodes, **kw: _from_split("mnist1d", datasets.make_mnist1d(
+        samples=kw.get("mnist1d_samples", 5000), seed=kw.get("mnist1d_seed", 42),
+        test_fraction=kw.get("test_fraction", 0.2))),
 }
 
 
@@ -139,21 +165,89 @@ def load(cfg_data, n_nodes: int) -> Dataset:
 
 # --------------------------------------------------------------------------------------------- partitions
 
+#: Quantity-skew families for node sizes (``data.quantity_skew``).
+QUANTITY_SKEWS = ("none", "dirichlet", "power")
 
-def partition_iid(y: np.ndarray, n: int, rng: np.random.Generator, **_) -> list[np.ndarray]:
-    """Shuffle and deal the examples into ``n`` shards of near-equal size."""
-    return np.array_split(rng.permutation(len(y)), n)
+
+def quantity_shares(rng: np.random.Generator, n: int, kind: str = "none", alpha: float = 1.0) -> np.ndarray | None:
+    """Target share of the training set for each node, or None without quantity skew.
+
+    Definitions:
+      dirichlet: q ~ Dir(alpha * 1_n) (small alpha -> a few large nodes; Li et al. 2022's quantity skew).
+      power:     q_k proportional to r_k^-alpha, r a random permutation of 1..n (Zipf's law: the largest node holds
+                 n^alpha times the smallest; alpha = 0 is uniform).
+
+    Args:
+      rng: numpy generator.
+      n: number of nodes.
+      kind: one of :data:`QUANTITY_SKEWS`.
+      alpha: concentration (dirichlet) or exponent (power), > 0.
+
+    Returns:
+      ``[n]`` float64 summing to 1, or None for ``"none"``.
+
+    References:
+      Li, Diao, Chen, He, "Federated Learning on Non-IID Data Silos: An Experimental Study", ICDE 2022.
+    """
+    if kind not in QUANTITY_SKEWS:
+        raise ConfigError(f"data.quantity_skew must be one of {', '.join(QUANTITY_SKEWS)}; got {kind!r}")
+    if not (alpha > 0 and np.isfinite(alpha)):
+        raise ConfigError(f"data.quantity_alpha must be > 0, got {alpha!r}")
+    if kind == "none":
+        return None
+    if kind == "dirichlet":
+        q = rng.dirichlet(np.full(n, float(alpha)))
+    else:
+        q = (rng.permutation(n) + 1.0) ** -float(alpha)
+    q = np.nan_to_num(q, nan=0.0)
+    return q / q.sum() if q.sum() > 0 else np.full(n, 1.0 / n)
+
+
+def apportion(total: int, shares: np.ndarray, minimum: int = 1) -> np.ndarray:
+    """Integer sizes ``[N]`` summing to ``total``, each ``>= minimum``, the rest split by largest remainders.
+
+    Definition: s_k = minimum + floor(e_k) (+1 for the largest fractional parts), e = shares * (total - N minimum).
+    """
+    n = len(shares)
+    spare = total - n * minimum
+    if spare < 0:
+        raise ConfigError(f"topology.n={n} nodes x at least {minimum} examples exceeds the {total} available")
+    ideal = np.asarray(shares, np.float64) / np.sum(shares) * spare
+    base = np.floor(ideal).astype(np.int64)
+    order = np.argsort(-(ideal - base), kind="stable")
+    base[order[: spare - int(base.sum())]] += 1
+    return base + minimum
+
+
+def partition_iid(y: np.ndarray, n: int, rng: np.random.Generator, shares: np.ndarray | None = None,
+                  min_size: int = 1, **_) -> list[np.ndarray]:
+    """Shuffle and deal the examples into ``n`` shards: near-equal sizes, or sizes apportioned by ``shares``."""
+    perm = rng.permutation(len(y))
+    if shares is None:
+        return np.array_split(perm, n)
+    sizes = apportion(len(y), shares, min_size)
+    return np.split(perm, np.cumsum(sizes)[:-1])
 
 
 def partition_dirichlet(y: np.ndarray, n: int, rng: np.random.Generator, alpha: float = 0.5,
-                        min_size: int = 1, **_) -> list[np.ndarray]:
-    """Label skew: for every class c, proportions p_c ~ Dir(alpha * 1_n) over nodes split that class's examples.
+                        min_size: int = 1, shares: np.ndarray | None = None, **_) -> list[np.ndarray]:
+    """Label skew by Dirichlet draws (small alpha -> few classes per node).
 
-    Re-drawn (bounded) until every node has at least ``min_size`` examples. Small alpha -> few classes per node.
+    Without ``shares`` (Hsu et al. 2019): for every class c, proportions p_c ~ Dir(alpha * 1_n) over nodes split that
+    class's examples; re-drawn (bounded) until every node has at least ``min_size`` examples.
 
-    References: Hsu, Qi, Brown, "Measuring the Effects of Non-Identical Data Distribution", 2019.
+    With ``shares`` (quantity skew; Acar et al. 2021): node sizes s = apportion(S, shares, min_size) are fixed
+    first; node k draws a label prior pi_k ~ Dir(alpha * C * p), p the pooled label frequencies (Dir(alpha * 1_C)
+    on balanced data), and fills its s_k slots by multinomial draws from pi_k restricted to the classes not yet
+    exhausted (nodes in random order). Sizes are exact, so no re-draws are needed.
+
+    References:
+      Hsu, Qi, Brown, "Measuring the Effects of Non-Identical Data Distribution", 2019.
+      Acar et al., "Federated Learning Based on Dynamic Regularization" (FedDyn), ICLR 2021.
     """
     classes = np.unique(y)
+    if shares is not None:
+        return _dirichlet_fixed_sizes(y, classes, apportion(len(y), shares, min_size), rng, alpha)
     for _ in range(100):
         parts: list[list[int]] = [[] for _ in range(n)]
         for c in classes:
@@ -167,9 +261,37 @@ def partition_dirichlet(y: np.ndarray, n: int, rng: np.random.Generator, alpha: 
                       f"raise data.alpha or lower topology.n / train.batch_size")
 
 
+def _dirichlet_fixed_sizes(y, classes, sizes, rng, alpha) -> list[np.ndarray]:
+    pools = [rng.permutation(np.flatnonzero(y == c)) for c in classes]
+    left = np.array([len(p) for p in pools], dtype=np.int64)
+    pooled = left / left.sum()
+    takes = np.zeros((len(sizes), len(classes)), dtype=np.int64)
+    for k in rng.permutation(len(sizes)):
+        prior = rng.dirichlet(alpha * len(classes) * pooled)
+        need = int(sizes[k])
+        while need > 0:
+            avail = left - takes[k]
+            w = np.where(avail > 0, prior, 0.0)
+            if w.sum() <= 0:  # the prior's mass sits on exhausted classes: fall back to what is left
+                w = avail.astype(np.float64)
+            draw = np.minimum(rng.multinomial(need, w / w.sum()), avail)
+            takes[k] += draw
+            need -= int(draw.sum())
+        left -= takes[k]
+    starts = np.zeros(len(classes), dtype=np.int64)
+    parts = []
+    for k in range(len(sizes)):
+        chunks = [pools[c][starts[c]: starts[c] + takes[k, c]] for c in range(len(classes))]
+        starts += takes[k]
+        parts.append(rng.permutation(np.concatenate(chunks)))
+    return parts
+
+
 def partition_shards(y: np.ndarray, n: int, rng: np.random.Generator, shards_per_node: int = 2,
-                     **_) -> list[np.ndarray]:
+                     shares: np.ndarray | None = None, **_) -> list[np.ndarray]:
     """Pathological non-IID: sort by label, cut into ``n * shards_per_node`` shards, deal ``shards_per_node`` each.
+
+    With ``shares`` (quantity skew) node k receives apportion(n * shards_per_node, shares, 1)_k shards instead.
 
     References: McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data", 2017.
     """
@@ -178,7 +300,10 @@ def partition_shards(y: np.ndarray, n: int, rng: np.random.Generator, shards_per
         raise ConfigError(f"data.shards_per_node={shards_per_node} x topology.n={n} exceeds the {len(y)} examples")
     order = np.argsort(y, kind="stable")
     shards = np.array_split(order, n_shards)
-    deal = rng.permutation(n_shards).reshape(n, shards_per_node)
+    if shares is None:
+        deal = rng.permutation(n_shards).reshape(n, shards_per_node)
+    else:
+        deal = np.split(rng.permutation(n_shards), np.cumsum(apportion(n_shards, shares, 1))[:-1])
     return [np.concatenate([shards[s] for s in row]) for row in deal]
 
 
@@ -200,9 +325,32 @@ def stack_shards(x: np.ndarray, y: np.ndarray, parts: list[np.ndarray]) -> Shard
 
 
 def partition(ds: Dataset, n: int, kind: str = "iid", seed: int = 0, alpha: float = 0.5,
-              shards_per_node: int = 2, min_size: int = 1) -> Shards:
-    """Split ``ds``'s training set over ``n`` nodes. Natural groups (synthetic) override ``kind``."""
+              shards_per_node: int = 2, min_size: int = 1, quantity_skew: str = "none",
+              quantity_alpha: float = 1.0) -> Shards:
+    """Split ``ds``'s training set over ``n`` nodes: label skew ``kind`` with an optional quantity skew.
+
+    Natural groups (synthetic) override ``kind``; they already have power-law sizes, so a quantity skew is refused.
+    Note the stacked shards hold ``n * max(size)`` rows: a strong quantity skew costs memory (see
+    :func:`partition_report`'s ``padding_fraction``).
+
+    Args:
+      ds: the dataset.
+      n: number of nodes.
+      kind: label skew, one of :data:`PARTITIONS` (``data.partition``).
+      seed: partition seed (``data.seed``).
+      alpha: Dirichlet label-skew concentration (``data.alpha``).
+      shards_per_node: shards per node for ``"shards"`` (``data.shards_per_node``).
+      min_size: smallest allowed node size.
+      quantity_skew: one of :data:`QUANTITY_SKEWS` (``data.quantity_skew``).
+      quantity_alpha: its parameter, see :func:`quantity_shares` (``data.quantity_alpha``).
+
+    Returns:
+      :class:`Shards` with ``x: [n, M, ...]``, ``y: [n, M]``, ``sizes: [n]``.
+    """
     if ds.groups is not None:
+        if quantity_skew != "none":
+            raise ConfigError(f"data.quantity_skew={quantity_skew!r} does not apply to {ds.name}, whose natural "
+                              f"clients already have their own sizes; use \"none\"")
         parts = [np.flatnonzero(ds.groups == k) for k in range(n)]
     else:
         if kind not in PARTITIONS:
@@ -210,6 +358,109 @@ def partition(ds: Dataset, n: int, kind: str = "iid", seed: int = 0, alpha: floa
         if n > len(ds.y_train):
             raise ConfigError(f"topology.n={n} exceeds the {len(ds.y_train)} training examples of {ds.name}")
         rng = np.random.default_rng(seed)
+        shares = quantity_shares(rng, n, quantity_skew, quantity_alpha)
         parts = PARTITIONS[kind](ds.y_train, n, rng, alpha=alpha, shards_per_node=shards_per_node,
-                                 min_size=min_size)
+                                 min_size=min_size, shares=shares)
     return stack_shards(ds.x_train, ds.y_train, parts)
+
+
+# --------------------------------------------------------------------------------------------- partition report
+
+
+def partition_report(shards: Shards, num_classes: int) -> dict:
+    """Describe a partition's heterogeneity: node sizes, label histograms and summary statistics.
+
+    Definitions (s: [N] node sizes, h: [N, C] label counts, p_k = h_k / s_k, p = sum_k h_k / sum_k s_k):
+      size_cv    = std(s) / mean(s)
+      size_gini  = sum_ij |s_i - s_j| / (2 N^2 mean(s))            (0 = equal sizes)
+      label_tv_k = 0.5 * sum_c |p_kc - p_c|                        (total variation to the pooled labels)
+      classes_per_node_k = #{c : h_kc > 0}
+      padding_fraction   = 1 - sum(s) / (N max(s))                 (share of the stacked rows that are padding)
+
+    Args:
+      shards: the stacked per-node shards.
+      num_classes: C.
+
+    Returns:
+      A JSON-ready dict: ``nodes, num_classes, samples, sizes [N], size_min, size_max, size_mean, size_std,
+      size_cv, size_gini, label_histogram [N][C], classes_per_node [N], classes_per_node_mean, label_tv [N],
+      label_tv_mean, label_tv_max, padding_fraction``.
+    """
+    sizes = np.asarray(shards.sizes, np.int64)
+    hist = shards.label_histogram(num_classes).astype(np.int64)
+    n = len(sizes)
+    mean = float(sizes.mean())
+    gini = float(np.abs(sizes[:, None] - sizes[None, :]).sum() / (2 * n * n * mean))
+    pooled = hist.sum(0) / hist.sum()
+    tv = 0.5 * np.abs(hist / sizes[:, None] - pooled[None, :]).sum(1)
+    present = (hist > 0).sum(1)
+    return {
+        "nodes": n,
+        "num_classes": int(num_classes),
+        "samples": int(sizes.sum()),
+        "sizes": sizes.tolist(),
+        "size_min": int(sizes.min()),
+        "size_max": int(sizes.max()),
+        "size_mean": mean,
+        "size_std": float(sizes.std()),
+        "size_cv": float(sizes.std() / mean),
+        "size_gini": gini,
+        "label_histogram": hist.tolist(),
+        "classes_per_node": present.tolist(),
+        "classes_per_node_mean": float(present.mean()),
+        "label_tv": tv.tolist(),
+        "label_tv_mean": float(tv.mean()),
+        "label_tv_max": float(tv.max()),
+        "padding_fraction": float(1.0 - sizes.sum() / (n * sizes.max())),
+    }
+
+
+def format_partition_report(report: dict) -> str:
+    """A few human-readable lines summarising :func:`partition_report`'s dict."""
+    r = report
+    return "\n".join([
+        f"{r['nodes']} nodes, {r['samples']} training examples, {r['num_classes']} classes",
+        f"node sizes: min {r['size_min']}, mean {r['size_mean']:.1f}, max {r['size_max']} "
+        f"(cv {r['size_cv']:.3f}, gini {r['size_gini']:.3f}; padding {100 * r['padding_fraction']:.1f}% of rows)",
+        f"classes per node: mean {r['classes_per_node_mean']:.2f}, min {min(r['classes_per_node'])}, "
+        f"max {max(r['classes_per_node'])}",
+        f"label skew (total variation to pooled labels): mean {r['label_tv_mean']:.3f}, max {r['label_tv_max']:.3f}",
+    ])
+
+
+def plot_partition(path, shards: Shards, num_classes: int, title: str = "") -> None:
+    """Write a PNG of the partition: node sizes (bars) above a node x class heat-map of each node's label shares.
+
+    Written atomically (temporary file, then rename) via :func:`jaxdfl.results.atomic_write`.
+    """
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jaxdfl.results import atomic_write
+
+    report = partition_report(shards, num_classes)
+    hist = np.asarray(report["label_histogram"])
+    n = report["nodes"]
+    width = float(np.clip(0.12 * n + 2.5, 5, 16))
+    fig, (ax_s, ax_h) = plt.subplots(2, 1, figsize=(width, 5.5), sharex=True,
+                                     gridspec_kw={"height_ratios": [1, 2]}, constrained_layout=True)
+    ax_s.bar(np.arange(n), report["sizes"], width=0.9, color="tab:blue")
+    ax_s.set_ylabel("examples")
+    ax_s.set_title(title or f"{n} nodes: sizes {report['size_min']}..{report['size_max']}, "
+                   f"{report['classes_per_node_mean']:.1f} classes/node, label TV {report['label_tv_mean']:.2f}")
+    ax_s.grid(axis="y", alpha=0.3)
+    # each node's label shares, not counts: the bars already show size, and counts would hide small nodes' skew
+    share = hist / np.maximum(hist.sum(1, keepdims=True), 1)
+    im = ax_h.imshow(share.T, aspect="auto", interpolation="nearest", cmap="viridis", origin="lower",
+                     vmin=0.0, vmax=1.0, extent=(-0.5, n - 0.5, -0.5, num_classes - 0.5))
+    ax_h.set_xlabel("node")
+    ax_h.set_ylabel("class")
+    fig.colorbar(im, ax=ax_h, label="share of the node's examples", shrink=0.9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
