@@ -1,7 +1,8 @@
 """Checkpoints of the full simulator state (host side): one ``.npz`` per checkpoint, written atomically.
 
 A checkpoint holds every leaf of a pytree (node parameters, optimizer states, the round counter, the rounds key as
-raw key data, the metrics so far) as ``leaf_00000 ...`` arrays, plus ``meta`` (JSON: round, config fingerprint).
+raw key data) as ``leaf_00000 ...`` arrays, the metrics so far as ``history/<name>`` arrays, and ``meta`` (JSON:
+round, the config).
 The accountant needs no state of its own: epsilon is a pure function of the rounds completed, recomputed on load.
 Files are named ``round_000040.npz`` under ``DIR/checkpoints/``; a new one is written to a temporary name and
 renamed, so a killed run never corrupts the last good checkpoint. The two newest are kept.
@@ -28,12 +29,14 @@ def _to_host(leaf):
     return np.asarray(leaf)
 
 
-def save(directory: str | Path, round_: int, tree, meta: dict) -> Path:
-    """Write ``tree`` (any pytree of arrays, typed keys allowed) as ``directory/round_XXXXXX.npz``."""
+def save(directory: str | Path, round_: int, tree, meta: dict, history: dict | None = None) -> Path:
+    """Write ``tree`` (any pytree of arrays, typed keys allowed) and ``history`` (name -> array) as
+    ``directory/round_XXXXXX.npz``."""
     directory = Path(directory)
     leaves = jax.tree.leaves(tree)
     buf = io.BytesIO()
     arrays = {f"leaf_{i:05d}": _to_host(leaf) for i, leaf in enumerate(leaves)}
+    arrays.update({f"history/{k}": np.asarray(v) for k, v in (history or {}).items()})
     np.savez(buf, meta=np.frombuffer(json.dumps({**meta, "round": round_}).encode(), np.uint8), **arrays)
     path = directory / f"round_{round_:06d}.npz"
     atomic_write(path, buf.getvalue())
@@ -48,11 +51,12 @@ def latest(directory: str | Path) -> Path | None:
     return files[-1] if files else None
 
 
-def load(path: str | Path, template) -> tuple[object, dict]:
-    """Read a checkpoint into the structure (and key types) of ``template``. Returns ``(tree, meta)``."""
+def load(path: str | Path, template) -> tuple[object, dict, dict]:
+    """Read a checkpoint into the structure (and key types) of ``template``. Returns ``(tree, meta, history)``."""
     with np.load(path) as f:
         meta = json.loads(bytes(f["meta"]).decode())
-        stored = [f[f"leaf_{i:05d}"] for i in range(len(f.files) - 1)]
+        stored = [f[name] for name in sorted(n for n in f.files if n.startswith("leaf_"))]
+        history = {n.split("/", 1)[1]: f[n] for n in f.files if n.startswith("history/")}
     leaves, treedef = jax.tree.flatten(template)
     if len(stored) != len(leaves):
         raise ConfigError(f"checkpoint {path} does not match this config ({len(stored)} arrays, "
@@ -66,4 +70,4 @@ def load(path: str | Path, template) -> tuple[object, dict]:
                 raise ConfigError(f"checkpoint {path} does not match this config (shape {arr.shape} vs "
                                   f"{np.shape(leaf)})")
             out.append(jax.numpy.asarray(arr, dtype=leaf.dtype))
-    return jax.tree.unflatten(treedef, out), meta
+    return jax.tree.unflatten(treedef, out), meta, history

@@ -53,14 +53,22 @@ def summary_line(summary: dict) -> str:
 
 
 def write_outputs(out: Path, result) -> None:
-    """Resolved config, metrics.csv, summary.json and accuracy.png, each written atomically."""
+    """Resolved config, metrics.csv, consensus.csv, summary.json, accuracy.png, consensus.png (atomic writes)."""
+    import numpy as np
+
     from jaxdfl import results
 
     results.atomic_write(out / "config.toml", result.config.to_toml())
     header, rows = results.history_rows(result.history)
     results.write_csv(out / "metrics.csv", header, rows)
+    rounds, cons = results.per_round_consensus(result.history)
+    cons_rows = [[r, *np.atleast_1d(cons[..., i]).tolist()] for i, r in enumerate(rounds)]
+    seeds = 1 if cons.ndim == 1 else cons.shape[0]
+    header = ["round", "consensus_distance"] if seeds == 1 else ["round"] + [f"seed{s}" for s in range(seeds)]
+    results.write_csv(out / "consensus.csv", header, cons_rows)
     results.write_json(out / "summary.json", result.summary)
     results.plot_accuracy(out / "accuracy.png", result.history)
+    results.plot_consensus(out / "consensus.png", result.history)
 
 
 def _distributed(args) -> None:
@@ -102,11 +110,31 @@ def cmd_run(args) -> int:
     print(summary_line(result.summary))
     if out is not None:
         write_outputs(out, result)
-        print(f"wrote {out}/{{config.toml,metrics.csv,summary.json,accuracy.png}}")
+        print(f"wrote {out}/{{config.toml,metrics.csv,consensus.csv,summary.json,accuracy.png,consensus.png}}")
     if result.summary.get("diverged"):
         print(f"jaxdfl: honest models became non-finite by round {result.summary['diverged_round']}; "
               f"metrics up to there are kept", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_partition(args) -> int:
+    from jaxdfl import data, results
+
+    cfg = _base_config(args)
+    d = cfg.data
+    ds = data.load(d, cfg.topology.n)
+    sh = data.partition(ds, cfg.topology.n, d.partition, seed=d.seed, alpha=d.alpha,
+                        shards_per_node=d.shards_per_node, quantity_skew=d.quantity_skew,
+                        quantity_alpha=d.quantity_alpha)
+    report = data.partition_report(sh, ds.num_classes)
+    print(data.format_partition_report(report))
+    if args.plot:
+        data.plot_partition(args.plot, sh, ds.num_classes, title=f"{d.name}, {d.partition}, n={cfg.topology.n}")
+        print(f"wrote {args.plot}")
+    if args.json:
+        results.write_json(args.json, report)
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -214,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seeds", type=int, metavar="S")
     v.add_argument("--out", metavar="DIR")
     v.set_defaults(func=cmd_privacy)
+
+    q = sub.add_parser("partition", help="samples per node and label histograms of a config's partition")
+    q.add_argument("config")
+    q.add_argument("--set", action="append", metavar="KEY=VALUE")
+    q.add_argument("--plot", metavar="FILE.png", help="heat-map of label shares per node, with shard sizes")
+    q.add_argument("--json", metavar="FILE", help="write the full report")
+    q.set_defaults(func=cmd_partition)
 
     t = sub.add_parser("topology", help="describe a graph: degrees, diameter, spectral gap, consensus rate")
     t.add_argument("kind")

@@ -31,6 +31,8 @@ DEFAULTS: dict[str, Any] = {
     "eval_every": 10,
     "checkpoint_every": 0,
     "accuracy_threshold": 0.8,
+    "eval_nodes": 0,
+    "eval_samples": 0,
     "topology": {
         "kind": "ring",
         "n": 16,
@@ -54,8 +56,12 @@ DEFAULTS: dict[str, Any] = {
         "synthetic_alpha": 1.0,
         "synthetic_beta": 1.0,
         "synthetic_samples": 0,
+        "quantity_skew": "none",
+        "quantity_alpha": 1.0,
+        "mnist1d_samples": 5000,
+        "mnist1d_seed": 42,
     },
-    "model": {"name": "mlp", "hidden": [64], "init": "same"},
+    "model": {"name": "mlp", "hidden": [64], "init": "same", "compute_dtype": "float32"},
     "train": {
         "optimizer": "sgd",
         "lr": 0.1,
@@ -89,6 +95,8 @@ TYPES: dict[str, type | tuple[type, ...]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "topology.dynamic": ("static", "resample", "matching", "edge_dropout"),
     "data.partition": ("iid", "dirichlet", "shards"),
+    "data.quantity_skew": ("none", "dirichlet", "power"),
+    "model.compute_dtype": ("float32", "bfloat16"),
     "model.init": ("same", "independent"),
     "train.optimizer": ("sgd", "adam"),
     "train.share": ("model", "update"),
@@ -329,7 +337,7 @@ def validate(cfg: dict) -> None:
     from jaxdfl import aggregators, attacks, models, topology
     from jaxdfl import data as data_mod
 
-    for key in ("seed", "rounds", "eval_every", "checkpoint_every"):
+    for key in ("seed", "rounds", "eval_every", "checkpoint_every", "eval_nodes", "eval_samples"):
         cfg[key] = _check_type(key, cfg[key], int)
     cfg["accuracy_threshold"] = _check_type("accuracy_threshold", cfg["accuracy_threshold"], float)
     if cfg["seeds"] is not None:
@@ -361,6 +369,8 @@ def validate(cfg: dict) -> None:
         raise ConfigError("topology.drop_prob needs topology.dynamic = \"edge_dropout\"")
     if topo["pool"] < 1:
         raise ConfigError(f"topology.pool must be >= 1, got {topo['pool']}")
+    _positive(cfg, "eval_nodes", allow_zero=True)
+    _positive(cfg, "eval_samples", allow_zero=True)
     if not 0.0 <= cfg["accuracy_threshold"] <= 1.0:
         raise ConfigError(f"accuracy_threshold must be in [0, 1], got {cfg['accuracy_threshold']}")
 
@@ -370,6 +380,9 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"data.name must be one of {', '.join(data_mod.DATASETS)}; got {data['name']!r}")
     _positive(cfg, "data.alpha")
     _positive(cfg, "data.shards_per_node", integer=True)
+    _positive(cfg, "data.quantity_alpha")
+    if data["mnist1d_samples"] < 10:
+        raise ConfigError(f"data.mnist1d_samples must be >= 10, got {data['mnist1d_samples']}")
     if not 0 < data["test_fraction"] < 1:
         raise ConfigError(f"data.test_fraction must be in (0, 1), got {data['test_fraction']}")
 

@@ -8,7 +8,6 @@ seeds at once when ``seeds`` is set), computes the privacy spent on the host and
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from collections.abc import Callable
@@ -143,7 +142,8 @@ def build(cfg: Config | dict | str, progress: Callable | None = None) -> Experim
     byz = byzantine.place(t.n, att.byzantine, att.placement, seed=att.seed, degrees=topo.degrees,
                           ids=list(att.ids))
     shards = data_mod.partition(ds, t.n, d.partition, seed=d.seed, alpha=d.alpha,
-                                shards_per_node=d.shards_per_node, min_size=1)
+                                shards_per_node=d.shards_per_node, min_size=1, quantity_skew=d.quantity_skew,
+                                quantity_alpha=d.quantity_alpha)
     if cfg.privacy.mode == "example" and tr.batch_size > shards.sizes.min():
         raise ConfigError(f"train.batch_size={tr.batch_size} exceeds the smallest shard ({shards.sizes.min()} "
                           f"examples); DP-SGD needs batch_size <= every node's shard size")
@@ -171,7 +171,8 @@ def build(cfg: Config | dict | str, progress: Callable | None = None) -> Experim
         raise ConfigError("aggregation.gossip=\"dense\" applies only to plain mean gossip on a static graph "
                           "without attacks or pre-aggregation; use \"auto\"")
 
-    model = models.make(cfg.model.name, ds.num_classes, ds.input_shape, cfg.model.hidden)
+    model = models.make(cfg.model.name, ds.num_classes, ds.input_shape, cfg.model.hidden,
+                        dtype=cfg.model.compute_dtype)
     local = LocalSpec(apply=model.apply, optimizer=tr.optimizer, batch_size=tr.batch_size,
                       local_steps=tr.local_steps, dp_example=p.mode == "example", dp_buffer=plan.buffer)
     attack_hyper = {k: att[k] for k in attacks.DEFAULTS.get(att.name, {})}
@@ -185,9 +186,14 @@ def build(cfg: Config | dict | str, progress: Callable | None = None) -> Experim
         inter_every=t.inter_every if t.kind == "hierarchical" else 0, message_bytes=4 * model.dim,
         accuracy_threshold=cfg.accuracy_threshold, progress=progress)
     mixing = topo.mixing if path == "dense" else np.zeros((1, 1))
+    if cfg.eval_nodes and cfg.eval_nodes > honest.sum():
+        raise ConfigError(f"eval_nodes={cfg.eval_nodes} exceeds the {int(honest.sum())} honest nodes")
+    eval_ids = np.flatnonzero(honest)[: cfg.eval_nodes] if cfg.eval_nodes else np.arange(t.n)
+    n_test = cfg.eval_samples or len(ds.y_test)
     arrays = simulation.Arrays(
         x=jnp.asarray(shards.x), y=jnp.asarray(y), sizes=jnp.asarray(shards.sizes),
-        x_test=jnp.asarray(ds.x_test), y_test=jnp.asarray(ds.y_test),
+        x_test=jnp.asarray(ds.x_test[:n_test]), y_test=jnp.asarray(ds.y_test[:n_test]),
+        eval_ids=jnp.asarray(eval_ids, jnp.int32),
         mixing=jnp.asarray(mixing, jnp.float32), neighbors=jnp.asarray(topo.neighbors),
         mask=jnp.asarray(topo.mask), weights=jnp.asarray(topo.weights), byzantine=jnp.asarray(byz),
         edge_id=jnp.asarray(edge_ids(topo)), inter=jnp.asarray(inter_links(topo, t)),
@@ -349,20 +355,25 @@ class Runner:
         if resume:
             if checkpoint_dir is None or checkpoint.latest(checkpoint_dir) is None:
                 raise ConfigError(f"no checkpoint to resume from in {checkpoint_dir!r}")
-            (state, k_rounds, chunks), _ = _load(exp, checkpoint_dir, state, k_rounds)
+            (state, k_rounds), _, history = checkpoint.load(checkpoint.latest(checkpoint_dir), (state, k_rounds))
             state = _shard(exp, state, self.node_axis)
+            chunks = [history]
+        axis = 0 if exp.seeds is None else 1
+
+        def joined():
+            return {k: np.concatenate([h[k] for h in chunks], axis=axis) for k in chunks[0]}
+
         t0 = time.perf_counter()
         while _round(state) < c.rounds:
             history, state = self.segment(state, k_rounds, exp.hyper, self.arrays)
             chunks.append(jax.tree.map(np.asarray, history))
             if checkpoint_dir is not None:
-                checkpoint.save(Path(checkpoint_dir), _round(state), (state, k_rounds, chunks),
-                                {"config": c.to_dict()})
+                checkpoint.save(Path(checkpoint_dir), _round(state), (state, k_rounds), {"config": c.to_dict()},
+                                joined())
             if np.any(chunks[-1]["diverged"] > 0):
                 break  # non-finite honest models: stop, keep the metrics so far
         run_s = time.perf_counter() - t0
-        axis = 0 if exp.seeds is None else 1
-        history = {k: np.concatenate([h[k] for h in chunks], axis=axis) for k in chunks[0]}
+        history = joined()
         return finish(exp, history, state, self.compile_seconds, run_s)
 
 
@@ -408,23 +419,6 @@ def _round(state) -> int:
     return int(np.max(np.asarray(state.round)))
 
 
-def _load(exp: Experiment, directory, state, k_rounds):
-    """Load the newest checkpoint, using a one-segment-per-chunk template for the stored metrics."""
-    path = checkpoint.latest(directory)
-    with np.load(path) as f:
-        meta_round = json.loads(bytes(f["meta"]).decode())["round"]
-    every = exp.config.checkpoint_every or exp.config.rounds
-    n_segments = meta_round // every
-    evals = every // exp.config.eval_every
-    lead = () if exp.seeds is None else (len(exp.seeds),)
-    template_chunk = {k: np.zeros((*lead, evals), np.int32 if k == "round" else np.float32)
-                      for k in simulation.METRIC_NAMES}
-    template = (state, k_rounds, [dict(template_chunk) for _ in range(n_segments)])
-    (state, k_rounds, chunks), meta = checkpoint.load(path, template)
-    chunks = [{k: np.asarray(v) for k, v in ch.items()} for ch in chunks]
-    return (state, k_rounds, chunks), meta
-
-
 def finish(exp: Experiment, history: dict, state, compile_s: float, run_s: float) -> Result:
     """Add host-side metrics (epsilon) to a history and assemble the summary."""
     honest = ~exp.byzantine
@@ -447,6 +441,7 @@ def finish(exp: Experiment, history: dict, state, compile_s: float, run_s: float
         "run_seconds": run_s,
         "noise_multiplier": exp.noise_multiplier,
         "epsilon_per_node": None if exp.config.privacy.mode == "none" else eps_rows[-1].tolist(),
+        "peak_bytes_estimate": peak_bytes(exp),
         "diverged": bool(np.any(diverged > 0)),
         "diverged_round": None,
     }
@@ -461,6 +456,25 @@ def finish(exp: Experiment, history: dict, state, compile_s: float, run_s: float
         summary["final_std"] = {k: _num(np.std(v)) for k, v in final.items()}
         summary["final_per_seed"] = {k: [_num(x) for x in v] for k, v in final.items()}
     return Result(exp.config, history, summary, state)
+
+
+def peak_bytes(exp: Experiment) -> int:
+    """Estimated peak device memory of a round, in bytes (float32).
+
+    Node state (parameters, round-start copy, message, aggregate, optimizer moments: about 6 x N x D), the data
+    shards and test set, the gathered neighbourhood block N x K x D on the robust path (bounded by the
+    aggregators' chunking budget), and DP-SGD's per-example gradients (N x buffer x D).
+    """
+    n, d = exp.spec.n, exp.model.dim
+    k = int(exp.arrays.neighbors.shape[1])
+    total = 6 * n * d * 4
+    total += sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in (exp.arrays.x, exp.arrays.x_test))
+    if exp.spec.exchange == "robust":
+        block = n * k * d * 4
+        total += block + min(2 * block, aggregators.MEMORY_BUDGET_BYTES)  # the block + the rule's temporaries
+    if exp.spec.local.dp_example:
+        total += n * exp.spec.local.dp_buffer * d * 4
+    return int(total)
 
 
 def _num(x) -> float | None:

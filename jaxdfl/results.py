@@ -56,8 +56,8 @@ def write_json(path, obj) -> None:
 
 def history_rows(history: Mapping[str, np.ndarray]) -> tuple[list[str], list[list]]:
     """Flatten a history (``[E]`` or ``[S, E]`` per metric) into CSV rows (a ``seed`` column for ``[S, E]``)."""
-    keys = ["round"] + [k for k in history if k != "round"]
     first = np.asarray(history["round"])
+    keys = ["round"] + [k for k in history if k != "round" and np.ndim(history[k]) == first.ndim]
     if first.ndim == 1:
         return keys, [[np.asarray(history[k])[e].item() for k in keys] for e in range(first.shape[0])]
     rows = []
@@ -72,6 +72,35 @@ def write_csv(path, header: list[str], rows: list[list]) -> None:
     writer = csv.writer(buf)
     writer.writerow(header)
     writer.writerows(rows)
+    atomic_write(path, buf.getvalue())
+
+
+def per_round_consensus(history: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``(rounds [R], consensus [R] or [S, R])`` from the per-round series stored with each evaluation."""
+    per = np.asarray(history["consensus_per_round"])  # [E, every] or [S, E, every]
+    flat = per.reshape(*per.shape[:-2], -1)
+    return np.arange(1, flat.shape[-1] + 1), flat
+
+
+def plot_consensus(path, history: Mapping[str, np.ndarray]) -> None:
+    """Consensus distance of the honest nodes vs round (log scale; mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds, cons = per_round_consensus(history)
+    if cons.ndim == 2:
+        cons = cons.mean(0)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.semilogy(rounds, np.maximum(cons, 1e-30))
+    ax.set_xlabel("round")
+    ax.set_ylabel("consensus distance (honest)")
+    ax.grid(alpha=0.3, which="both")
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
     atomic_write(path, buf.getvalue())
 
 

@@ -58,6 +58,7 @@ class Arrays(NamedTuple):
     inter: jax.Array  # [N, K] bool: entry is an inter-cluster (bridge) link of a hierarchical topology
     pool_neighbors: jax.Array  # [P, N, Kp] graphs to draw from each round (dynamic = "resample")
     pool_mask: jax.Array  # [P, N, Kp]
+    eval_ids: jax.Array  # [E] nodes whose test accuracy is measured (all nodes, or a subset of honest ones)
 
 
 class State(NamedTuple):
@@ -97,6 +98,7 @@ class Spec:
     inter_every: int = 0  # hierarchical: bridge links live every this many rounds (0: always)
     message_bytes: int = 0  # bytes of one message (D x 4)
     accuracy_threshold: float = 0.0
+    eval_batch: int = 64  # nodes evaluated at once
     progress: Callable | None = field(default=None, compare=False)
 
     @property
@@ -247,8 +249,10 @@ def consensus_distance(theta, honest):
 def evaluate(spec: Spec, arrays: Arrays, theta) -> dict[str, jax.Array]:
     """Test metrics over honest nodes: accuracy mean/min/max, loss mean, consensus distance, the share of honest
     nodes at or above ``accuracy_threshold``, and the share whose parameters are non-finite."""
-    honest = ~arrays.byzantine
-    finite = jnp.all(jnp.isfinite(theta), axis=1)
+    honest_all = ~arrays.byzantine
+    theta_eval = theta[arrays.eval_ids]  # all nodes, or the configured subset
+    honest = honest_all[arrays.eval_ids]
+    finite = jnp.all(jnp.isfinite(theta_eval), axis=1)
 
     def one(t):
         logits = spec.model_apply(t, arrays.x_test)
@@ -256,7 +260,8 @@ def evaluate(spec: Spec, arrays: Arrays, theta) -> dict[str, jax.Array]:
         loss = -jnp.mean(jnp.take_along_axis(logp, arrays.y_test[:, None], axis=1))
         return jnp.mean(jnp.argmax(logits, -1) == arrays.y_test), loss
 
-    acc, loss = jax.vmap(one)(theta)
+    # nodes in batches: the [nodes, test examples, features] activations stay bounded for large N
+    acc, loss = jax.lax.map(one, theta_eval, batch_size=min(spec.eval_batch, theta_eval.shape[0]))
     acc = jnp.where(finite, acc, 0.0)
     count = jnp.sum(honest)
     inf = jnp.asarray(jnp.inf, acc.dtype)
@@ -265,9 +270,9 @@ def evaluate(spec: Spec, arrays: Arrays, theta) -> dict[str, jax.Array]:
         "accuracy_min": jnp.min(jnp.where(honest, acc, inf)),
         "accuracy_max": jnp.max(jnp.where(honest, acc, -inf)),
         "loss_mean": jnp.sum(jnp.where(honest, loss, 0.0)) / count,
-        "consensus_distance": consensus_distance(theta, honest),
+        "consensus_distance": consensus_distance(theta, honest_all),
         "above_threshold": jnp.sum(honest & (acc >= spec.accuracy_threshold)) / count,
-        "diverged": jnp.sum(honest & ~finite) / count,
+        "diverged": jnp.sum(honest_all & ~jnp.all(jnp.isfinite(theta), axis=1)) / jnp.sum(honest_all),
     }
 
 

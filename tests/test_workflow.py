@@ -1,0 +1,133 @@
+"""Research workflow: CLI commands, sweeps with resume, privacy-utility search, evaluation subsets."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jaxdfl
+from jaxdfl import sweep
+from jaxdfl.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "jaxdfl.cli", *args], capture_output=True, text=True,
+                          timeout=600, cwd=cwd)
+
+
+def test_topology_command_prints_stats_and_plots(tmp_path):
+    png = tmp_path / "g.png"
+    proc = cli("topology", "random_regular", "--n", "12", "--param", "degree=3", "--plot", str(png))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for word in ("spectral_gap", "diameter", "degree_mean", "consensus_rate"):
+        assert word in out
+    assert png.stat().st_size > 1000
+    bad = cli("topology", "random_regular", "--n", "12", "--param", "degree=12")
+    assert bad.returncode == 2 and "topology.degree" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("args, key", [
+    (["--set", "topology.n=1"], "topology.n"),
+    (["--set", "train.batch_size=10000", "--set", "privacy.mode=\"example\"",
+      "--set", "privacy.noise_multiplier=1.0"], "train.batch_size"),
+    (["--set", "topology.kind=\"random_regular\"", "--set", "topology.degree=40"], "topology.degree"),
+    (["--set", "aggregation.rule=\"trimmed_mean\"", "--set", "aggregation.f=2"], "aggregation.f"),
+    (["--set", "privacy.mode=\"example\"", "--set", "privacy.delta=2.0"], "privacy.delta"),
+    (["--set", "attack.byzantine=20"], "attack.byzantine"),
+    (["--set", "data.name=\"mnist\"", "--set", "data.path=\"/nonexistent\""], "data.path"),
+])
+def test_invalid_configs_exit_2_with_one_line(args, key):
+    proc = cli("run", str(ROOT / "configs/quickstart.toml"), *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_run_cli_resume_matches_uninterrupted(tmp_path):
+    common = ["--set", "rounds=6", "--set", "eval_every=2", "--set", "checkpoint_every=2", "--set", "topology.n=8",
+              "--set", "model.name=\"logreg\"", "--quiet"]
+    full = cli("run", str(ROOT / "configs/quickstart.toml"), *common, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    part = tmp_path / "part"
+    first = cli("run", str(ROOT / "configs/quickstart.toml"), *common, "--out", str(part))
+    assert first.returncode == 0
+    ck = sorted((part / "checkpoints").glob("*.npz"))
+    ck[-1].unlink()  # as if killed after round 4: the newest good checkpoint is round 4
+    (part / "summary.json").unlink()
+    again = cli("run", "--resume", str(part), "--quiet")
+    assert again.returncode == 0, again.stderr
+    a = json.loads((tmp_path / "full" / "summary.json").read_text())["final"]
+    b = json.loads((part / "summary.json").read_text())["final"]
+    assert a == b
+
+
+def test_sweep_shares_programs_and_resumes(tmp_path, small_cfg):
+    base = small_cfg()
+    grid = sweep.parse_grid(["train.lr=0.1,0.3", "topology.kind=ring,complete"])
+    assert grid == [("train.lr", [0.1, 0.3]), ("topology.kind", ["ring", "complete"])]
+    logs = []
+    rows = sweep.run_grid(base, grid, out=tmp_path, log=logs.append)
+    assert len(rows) == 4
+    with open(tmp_path / "sweep.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert [r["train.lr"] for r in table] == ["0.1", "0.1", "0.3", "0.3"]
+    # the two learning rates of one graph share a compiled program: identical compile times recorded
+    comp = {(r["topology.kind"], r["train.lr"]): r["compile_seconds"] for r in table}
+    assert comp[("ring", "0.1")] == comp[("ring", "0.3")]
+    assert (tmp_path / "accuracy.png").exists() and (tmp_path / "accuracy_vs_gap.png").exists()
+    # rerun: everything is skipped, nothing recomputed
+    logs.clear()
+    rows2 = sweep.run_grid(base, grid, out=tmp_path, log=logs.append)
+    assert all("skipped" in line for line in logs) and len(rows2) == 4
+    # a single run of one setting matches its sweep row
+    single = jaxdfl.run(base.replace({"train.lr": 0.3, "topology.kind": "complete"}))
+    row = next(r for r in table if r["train.lr"] == "0.3" and r["topology.kind"] == "complete")
+    assert float(row["accuracy_mean"]) == pytest.approx(single.summary["final"]["accuracy_mean"], abs=1e-6)
+
+
+def test_grid_values_with_lists():
+    assert sweep.parse_grid(["model.hidden=[32,16],[8]"]) == [("model.hidden", [[32, 16], [8]])]
+    with pytest.raises(ConfigError):
+        sweep.parse_grid(["train.lr"])
+
+
+def test_privacy_utility_bisection_uses_monotonicity(small_cfg, monkeypatch):
+    study = sweep.PrivacyUtility(small_cfg(**{"privacy.mode": "update", "train.share": "update"}))
+    calls = []
+
+    def fake(eps):  # accuracy rises with epsilon; 0.8 reached at epsilon 3
+        calls.append(eps)
+        return float(np.clip(0.5 + 0.1 * eps, 0, 1))
+
+    monkeypatch.setattr(study, "accuracy", fake)
+    best = study.smallest_epsilon(0.8, lo=0.1, hi=64, rel_tol=0.01)
+    assert 3.0 <= best <= 3.0 * 1.01
+    assert len(calls) < 16  # bisection, not a grid
+
+
+def test_privacy_utility_curve_end_to_end(small_cfg, tmp_path):
+    study = sweep.PrivacyUtility(small_cfg(**{"privacy.mode": "update", "train.share": "update",
+                                              "privacy.clip_norm": 0.5}))
+    pts = study.curve([0.5, 50.0])
+    assert pts[0][0] == 0.5 and 0.0 <= pts[0][1] <= 1.0
+    assert pts[1][1] >= pts[0][1]  # more budget, less noise
+    study.plot(tmp_path / "pu.png", 0.5)
+    assert (tmp_path / "pu.png").stat().st_size > 1000
+    with pytest.raises(ConfigError, match="privacy.mode"):
+        sweep.PrivacyUtility(small_cfg())
+
+
+def test_eval_subset_and_peak_bytes(small_cfg):
+    r = jaxdfl.run(small_cfg(eval_nodes=3, eval_samples=50))
+    assert r.history["accuracy_mean"].shape == (3,)
+    assert r.summary["peak_bytes_estimate"] > 8 * 650 * 4
+    with pytest.raises(ConfigError, match="eval_nodes"):
+        jaxdfl.build(small_cfg(eval_nodes=100))
