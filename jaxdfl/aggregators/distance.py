@@ -1,9 +1,10 @@
 """Linear and distance-based rules: weighted mean, Krum, multi-Krum, geometric median, centred clipping, MoNNA,
 ClippedGossip, IOS.
 
-Every distance comes from the centred Gram matrix ``G = (x - x_0)(x - x_0)^T`` (one pass over the D-long vectors,
-no ``[K, K, D]`` differences). Iterative rules keep their iterate as coefficients ``b`` over the K rows
-(``z = sum_k b_k x_k``), iterate in that K-dimensional space, and combine the rows once at the end.
+Distances are sums of squared differences over D, computed for all row pairs in one pass over the rows (no
+``[K, K, D]`` array, no cancellation-prone ``x @ x.T``). Iterative rules keep their iterate as coefficients ``b``
+over the K rows (``z = sum_k b_k x_k``), iterate in that K-dimensional space through the centred Gram matrix, and
+combine the rows once at the end.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from jaxdfl.aggregators._common import combine
 from jaxdfl.aggregators._common import count
 from jaxdfl.aggregators._common import ranks
 from jaxdfl.aggregators._common import sq_dist_to
+from jaxdfl.aggregators._common import sq_dist_to_self
 from jaxdfl.aggregators._common import sq_distances
 from jaxdfl.aggregators._common import take_row
 
@@ -53,10 +55,9 @@ def mean(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None) -> jax
     return combine(x, mask, w / jnp.sum(w))
 
 
-def _krum_scores(gram: jax.Array, mask: jax.Array, f) -> jax.Array:
+def _krum_scores(d2: jax.Array, mask: jax.Array, f) -> jax.Array:
     """Krum score of every row: sum of squared distances to its n - f - 2 closest other valid rows (+inf if masked)."""
     k = mask.shape[0]
-    d2 = sq_distances(gram)
     other = mask[None, :] & mask[:, None] & ~jnp.eye(k, dtype=bool)
     r = ranks(d2, other)
     closest = count(mask) - f - 2
@@ -86,7 +87,7 @@ def krum(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None, *, f=1
     References: P. Blanchard, E. M. El Mhamdi, R. Guerraoui, J. Stainer, "Machine learning with adversaries:
     Byzantine tolerant gradient descent", NeurIPS 2017. Decentralized use (BRIDGE-K): Z. Yang, W. U. Bajwa, 2019.
     """
-    scores = _krum_scores(centred_gram(x, mask), mask, f)
+    scores = _krum_scores(sq_distances(x, mask), mask, f)
     return take_row(x, jnp.argmin(scores))
 
 
@@ -111,7 +112,7 @@ def multi_krum(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None, 
     References: P. Blanchard et al., NeurIPS 2017; E. M. El Mhamdi, R. Guerraoui, S. Rouault, "The hidden
     vulnerability of distributed learning in Byzantium", ICML 2018.
     """
-    scores = _krum_scores(centred_gram(x, mask), mask, f)
+    scores = _krum_scores(sq_distances(x, mask), mask, f)
     n = count(mask)
     m_eff = jnp.clip(jnp.where(m > 0, m, n - f), 1, n)
     chosen = mask & (ranks(scores, mask) < m_eff)
@@ -230,9 +231,8 @@ def monna(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None, *, f=
     References: S. Farhadkhani, R. Guerraoui, N. Gupta, L.-N. Hoang, R. Pinot, J. Stephan, "Robust collaborative
     learning with linear gradient overhead", ICML 2023.
     """
-    gram = centred_gram(x, mask)
     keep = jnp.maximum(count(mask) - f, 1)
-    chosen = mask & (ranks(jnp.diagonal(gram), mask) < keep)
+    chosen = mask & (ranks(sq_dist_to_self(x, mask), mask) < keep)
     return combine(x, chosen, chosen / keep.astype(jnp.float32))
 
 
@@ -264,7 +264,7 @@ def clipped_gossip(x: jax.Array, mask: jax.Array, weights: jax.Array | None = No
     """
     k = mask.shape[0]
     w = _uniform(mask) if weights is None else jnp.where(mask, weights.astype(jnp.float32), 0.0)
-    dist = jnp.sqrt(jnp.maximum(jnp.diagonal(centred_gram(x, mask)), 0.0))
+    dist = jnp.sqrt(sq_dist_to_self(x, mask))
     nbr = mask & (jnp.arange(k) > 0)
     m = count(nbr)
     r = ranks(dist, nbr)

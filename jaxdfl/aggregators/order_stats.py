@@ -15,6 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxdfl.aggregators._common import compute_dtype
 from jaxdfl.aggregators._common import count
 from jaxdfl.aggregators._common import rows
 
@@ -94,8 +95,19 @@ def median(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None) -> j
     References: D. Yin, Y. Chen, K. Ramchandran, P. Bartlett, "Byzantine-robust distributed learning: towards
     optimal statistical rates", ICML 2018.
     """
-    s, n = _sorted_valid(x, mask)
-    return _median_of_sorted(s, n).astype(x.dtype)
+    # Balanced padding: a = (K-1)//2 - (n-1)//2 masked rows go to -inf and the rest to +inf, which puts the valid
+    # values' lower median at the fixed position p = (K-1)//2 (upper median at p or p + 1 by the parity of n). With
+    # fixed output positions XLA prunes the comparators that cannot reach them (~12% faster than a dynamic pick).
+    k = x.shape[0]
+    n = count(mask)
+    below = (k - 1) // 2 - (n - 1) // 2
+    rank_masked = jnp.cumsum(~mask) - 1
+    fill = jnp.where(rank_masked < below, -jnp.inf, jnp.inf)
+    dt = compute_dtype(x.dtype)
+    s = sort_rows([jnp.where(mask[j], x[j].astype(dt), fill[j].astype(dt)) for j in range(k)])
+    p = (k - 1) // 2
+    upper = jnp.where(n % 2 == 1, s[p], s[p + 1]) if p + 1 < k else s[p]
+    return (0.5 * s[p] + 0.5 * upper).astype(x.dtype)
 
 
 def trimmed_mean(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None, *, f=1) -> jax.Array:

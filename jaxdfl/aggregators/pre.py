@@ -9,7 +9,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxdfl.aggregators._common import centred_gram
 from jaxdfl.aggregators._common import compute_dtype
 from jaxdfl.aggregators._common import count
 from jaxdfl.aggregators._common import ranks
@@ -35,8 +34,7 @@ def nnm(key: jax.Array, x: jax.Array, mask: jax.Array, weights: jax.Array, *, f=
     """Nearest-neighbour mixing: replace every valid row by the mean of its n - f nearest valid rows.
 
     Definition: for each valid i, ``x_i <- (1 / (n - f)) sum_{j in N_i} x_j`` with ``N_i`` the ``n - f`` valid rows
-    closest to ``x_i`` (itself included; ties: lower index). Mask and weights are unchanged; distances come from the
-    centred Gram matrix.
+    closest to ``x_i`` (itself included; ties: lower index). Mask and weights are unchanged.
 
     Hyper-parameters: ``f`` (int >= 0, may be traced). Needs n > 2f.
 
@@ -55,7 +53,7 @@ def nnm(key: jax.Array, x: jax.Array, mask: jax.Array, weights: jax.Array, *, f=
     """
     del key
     k = mask.shape[0]
-    d2 = sq_distances(centred_gram(x, mask))
+    d2 = sq_distances(x, mask)
     pair = mask[:, None] & mask[None, :]
     keep = jnp.maximum(count(mask) - f, 1)
     near = pair & (ranks(d2, jnp.broadcast_to(mask, (k, k))) < keep)

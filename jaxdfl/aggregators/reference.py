@@ -33,11 +33,8 @@ def trimmed_mean(x, mask, weights=None, *, f=1):
 def meamed(x, mask, weights=None, *, f=1):
     v = _valid(x, mask)
     med = np.median(v, axis=0)
-    out = np.empty(v.shape[1])
-    for d in range(v.shape[1]):
-        nearest = np.argsort(np.abs(v[:, d] - med[d]), kind="stable")[:len(v) - f]
-        out[d] = v[nearest, d].mean()
-    return out
+    nearest = np.argsort(np.abs(v - med), axis=0, kind="stable")[:len(v) - f]
+    return np.take_along_axis(v, nearest, axis=0).mean(0)
 
 
 def _pairwise_sq(v):
