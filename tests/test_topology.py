@@ -474,3 +474,13 @@ def test_consensus_rate_bounds_gossip():
         assert dis(y) <= rate**t * dis(x) * (1 + 1e-9)
     v = np.cos(2 * np.pi * np.arange(12) / 12)[:, None]
     assert dis(topo.mixing @ v) == pytest.approx(rate * dis(v), rel=1e-9)
+
+
+def test_large_sparse_spectral_gap_matches_closed_form():
+    """Above DENSE_EIG_MAX the gap comes from shift-invert Lanczos; check it on a ring's closed form."""
+    from jaxdfl import topology as topo_mod
+
+    n = topo_mod.DENSE_EIG_MAX + 76
+    ring = topo_mod.make("ring", n)
+    expected = 1.0 - (1.0 / 3.0 + 2.0 / 3.0 * np.cos(2 * np.pi / n))
+    assert ring.spectral_gap == pytest.approx(expected, rel=1e-6)
