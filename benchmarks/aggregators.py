@@ -160,11 +160,12 @@ def table(results, bandwidth, command, info) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rules", default=",".join(A.REGISTRY))
-    p.add_argument("--sizes", default="100x9x100000,300x17x100000", help="NxKxD,...")
+    p.add_argument("--sizes", default="100x9x100000,300x17x100000,1000x9x1000", help="NxKxD,...")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--loop-reps", type=int, default=2)
-    p.add_argument("--loop-nodes", type=int, default=100, help="nodes timed in the jitted loop (then extrapolated)")
-    p.add_argument("--numpy-nodes", type=int, default=5, help="nodes timed in the NumPy loop (then extrapolated)")
+    p.add_argument("--loop-nodes", type=int, default=100,
+                   help="nodes timed in the jitted loop, then extrapolated (20 on blocks over 1 GB)")
+    p.add_argument("--numpy-nodes", type=int, default=3, help="nodes timed in the NumPy loop (then extrapolated)")
     p.add_argument("--out", default=None, help="write the markdown table here")
     args = p.parse_args(argv)
     command = "python benchmarks/aggregators.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -179,7 +180,9 @@ def main(argv=None):
         n, k, d = (int(v) for v in spec.split("x"))
         chunk = A.auto_chunk(n, k, d)
         print(f"N={n} K={k} D={d} chunk={chunk}", flush=True)
-        rows = run_size(n, k, d, rules, args.reps, args.loop_reps, args.loop_nodes, args.numpy_nodes, bandwidth)
+        big = n * k * d * 4 > 1e9
+        rows = run_size(n, k, d, rules, max(2, args.reps - 2) if big else args.reps, args.loop_reps,
+                        min(args.loop_nodes, 20) if big else args.loop_nodes, args.numpy_nodes, bandwidth)
         results.append(((n, k, d, chunk), rows))
     print(f"total {time.perf_counter() - start:.0f} s", flush=True)
     md = table(results, bandwidth, command.strip(), info)

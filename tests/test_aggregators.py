@@ -365,13 +365,18 @@ def test_aggregate_chunked_equals_unchunked():
     full = run(jax.random.key(1), x, mask, w, "multi_krum")
     out = run(jax.random.key(1), x, mask, w, "multi_krum", chunk_size=3)  # 3 + 3 + a remainder of 1
     np.testing.assert_allclose(np.asarray(out), np.asarray(full), rtol=1e-6)
-    auto = run(jax.random.key(1), x, mask, w, "multi_krum", memory_budget=x[0].nbytes * 4)  # chunks of 2
+    auto = run(jax.random.key(1), x, mask, w, "multi_krum", memory_budget=x[0].nbytes * 2)  # chunks of 2
     np.testing.assert_allclose(np.asarray(auto), np.asarray(full), rtol=1e-6)
+    many = A.MAX_STATIC_CHUNKS + 1  # past the static limit: the lax.map path
+    xs, ms, ws = (np.concatenate([a] * -(-many // len(a)))[:many] for a in (x, mask, w))
+    looped = run(jax.random.key(1), xs, ms, ws, "multi_krum", chunk_size=1)
+    np.testing.assert_allclose(np.asarray(looped), np.asarray(run(jax.random.key(1), xs, ms, ws, "multi_krum")),
+                               rtol=1e-6)
 
 
 def test_auto_chunk():
     assert A.auto_chunk(100, 9, 100_000) is None  # the benchmark size runs unchunked
-    c = A.auto_chunk(10_000, 9, 100_000)
+    c = A.auto_chunk(10_000, 9, 100_000, temporaries=2)
     assert c is not None and 1 <= c < 10_000 and c * 2 * 9 * 100_000 * 4 <= A.MEMORY_BUDGET_BYTES
 
 

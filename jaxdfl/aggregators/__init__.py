@@ -49,6 +49,7 @@ from jaxdfl.aggregators.distance import mean
 from jaxdfl.aggregators.distance import monna
 from jaxdfl.aggregators.distance import multi_krum
 from jaxdfl.aggregators.network import DEFAULTS
+from jaxdfl.aggregators.network import MAX_STATIC_CHUNKS
 from jaxdfl.aggregators.network import MEMORY_BUDGET_BYTES
 from jaxdfl.aggregators.network import PRE_REGISTRY
 from jaxdfl.aggregators.network import REGISTRY
@@ -66,6 +67,7 @@ from jaxdfl.aggregators.pre import nnm
 
 __all__ = [
     "DEFAULTS",
+    "MAX_STATIC_CHUNKS",
     "MEMORY_BUDGET_BYTES",
     "PRE_REGISTRY",
     "REGISTRY",

@@ -59,9 +59,9 @@ STATIC_HYPER: dict[str, tuple[str, ...]] = {"bucketing": ("s",)}
 
 # Working-set budget of one aggregate() call beyond the input block; above it nodes are processed in chunks.
 MEMORY_BUDGET_BYTES = 1 << 30
-# Per node, the rules keep at most about this many [K, D] temporaries alive (centred copy for the Gram matrix,
-# a pre-aggregator's output), which sets the chunk size.
-_TEMPORARIES_PER_NODE = 2
+# Up to this many chunks are unrolled as static slices of the block, which XLA fuses into the rule's loops without
+# copying; beyond it the chunks run in a lax.map loop, which copies each chunk (slower, but bounded memory).
+MAX_STATIC_CHUNKS = 16
 
 
 def _merged(name: str, hyper: Mapping | None, registry: Mapping, where: str) -> dict:
@@ -75,12 +75,16 @@ def _merged(name: str, hyper: Mapping | None, registry: Mapping, where: str) -> 
     return {**DEFAULTS[name], **hyper}
 
 
-def auto_chunk(n: int, k: int, d: int, itemsize: int = 4, budget: int = MEMORY_BUDGET_BYTES) -> int | None:
-    """Nodes per chunk so that the temporaries stay under ``budget`` bytes; None when all nodes fit at once.
+def auto_chunk(n: int, k: int, d: int, itemsize: int = 4, budget: int = MEMORY_BUDGET_BYTES,
+               temporaries: int = 1) -> int | None:
+    """Nodes per chunk so that the rule's temporaries stay under ``budget`` bytes; None when all nodes fit at once.
 
-    The estimate is ``_TEMPORARIES_PER_NODE * K * D * itemsize`` bytes per node.
+    A node's temporaries are estimated as ``temporaries * K * D * itemsize`` bytes: the rules themselves fuse into
+    loops over D and keep at most a fraction of a ``[K, D]`` block alive (the pairwise-distance buffer is
+    ``(K - 1) / 40`` of it), while each pre-aggregator materialises one ``[K, D]`` output (``aggregate`` passes
+    ``temporaries = 1 + len(pre)``).
     """
-    per_node = _TEMPORARIES_PER_NODE * k * d * itemsize
+    per_node = temporaries * k * d * itemsize
     if n * per_node <= budget:
         return None
     return max(1, int(budget // per_node))
@@ -92,10 +96,11 @@ def aggregate(key: jax.Array, block: jax.Array, mask: jax.Array, weights: jax.Ar
     """Every node's aggregate of its own neighbourhood, the one-node rule lifted over nodes.
 
     Definition: ``out_i = rule(pre_p(... pre_1(x_i)))`` for each node i, with ``x_i = block[i]`` (row 0 = node i's
-    own vector). The rule is lifted with ``jax.vmap``; nodes are processed in chunks of ``chunk_size`` with
-    ``lax.map(..., batch_size=chunk_size)`` when given, or automatically when the rule's temporaries would exceed
-    ``memory_budget`` bytes (see :func:`auto_chunk`; default 1 GiB, so the benchmark's 100 x 9 x 100,000 block runs
-    unchunked). Works under ``jit`` with ``rule``, ``pre``, ``chunk_size`` static; numeric hyper-parameters in
+    own vector). The rule is lifted with ``jax.vmap``. Nodes are processed in chunks of ``chunk_size`` when given,
+    or automatically when the temporaries would exceed ``memory_budget`` bytes (see :func:`auto_chunk`; default
+    1 GiB, so the benchmark's 100 x 9 x 100,000 block runs in one piece). Up to ``MAX_STATIC_CHUNKS`` chunks are
+    static slices of the block (no copies; XLA fuses the slicing into the rule); more chunks run in
+    ``lax.map(..., batch_size=chunk_size)``, which copies each chunk. Works under ``jit`` with ``rule``, ``pre``, ``chunk_size`` static; numeric hyper-parameters in
     ``hyper`` may be traced (except those in ``STATIC_HYPER``).
 
     Args:
@@ -128,10 +133,15 @@ def aggregate(key: jax.Array, block: jax.Array, mask: jax.Array, weights: jax.Ar
 
     keys = jax.random.split(key, n)
     if chunk_size is None:
-        chunk_size = auto_chunk(n, k, d, block.dtype.itemsize, memory_budget)
+        chunk_size = auto_chunk(n, k, d, block.dtype.itemsize, memory_budget, 1 + len(steps))
+    lifted = jax.vmap(one)
     if not chunk_size or chunk_size >= n:
-        return jax.vmap(one)(keys, block, mask, weights)
-    return jax.lax.map(lambda args: one(*args), (keys, block, mask, weights), batch_size=int(chunk_size))
+        return lifted(keys, block, mask, weights)
+    c = int(chunk_size)
+    if -(-n // c) <= MAX_STATIC_CHUNKS:
+        return jnp.concatenate([lifted(keys[s:s + c], block[s:s + c], mask[s:s + c], weights[s:s + c])
+                                for s in range(0, n, c)])
+    return jax.lax.map(lambda args: one(*args), (keys, block, mask, weights), batch_size=c)
 
 
 def _check_number(where: str, value, *, integer=False, minimum=None, strict=False) -> None:
