@@ -192,7 +192,7 @@ def test_median_even_count_averages_the_middle_pair():
 
 def test_traced_f_equals_static_f():
     x, mask, w = make_batch(70, min_valid=7)
-    for rule in ("trimmed_mean", "meamed", "krum", "multi_krum", "monna", "ios"):
+    for rule in ("trimmed_mean", "meamed", "krum", "multi_krum", "monna", "ios", "bulyan"):
         fn = A.REGISTRY[rule]
         static = batched(rule, f=2)(x, mask, w)
         traced = jax.jit(jax.vmap(lambda a, b, c, f: fn(a, b, c, f=f), in_axes=(0, 0, 0, None)))(x, mask, w, 2)
@@ -267,6 +267,13 @@ def test_robust_rules_stay_near_the_honest_vectors(rule):
             assert np.min(np.abs(hx - out).max(1)) < 1e-6  # one of the honest vectors
         else:
             assert np.linalg.norm(out - hx.mean(0)) < 10.0, rule
+
+
+def test_bulyan_stays_in_the_honest_bounding_box():
+    data = [outlier_neighbourhood(seed, k=11, f=2) for seed in range(3)]
+    outs = np.asarray(batched("bulyan", f=2)(*(np.stack([d[i] for d in data]) for i in range(3))))
+    for (x, _, _, honest), out in zip(data, outs):
+        assert (out >= x[honest].min(0) - 1e-5).all() and (out <= x[honest].max(0) + 1e-5).all()
 
 
 def test_mean_is_not_robust():
@@ -405,7 +412,7 @@ def test_bucketing_uses_distinct_node_keys():
 
 
 def test_validate_accepts_defaults():
-    sizes = np.array([5, 7, 9])
+    sizes = np.array([7, 9])
     for rule in RULES:
         A.validate(rule, {}, sizes)
     A.validate("trimmed_mean", {"f": 2}, sizes, pre=(("nnm", {"f": 1}), ("clip", {"tau": 1.0})))
@@ -417,6 +424,7 @@ def test_validate_accepts_defaults():
     (("trimmed_mean", {"f": 2}, [4, 9]), "aggregation.f"),
     (("median", {}, [5], (("bogus", {}),)), "aggregation.pre"),
     (("krum", {"f": 1}, [3, 9]), "aggregation.f"),
+    (("bulyan", {"f": 1}, [6, 9]), "aggregation.f"),
     (("multi_krum", {"m": 9}, [5, 9]), "aggregation.m"),
     (("centered_clip", {"tau": -1.0}, [5]), "aggregation.tau"),
     (("geometric_median", {"nu": 0.0}, [5]), "aggregation.nu"),

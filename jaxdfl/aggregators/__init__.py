@@ -7,7 +7,7 @@ Contract. A rule aggregates ONE node's neighbourhood::
 Row 0 of ``x`` is the receiving node's own vector and is always valid; ``weights`` are the mixing weights ``W_ij``
 (0 on padding). Padded rows may hold anything, inf and NaN included: they are removed by select, never by
 multiplying with 0. Every rule accepts ``weights``; the server-style rules (median, trimmed mean, Krum, multi-Krum,
-geometric median, centred clipping, MeaMed, MoNNA) ignore them and weigh the valid rows equally, as in their papers;
+Bulyan, geometric median, centred clipping, MeaMed, MoNNA) ignore them and weigh the valid rows equally, as in their papers;
 ``mean``, ``clipped_gossip`` and ``ios`` use them. The output keeps the input dtype (arithmetic in float32 or wider).
 
 :func:`aggregate` lifts a rule over the gathered ``[N, K, D]`` block with ``jax.vmap`` (chunked with ``lax.map``
@@ -19,6 +19,7 @@ Hyper-parameters (``f`` always counts tolerated Byzantine rows in one neighbourh
 
 - ``trimmed_mean``, ``meamed``, ``monna``, ``nnm``: ``f`` values/rows dropped; need n > 2f.
 - ``krum``: ``f``; needs n - f - 2 >= 1. ``multi_krum``: ``f`` and ``m`` (rows averaged; 0 = n - f).
+- ``bulyan``: ``f``; needs n >= 4f + 3.
 - ``geometric_median``: ``nu`` (smoothing radius > 0), ``iters`` (max Weiszfeld steps), ``tol`` (relative).
 - ``centered_clip``: ``tau`` (radius >= 0), ``iters``.
 - ``clipped_gossip``: ``tau`` (radius >= 0), ``adaptive`` (tau = distance of the (m - f)-th closest neighbour),
@@ -30,16 +31,16 @@ Hyper-parameters (``f`` always counts tolerated Byzantine rows in one neighbourh
 Every other hyper-parameter may be a traced jnp scalar, so a sweep over tau, nu, tol, f, m, iters or adaptive reuses
 one compiled program (``STATIC_HYPER`` lists the exceptions).
 
-BRIDGE (Yang & Bajwa) screens the node's own and its neighbours' vectors with a robust rule, then steps on the
-local gradient; the screening variants are rules here: BRIDGE-T = ``trimmed_mean`` (f = b), BRIDGE-M = ``median``,
-BRIDGE-K = ``krum`` (f = b), applied to the shared models; the local gradient step is the engine's. BRIDGE-B (Krum
-selection followed by a trimmed mean) is approximated by ``multi_krum`` with ``m = n - 2b`` followed by averaging;
-an exact Krum-then-trim chain is not provided.
+BRIDGE (Yang & Bajwa; Fang, Yang & Bajwa 2022) screens the node's own and its neighbours' vectors with a robust
+rule and then takes the local gradient step (the engine's job); its screening variants are rules here, applied to the
+exchanged models with ``f = b``: BRIDGE-T = ``trimmed_mean``, BRIDGE-M = ``median``, BRIDGE-K = ``krum``,
+BRIDGE-B = ``bulyan`` (Krum selection, then a median-centred trimmed mean).
 
 Speed. Order statistics use sorting networks over the K rows (one fused elementwise loop, no ``jnp.sort``);
 distance rules use the centred Gram matrix and iterate in the K-dimensional coefficient space.
 """
 
+from jaxdfl.aggregators.distance import bulyan
 from jaxdfl.aggregators.distance import centered_clip
 from jaxdfl.aggregators.distance import clipped_gossip
 from jaxdfl.aggregators.distance import geometric_median
@@ -75,6 +76,7 @@ __all__ = [
     "aggregate",
     "auto_chunk",
     "bucketing",
+    "bulyan",
     "centered_clip",
     "clip",
     "clipped_gossip",

@@ -1,5 +1,5 @@
-"""Linear and distance-based rules: weighted mean, Krum, multi-Krum, geometric median, centred clipping, MoNNA,
-ClippedGossip, IOS.
+"""Linear and distance-based rules: weighted mean, Krum, multi-Krum, Bulyan, geometric median, centred clipping,
+MoNNA, ClippedGossip, IOS.
 
 Distances are sums of squared differences over D, computed for all row pairs in one pass over the rows (no
 ``[K, K, D]`` array, no cancellation-prone ``x @ x.T``). Iterative rules keep their iterate as coefficients ``b``
@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxdfl.aggregators import order_stats
 from jaxdfl.aggregators._common import centred_gram
 from jaxdfl.aggregators._common import combine
 from jaxdfl.aggregators._common import count
@@ -55,12 +56,18 @@ def mean(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None) -> jax
     return combine(x, mask, w / jnp.sum(w))
 
 
-def _krum_scores(d2: jax.Array, mask: jax.Array, f) -> jax.Array:
-    """Krum score of every row: sum of squared distances to its n - f - 2 closest other valid rows (+inf if masked)."""
+def _krum_scores(d2: jax.Array, mask: jax.Array, f, all_when_degenerate: bool = False) -> jax.Array:
+    """Krum score of every row: sum of squared distances to its n - f - 2 closest other valid rows (+inf if masked).
+
+    With ``all_when_degenerate``, a set too small for that (n - f - 2 < 1) sums over all n - 1 other rows.
+    """
     k = mask.shape[0]
     other = mask[None, :] & mask[:, None] & ~jnp.eye(k, dtype=bool)
     r = ranks(d2, other)
-    closest = count(mask) - f - 2
+    n = count(mask)
+    closest = n - f - 2
+    if all_when_degenerate:
+        closest = jnp.where(closest < 1, n - 1, closest)
     score = jnp.sum(jnp.where(other & (r < closest), d2, 0.0), axis=1)
     return jnp.where(mask, score, jnp.inf)
 
@@ -117,6 +124,46 @@ def multi_krum(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None, 
     m_eff = jnp.clip(jnp.where(m > 0, m, n - f), 1, n)
     chosen = mask & (ranks(scores, mask) < m_eff)
     return combine(x, chosen, chosen / m_eff.astype(jnp.float32))
+
+
+def bulyan(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None, *, f=1) -> jax.Array:
+    """Bulyan: select n - 2f rows by repeated Krum, then a coordinate-wise mean around the median of the selection.
+
+    Definition: ``S = {}``, ``R`` = valid rows; repeat ``theta = n - 2f`` times: move ``Krum(R)`` (scores over the
+    ``|R| - f - 2`` closest rows in R) from R to S. Then per coordinate, average the ``beta = theta - 2f`` values of
+    S nearest to the coordinate median of S (that is :func:`jaxdfl.aggregators.meamed` on S with ``2f`` dropped).
+    Unweighted. This is also BRIDGE-B (Krum screening followed by a trimmed, median-centred mean). In the last
+    selections ``|R| - f - 2`` drops below 1 (down to ``f - 1`` neighbours at ``|R| = 2f + 1``), where Krum's score
+    is 0 for every row and the pick arbitrary; the score then sums the distances to all other rows of R instead (a
+    medoid choice), which keeps the rule symmetric in its inputs.
+
+    Hyper-parameters: ``f`` (int >= 0, may be traced). Needs ``n >= 4f + 3``.
+
+    Args:
+        x: [K, D] the neighbourhood, row 0 the receiving node's own vector.
+        mask: [K] bool, valid rows.
+        weights: [K] ignored.
+        f: tolerated number of Byzantine rows.
+
+    Returns:
+        [D] in the dtype of ``x``.
+
+    References: E. M. El Mhamdi, R. Guerraoui, S. Rouault, "The hidden vulnerability of distributed learning in
+    Byzantium", ICML 2018; C. Fang, Z. Yang, W. U. Bajwa, "BRIDGE: Byzantine-resilient decentralized gradient
+    descent", IEEE TSIPN 2022.
+    """
+    k = mask.shape[0]
+    d2 = sq_distances(x, mask)
+    theta = count(mask) - 2 * f
+    idx = jnp.arange(k)
+
+    def body(i, state):
+        remaining, selected = state
+        pick = (idx == jnp.argmin(_krum_scores(d2, remaining, f, all_when_degenerate=True))) & (i < theta)
+        return remaining & ~pick, selected | pick
+
+    _, selected = jax.lax.fori_loop(0, k, body, (mask, jnp.zeros_like(mask)))
+    return order_stats.meamed(x, selected, f=2 * f)
 
 
 def geometric_median(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None, *, nu=0.1, iters=100,

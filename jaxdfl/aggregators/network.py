@@ -23,6 +23,7 @@ REGISTRY: dict[str, Callable] = {
     "trimmed_mean": order_stats.trimmed_mean,
     "krum": distance.krum,
     "multi_krum": distance.multi_krum,
+    "bulyan": distance.bulyan,
     "geometric_median": distance.geometric_median,
     "centered_clip": distance.centered_clip,
     "meamed": order_stats.meamed,
@@ -43,6 +44,7 @@ DEFAULTS: dict[str, dict[str, object]] = {
     "trimmed_mean": {"f": 1},
     "krum": {"f": 1},
     "multi_krum": {"f": 1, "m": 0},
+    "bulyan": {"f": 1},
     "geometric_median": {"nu": 0.1, "iters": 100, "tol": 1e-6},
     "centered_clip": {"tau": 1.0, "iters": 3},
     "meamed": {"f": 1},
@@ -176,6 +178,8 @@ def _check_sizes(name: str, h: Mapping, n_min: int, where: str) -> None:
         need = f"2f < n, i.e. f <= {(n_min - 1) // 2}"
     elif name in ("krum", "multi_krum") and n_min - f - 2 < 1:
         need = f"n - f - 2 >= 1, i.e. f <= {n_min - 3}"
+    elif name == "bulyan" and n_min < 4 * f + 3:
+        need = f"n >= 4f + 3, i.e. f <= {(n_min - 3) // 4}"
     elif name == "ios" and f >= n_min - 1:
         need = f"f < number of neighbours, i.e. f <= {n_min - 2}"
     elif name == "clipped_gossip" and h.get("adaptive") and f >= n_min - 1:

@@ -41,10 +41,14 @@ def _pairwise_sq(v):
     return ((v[:, None, :] - v[None, :, :]) ** 2).sum(-1)
 
 
-def krum_scores(v, f):
+def krum_scores(v, f, all_when_degenerate=False):
     n = len(v)
     d2 = _pairwise_sq(v)
-    return np.array([np.sort(np.delete(d2[i], i))[:n - f - 2].sum() for i in range(n)])
+    closest = n - f - 2
+    if all_when_degenerate and closest < 1:
+        closest = n - 1
+    closest = max(closest, 0)
+    return np.array([np.sort(np.delete(d2[i], i))[:closest].sum() for i in range(n)])
 
 
 def krum(x, mask, weights=None, *, f=1):
@@ -57,6 +61,20 @@ def multi_krum(x, mask, weights=None, *, f=1, m=0):
     m = m if m > 0 else len(v) - f
     best = np.argsort(krum_scores(v, f), kind="stable")[:m]
     return v[best].mean(0)
+
+
+def bulyan(x, mask, weights=None, *, f=1):
+    v = _valid(x, mask)
+    remaining = list(range(len(v)))
+    selected = []
+    for _ in range(len(v) - 2 * f):
+        r = v[remaining]
+        scores = krum_scores(r, f, all_when_degenerate=True)
+        best = remaining[int(np.argmin(scores))]
+        selected.append(best)
+        remaining.remove(best)
+    s = v[sorted(selected)]
+    return meamed(s, np.ones(len(s), bool), f=2 * f)
 
 
 def geometric_median(x, mask, weights=None, *, nu=0.1, iters=2000, tol=0.0):
@@ -140,6 +158,7 @@ REGISTRY = {
     "trimmed_mean": trimmed_mean,
     "krum": krum,
     "multi_krum": multi_krum,
+    "bulyan": bulyan,
     "geometric_median": geometric_median,
     "centered_clip": centered_clip,
     "meamed": meamed,
