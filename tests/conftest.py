@@ -1,8 +1,14 @@
 import os
+import tempfile
 
 # Tests check results, not speed: XLA's backend optimisations double the CPU compile time of a small experiment
 # and buy nothing here. Set before jax is imported (tests needing several devices start a subprocess).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+# Many tests build the same small experiment from fresh Python closures; a compilation cache keyed on the program
+# text lets them (and the CLI subprocesses, which inherit the variables) compile it once per session.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxdfl-tests-xla-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest
 

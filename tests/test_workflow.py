@@ -1,9 +1,9 @@
 """Research workflow: CLI commands, sweeps with resume, privacy-utility search, evaluation subsets."""
 
+import contextlib
 import csv
+import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +11,23 @@ import pytest
 
 import jaxdfl
 from jaxdfl import sweep
+from jaxdfl.cli import main
 from jaxdfl.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "jaxdfl.cli", *args], capture_output=True, text=True,
-                          timeout=600, cwd=cwd)
+class Proc:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def cli(*args):
+    """Run the CLI in-process (the subprocess path is covered by test_config and the quickstart test)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return Proc(code, out.getvalue(), err.getvalue())
 
 
 def test_topology_command_prints_stats_and_plots(tmp_path):
