@@ -68,8 +68,10 @@ def heatmap(path: Path, rows: list[str], cols: list[str], table: np.ndarray, tit
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 2.5, 0.45 * len(rows) + 1.5))
-    im = ax.imshow(np.nan_to_num(table, nan=-1), vmin=0, vmax=1, cmap="RdYlGn")
+    fig, ax = plt.subplots(figsize=(1.0 * len(cols) + 3.0, 0.42 * len(rows) + 1.6))
+    cmap = plt.get_cmap("RdYlGn").copy()
+    cmap.set_bad("0.85")  # n/a cells in grey
+    im = ax.imshow(np.ma.masked_invalid(table), vmin=0, vmax=1, cmap=cmap, aspect="auto")
     ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), rows)
     for i in range(len(rows)):
@@ -85,18 +87,36 @@ def heatmap(path: Path, rows: list[str], cols: list[str], table: np.ndarray, tit
     atomic_write(path, buf.getvalue())
 
 
+def replot(out: Path) -> None:
+    """Re-draw the heat-maps from the CSV files in ``out``."""
+    for path in sorted(out.glob("robustness_*.csv")):
+        with open(path, newline="") as fh:
+            rows = list(csv.reader(fh))
+        cols, names = rows[0][1:], [r[0] for r in rows[1:]]
+        table = np.array([[float(v) if v else np.nan for v in r[1:]] for r in rows[1:]])
+        heatmap(path.with_suffix(".png"), names, cols, table, f"{path.stem}: final honest accuracy")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--graphs", default="random_regular,ring")
     ap.add_argument("--rules", default=",".join(RULES))
     ap.add_argument("--attacks", default=",".join(ATTACKS))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override the base configs, e.g. data.partition=dirichlet")
+    ap.add_argument("--no-nnm", action="store_true", help="skip the rows with NNM")
+    ap.add_argument("--tag", default="", help="suffix of the output files")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--replot", action="store_true", help="only re-draw the heat-maps from existing CSVs")
     args = ap.parse_args(argv)
     out = Path(args.out)
+    if args.replot:
+        return replot(out)
     rules, attacks = args.rules.split(","), args.attacks.split(",")
     for graph in args.graphs.split(","):
-        base = jaxdfl.load_config(str(ROOT / "configs" / "robustness" / f"{graph}.toml"))
-        names = [f"{r}{' + nnm' if nnm else ''}" for nnm in (False, True) for r in rules]
+        base = jaxdfl.load_config(str(ROOT / "configs" / "robustness" / f"{graph}.toml"), args.set)
+        names = [f"{r}{' + nnm' if nnm else ''}" for nnm in ((False,) if args.no_nnm else (False, True))
+                 for r in rules]
         table = np.full((len(names), len(attacks)), np.nan)
         notes = {}
         t0 = time.perf_counter()
@@ -115,11 +135,12 @@ def main(argv=None):
         w.writerow(["rule", *attacks])
         for name, row in zip(names, table, strict=True):
             w.writerow([name, *("" if np.isnan(v) else f"{v:.4f}" for v in row)])
-        atomic_write(out / f"robustness_{graph}.csv", buf.getvalue())
+        stem = f"robustness_{graph}{'_' + args.tag if args.tag else ''}"
+        atomic_write(out / f"{stem}.csv", buf.getvalue())
         b = base.attack.byzantine
         title = (f"{graph}, n={base.topology.n}, {b} Byzantine, f={F[graph]}, {base.rounds} rounds, "
-                 f"{base.seeds} seeds: final honest accuracy")
-        heatmap(out / f"robustness_{graph}.png", names, attacks, table, title)
+                 f"{base.seeds} seeds{', ' + ' '.join(args.set) if args.set else ''}: final honest accuracy")
+        heatmap(out / f"{stem}.png", names, attacks, table, title)
         print(f"\n### {title} ({time.perf_counter() - t0:.0f} s)\n")
         print("| rule | " + " | ".join(attacks) + " |")
         print("|---" * (len(attacks) + 1) + "|")
