@@ -14,6 +14,7 @@ from jaxdfl import attacks
 from jaxdfl import data
 from jaxdfl import models
 from jaxdfl import privacy
+from jaxdfl import sweep
 from jaxdfl import topology
 from jaxdfl.config import Config
 from jaxdfl.config import load_config
@@ -21,6 +22,7 @@ from jaxdfl.config import make_config
 from jaxdfl.errors import ConfigError
 from jaxdfl.experiment import Experiment
 from jaxdfl.experiment import Result
+from jaxdfl.experiment import Runner
 from jaxdfl.experiment import build
 from jaxdfl.experiment import run
 
@@ -31,6 +33,7 @@ __all__ = [
     "ConfigError",
     "Experiment",
     "Result",
+    "Runner",
     "aggregators",
     "attacks",
     "build",
@@ -40,5 +43,6 @@ __all__ = [
     "models",
     "privacy",
     "run",
+    "sweep",
     "topology",
 ]

@@ -9,7 +9,6 @@ seeds at once when ``seeds`` is set), computes the privacy spent on the host and
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
