@@ -7,37 +7,43 @@ Contract. A rule aggregates ONE node's neighbourhood::
 Row 0 of ``x`` is the receiving node's own vector and is always valid; ``weights`` are the mixing weights ``W_ij``
 (0 on padding). Padded rows may hold anything, inf and NaN included: they are removed by select, never by
 multiplying with 0. Every rule accepts ``weights``; the server-style rules (median, trimmed mean, Krum, multi-Krum,
-Bulyan, geometric median, centred clipping, MeaMed, MoNNA) ignore them and weigh the valid rows equally, as in their papers;
-``mean``, ``clipped_gossip`` and ``ios`` use them. The output keeps the input dtype (arithmetic in float32 or wider).
+Bulyan, geometric median, centred clipping, MeaMed, MoNNA) ignore them and weigh the valid rows equally, as in
+their papers; ``mean``, ``clipped_gossip`` and ``ios`` use them. The output keeps the input dtype (arithmetic in
+float32, or wider for wider inputs). Distance-based rules assume finite valid rows; the coordinate-wise ones also
+tolerate infinite attacker values within their breakdown point.
 
-:func:`aggregate` lifts a rule over the gathered ``[N, K, D]`` block with ``jax.vmap`` (chunked with ``lax.map``
-when the temporaries would exceed a memory budget). Pre-aggregators (``PRE_REGISTRY``) transform the neighbourhood
+:func:`aggregate` lifts a rule over the gathered ``[N, K, D]`` block with ``jax.vmap``, in chunks of nodes when
+its temporaries would exceed a memory budget. Pre-aggregators (``PRE_REGISTRY``) transform the neighbourhood
 first: ``pre(key, x, mask, weights, **hyper) -> (x, mask, weights)``. ``DEFAULTS`` lists every hyper-parameter
-with its default; :func:`validate` checks a configuration on the host before compilation.
+with its default; :func:`validate` checks a configuration on the host before compilation. ``reference`` holds
+plain NumPy versions of every rule (the test oracles).
 
-Hyper-parameters (``f`` always counts tolerated Byzantine rows in one neighbourhood, self included in n):
+Hyper-parameters (``f`` always counts tolerated Byzantine rows in one neighbourhood of n valid rows, self
+included):
 
 - ``trimmed_mean``, ``meamed``, ``monna``, ``nnm``: ``f`` values/rows dropped; need n > 2f.
 - ``krum``: ``f``; needs n - f - 2 >= 1. ``multi_krum``: ``f`` and ``m`` (rows averaged; 0 = n - f).
 - ``bulyan``: ``f``; needs n >= 4f + 3.
 - ``geometric_median``: ``nu`` (smoothing radius > 0), ``iters`` (max Weiszfeld steps), ``tol`` (relative).
 - ``centered_clip``: ``tau`` (radius >= 0), ``iters``.
-- ``clipped_gossip``: ``tau`` (radius >= 0), ``adaptive`` (tau = distance of the (m - f)-th closest neighbour),
-  ``f`` (used when adaptive).
+- ``clipped_gossip``: ``tau`` (radius >= 0), ``adaptive`` (tau = distance of the (m - f)-th closest of the m
+  neighbours), ``f`` (used when adaptive).
 - ``ios``: ``f`` neighbours removed; needs f < number of neighbours.
-- ``bucketing``: ``s`` (bucket size; a static Python int, it sets the output shape).
+- ``bucketing``: ``s`` (bucket size).
 - ``clip``: ``tau`` (radius >= 0), ``self_centered`` (clip around the node's own vector instead of zero).
 
-Every other hyper-parameter may be a traced jnp scalar, so a sweep over tau, nu, tol, f, m, iters or adaptive reuses
-one compiled program (``STATIC_HYPER`` lists the exceptions).
+All of them except ``bucketing.s`` (it sets an output shape; see ``STATIC_HYPER``) may be traced jnp scalars, so a
+sweep over tau, nu, tol, f, m, iters or adaptive reuses one compiled program.
 
-BRIDGE (Yang & Bajwa; Fang, Yang & Bajwa 2022) screens the node's own and its neighbours' vectors with a robust
-rule and then takes the local gradient step (the engine's job); its screening variants are rules here, applied to the
-exchanged models with ``f = b``: BRIDGE-T = ``trimmed_mean``, BRIDGE-M = ``median``, BRIDGE-K = ``krum``,
-BRIDGE-B = ``bulyan`` (Krum selection, then a median-centred trimmed mean).
+BRIDGE (Yang & Bajwa 2019; Fang, Yang & Bajwa 2022) screens the node's own and its neighbours' vectors with a
+robust rule and then takes the local gradient step (the engine's job). Its screening variants are rules here,
+applied to the exchanged models with ``f = b``: BRIDGE-T = ``trimmed_mean``, BRIDGE-M = ``median``,
+BRIDGE-K = ``krum``, BRIDGE-B = ``bulyan`` (Krum selection, then a median-centred trimmed mean).
 
-Speed. Order statistics use sorting networks over the K rows (one fused elementwise loop, no ``jnp.sort``);
-distance rules use the centred Gram matrix and iterate in the K-dimensional coefficient space.
+Speed. Order statistics sort the K rows with a compare-exchange network fused into one elementwise loop over D (no
+``jnp.sort``). Distance rules get all pairwise squared distances from one fused pass of squared differences (no
+``[K, K, D]`` array, no cancellation-prone ``x @ x.T``) and iterate in the K-dimensional coefficient space.
+benchmarks/aggregators.py measures them against per-node loops and the memory roofline.
 """
 
 from jaxdfl.aggregators.distance import bulyan

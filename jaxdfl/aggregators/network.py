@@ -78,13 +78,13 @@ def _merged(name: str, hyper: Mapping | None, registry: Mapping, where: str) -> 
 
 
 def auto_chunk(n: int, k: int, d: int, itemsize: int = 4, budget: int = MEMORY_BUDGET_BYTES,
-               temporaries: int = 1) -> int | None:
+               temporaries: float = 0.5) -> int | None:
     """Nodes per chunk so that the rule's temporaries stay under ``budget`` bytes; None when all nodes fit at once.
 
     A node's temporaries are estimated as ``temporaries * K * D * itemsize`` bytes: the rules themselves fuse into
-    loops over D and keep at most a fraction of a ``[K, D]`` block alive (the pairwise-distance buffer is
-    ``(K - 1) / 40`` of it), while each pre-aggregator materialises one ``[K, D]`` output (``aggregate`` passes
-    ``temporaries = 1 + len(pre)``).
+    loops over D and keep at most a fraction of their ``[K, D]`` input alive (the pairwise-distance buffer is
+    ``(K - 1) / 40`` of it, hence 0.5), and each pre-aggregator materialises one ``[K, D]`` output (``aggregate``
+    passes ``temporaries = 0.5 + len(pre)``).
     """
     per_node = temporaries * k * d * itemsize
     if n * per_node <= budget:
@@ -102,8 +102,8 @@ def aggregate(key: jax.Array, block: jax.Array, mask: jax.Array, weights: jax.Ar
     or automatically when the temporaries would exceed ``memory_budget`` bytes (see :func:`auto_chunk`; default
     1 GiB, so the benchmark's 100 x 9 x 100,000 block runs in one piece). Up to ``MAX_STATIC_CHUNKS`` chunks are
     static slices of the block (no copies; XLA fuses the slicing into the rule); more chunks run in
-    ``lax.map(..., batch_size=chunk_size)``, which copies each chunk. Works under ``jit`` with ``rule``, ``pre``, ``chunk_size`` static; numeric hyper-parameters in
-    ``hyper`` may be traced (except those in ``STATIC_HYPER``).
+    ``lax.map(..., batch_size=chunk_size)``, which copies each chunk. Works under ``jit`` with ``rule``, ``pre``,
+    ``chunk_size`` static; numeric hyper-parameters in ``hyper`` may be traced (except those in ``STATIC_HYPER``).
 
     Args:
         key: PRNG key; one subkey per node and per pre-aggregator is split from it (only pre-aggregators use them).
@@ -135,7 +135,7 @@ def aggregate(key: jax.Array, block: jax.Array, mask: jax.Array, weights: jax.Ar
 
     keys = jax.random.split(key, n)
     if chunk_size is None:
-        chunk_size = auto_chunk(n, k, d, block.dtype.itemsize, memory_budget, 1 + len(steps))
+        chunk_size = auto_chunk(n, k, d, block.dtype.itemsize, memory_budget, 0.5 + len(steps))
     lifted = jax.vmap(one)
     if not chunk_size or chunk_size >= n:
         return lifted(keys, block, mask, weights)
