@@ -189,6 +189,7 @@ def build(cfg: Config | dict | str, progress: Callable | None = None) -> Experim
         raise ConfigError(f"eval_nodes={cfg.eval_nodes} exceeds the {int(honest.sum())} honest nodes")
     eval_ids = np.flatnonzero(honest)[: cfg.eval_nodes] if cfg.eval_nodes else np.arange(t.n)
     n_test = cfg.eval_samples or len(ds.y_test)
+    pool_nbr, pool_mask = stack_tables(pool)
     arrays = simulation.Arrays(
         x=jnp.asarray(shards.x), y=jnp.asarray(y), sizes=jnp.asarray(shards.sizes),
         x_test=jnp.asarray(ds.x_test[:n_test]), y_test=jnp.asarray(ds.y_test[:n_test]),
@@ -196,7 +197,7 @@ def build(cfg: Config | dict | str, progress: Callable | None = None) -> Experim
         mixing=jnp.asarray(mixing, jnp.float32), neighbors=jnp.asarray(topo.neighbors),
         mask=jnp.asarray(topo.mask), weights=jnp.asarray(topo.weights), byzantine=jnp.asarray(byz),
         edge_id=jnp.asarray(edge_ids(topo)), inter=jnp.asarray(inter_links(topo, t)),
-        **dict(zip(("pool_neighbors", "pool_mask"), map(jnp.asarray, stack_tables(pool)), strict=True)))
+        pool_neighbors=jnp.asarray(pool_nbr), pool_mask=jnp.asarray(pool_mask))
     hyper = make_hyper(cfg, z)
     return Experiment(cfg, topo, ds, shards, model, byz, spec, arrays, hyper, rates, plan, _devices(cfg))
 

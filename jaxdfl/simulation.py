@@ -203,8 +203,15 @@ def exchange(spec: Spec, key, msg, arrays: Arrays, graph: Graph):
                                     weights=graph.weights, byzantine=arrays.byzantine, rule=_bound_rule(spec))
         block, mask = attacks.REGISTRY[spec.attack](k_attack, ctx, **dict(spec.attack_hyper))
     pre = tuple((name, dict(h)) for name, h in spec.pre)
-    return aggregators.aggregate(k_agg, block, mask, graph.weights, spec.rule, dict(spec.rule_hyper), pre,
-                                 chunk_size=spec.chunk_size)
+    agg = aggregators.aggregate(k_agg, block, mask, graph.weights, spec.rule, dict(spec.rule_hyper), pre,
+                                chunk_size=spec.chunk_size)
+    # A round can leave a node fewer live rows than its rule needs (crashed senders, dropped links or nodes):
+    # such a node keeps its own message instead of applying the rule out of its domain.
+    need = max([aggregators.min_rows(spec.rule, dict(spec.rule_hyper))]
+               + [aggregators.min_rows(name, h) for name, h in pre])
+    if need > 1:
+        agg = jnp.where((jnp.sum(mask, axis=1) >= need)[:, None], agg, block[:, 0])
+    return agg
 
 
 def round_step(spec: Spec, hyper, arrays: Arrays, state: State, key) -> tuple[State, jax.Array]:

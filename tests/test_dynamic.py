@@ -145,3 +145,12 @@ def test_communication_metrics_on_a_static_ring(small_cfg):
     assert r.history["consensus_per_round"].shape == (3, 2)
     np.testing.assert_allclose(r.history["consensus_per_round"][:, -1], r.history["consensus_distance"],
                                rtol=1e-5)
+
+
+def test_too_few_live_rows_keeps_own_model(small_cfg):
+    """Trimmed mean (f=1) needs 3 rows; a node whose neighbours all dropped keeps its own message, never zeros."""
+    exp = experiment.build(small_cfg(**{"aggregation.rule": "trimmed_mean", "topology.node_dropout": 0.9}))
+    msg = jax.random.normal(jax.random.key(0), (8, exp.model.dim)) + 5.0
+    g = simulation.Graph(exp.arrays.neighbors, exp.arrays.mask.at[:, 1:].set(False), exp.arrays.weights)
+    out = simulation.exchange(exp.spec, jax.random.key(1), msg, exp.arrays, g)
+    np.testing.assert_array_equal(out, msg)

@@ -63,6 +63,7 @@ from jaxdfl.aggregators.network import REGISTRY
 from jaxdfl.aggregators.network import STATIC_HYPER
 from jaxdfl.aggregators.network import aggregate
 from jaxdfl.aggregators.network import auto_chunk
+from jaxdfl.aggregators.network import min_rows
 from jaxdfl.aggregators.network import validate
 from jaxdfl.aggregators.order_stats import meamed
 from jaxdfl.aggregators.order_stats import median
@@ -81,6 +82,7 @@ __all__ = [
     "STATIC_HYPER",
     "aggregate",
     "auto_chunk",
+    "min_rows",
     "bucketing",
     "bulyan",
     "centered_clip",

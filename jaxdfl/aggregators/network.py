@@ -170,6 +170,24 @@ def _check_hyper(name: str, h: Mapping, where: str) -> None:
                 raise ConfigError(f"{at} must be true or false, got {value!r}")
 
 
+def min_rows(name: str, hyper: Mapping | None = None) -> int:
+    """Fewest valid rows (self included) a neighbourhood needs for ``name`` with these hyper-parameters.
+
+    The engine keeps a node's own message when a round leaves it fewer (crashed or dropped neighbours).
+    """
+    h = {**DEFAULTS.get(name, {}), **(hyper or {})}
+    f = int(h.get("f", 0))
+    if name in ("trimmed_mean", "meamed", "monna", "nnm"):
+        return 2 * f + 1
+    if name in ("krum", "multi_krum"):
+        return f + 3
+    if name == "bulyan":
+        return 4 * f + 3
+    if name == "ios" or (name == "clipped_gossip" and h.get("adaptive")):
+        return f + 2
+    return 1
+
+
 def _check_sizes(name: str, h: Mapping, n_min: int, where: str) -> None:
     """Raise if f (or m) is too large for the smallest neighbourhood n_min (valid rows incl. self)."""
     f = h.get("f", 0)
