@@ -15,8 +15,8 @@ every ``eval_every`` rounds, in one program (an outer scan over evaluation chunk
 compile time does not grow with the number of rounds and nothing recompiles between chunks. ``hyper`` holds the
 numbers that may change without recompiling (see :data:`DYNAMIC`); ``arrays`` holds the data and graph.
 
-Keys: ``key`` -> (init, rounds); round r uses ``fold_in(rounds_key, r)`` split per purpose (train, privacy, attack,
-aggregation) and then per node.
+Keys: ``key`` -> (init, rounds); round r uses ``fold_in(rounds_key, r)`` split per purpose (local training, privacy
+noise, exchange = attack + aggregation, the round's graph, churn = online / straggler draws) and then per node.
 """
 
 from __future__ import annotations
