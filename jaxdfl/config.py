@@ -147,8 +147,20 @@ class Config(Mapping):
         return _thaw(self._tree)
 
     def replace(self, overrides: Mapping[str, Any] | Iterable[str] = ()) -> Config:
-        """A new validated config with dotted overrides, e.g. ``{"topology.n": 64}`` or ``["topology.n=64"]``."""
-        return make_config(self.to_dict(), overrides)
+        """A new validated config with dotted overrides, e.g. ``{"topology.n": 64}`` or ``["topology.n=64"]``.
+
+        Changing a family (``topology.kind``, ``aggregation.rule``, ``attack.name``) drops the old family's settings
+        that the new one does not take (a sweep over rules must not trip over the previous rule's ``tau``); settings
+        both take carry over.
+        """
+        changes = _parse_overrides(overrides)
+        tree = self.to_dict()
+        for key, value in changes:
+            section, _, field = key.partition(".")
+            if (section, field) in FAMILY_SELECTORS and tree[section].get(field) != value:
+                allowed = set(DEFAULTS[section]) | set(_family_keys(section, value))
+                tree[section] = {k: v for k, v in tree[section].items() if k in allowed}
+        return make_config(tree, dict(changes))
 
     def to_toml(self) -> str:
         """The config as TOML text (``None`` values are left out, since TOML has no null)."""
@@ -184,6 +196,21 @@ def _thaw(x):
     if isinstance(x, tuple | list):
         return [_thaw(v) for v in x]
     return x
+
+
+#: (section, key) pairs that pick a family whose members take different settings.
+FAMILY_SELECTORS = {("topology", "kind"), ("aggregation", "rule"), ("attack", "name")}
+
+
+def _family_keys(section: str, name: str) -> Iterable[str]:
+    """The settings family ``name`` of ``section`` takes (beyond the section's fixed keys)."""
+    from jaxdfl import aggregators, attacks, topology
+
+    if section == "topology":
+        return topology.PARAMS.get(name, {})
+    if section == "aggregation":
+        return [*aggregators.DEFAULTS.get(name, {}), *aggregators.PRE_REGISTRY]
+    return attacks.DEFAULTS.get(name, {})
 
 
 # --------------------------------------------------------------------------------------------- loading

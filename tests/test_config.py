@@ -77,3 +77,19 @@ def test_cli_config_error_exit_2_one_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "topology.degre" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_replace_switching_family_drops_settings_the_new_one_does_not_take():
+    cfg = make_config({"topology": {"kind": "random_regular", "n": 12, "degree": 3},
+                       "aggregation": {"rule": "centered_clip", "tau": 2.0},
+                       "attack": {"name": "alie", "byzantine": 1, "z": 1.5}})
+    ring = cfg.replace({"topology.kind": "ring"})
+    assert "degree" not in ring.topology and ring.topology.n == 12
+    median = cfg.replace({"aggregation.rule": "median"})
+    assert "tau" not in median.aggregation
+    krum = cfg.replace({"aggregation.rule": "trimmed_mean", "aggregation.f": 2}).replace({"aggregation.rule": "krum"})
+    assert krum.aggregation.f == 2  # a setting both rules take carries over
+    ipm = cfg.replace({"attack.name": "ipm"})
+    assert "z" not in ipm.attack and ipm.attack.byzantine == 1
+    with pytest.raises(ConfigError, match="topology.degre"):
+        cfg.replace({"topology.degre": 3})  # typos are still errors
