@@ -41,7 +41,11 @@ ATTACKS = {
     "ipm": {"attack.eps": 0.5},
     "dissensus": {"attack.eps": 1.5},
     "label_flip": {},
+    # the strongest scale per receiver against the rule in use (line search); not in the default table
+    "alie_adaptive": {"attack.name": "alie", "attack.adaptive": True},
+    "ipm_adaptive": {"attack.name": "ipm", "attack.adaptive": True},
 }
+DEFAULT_ATTACKS = ["none", "sign_flip", "large_norm", "gaussian", "alie", "ipm", "dissensus", "label_flip"]
 #: f per neighbourhood for the rules that take it, by graph
 F = {"random_regular": 2, "ring": 1}
 RULE_EXTRA = {"centered_clip": {"aggregation.tau": 1.0, "aggregation.iters": 3},
@@ -101,7 +105,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--graphs", default="random_regular,ring")
     ap.add_argument("--rules", default=",".join(RULES))
-    ap.add_argument("--attacks", default=",".join(ATTACKS))
+    ap.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS), help=f"from {', '.join(ATTACKS)}")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override the base configs, e.g. data.partition=dirichlet")
     ap.add_argument("--no-nnm", action="store_true", help="skip the rows with NNM")

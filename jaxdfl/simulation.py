@@ -98,7 +98,7 @@ class Spec:
     inter_every: int = 0  # hierarchical: bridge links live every this many rounds (0: always)
     message_bytes: int = 0  # bytes of one message (D x 4)
     accuracy_threshold: float = 0.0
-    eval_batch: int = 64  # nodes evaluated at once
+    eval_batch: int = 8  # nodes evaluated at once (8 beat 64 by 1.5-3x on CPU: activations stay in cache)
     progress: Callable | None = field(default=None, compare=False)
 
     @property
