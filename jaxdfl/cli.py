@@ -95,12 +95,9 @@ def cmd_run(args) -> int:
     else:
         if not args.config:
             raise ConfigError("run needs a CONFIG file (or --resume DIR)")
-        overrides = list(args.set or [])
-        if args.seeds is not None:
-            overrides.append(f"seeds={args.seeds}")
-        cfg = config_mod.load_config(args.config, overrides)
+        cfg = _base_config(args)
         out = Path(args.out) if args.out else None
-    if out is not None:
+    if out is not None:  # written first, so that a run killed midway can be resumed from its folder
         from jaxdfl import results
 
         results.atomic_write(out / "config.toml", cfg.to_toml())
