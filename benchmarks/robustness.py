@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 
 import jaxdfl  # noqa: E402
 from jaxdfl.errors import ConfigError  # noqa: E402
-from jaxdfl.results import atomic_write  # noqa: E402
+from jaxdfl.results import atomic_write, save_figure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,11 +84,7 @@ def heatmap(path: Path, rows: list[str], cols: list[str], table: np.ndarray, tit
             ax.text(j, i, "n/a" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.03)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    save_figure(path, fig)
 
 
 def replot(out: Path) -> None:

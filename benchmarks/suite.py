@@ -18,7 +18,6 @@ Writes suite.json and suite.png under --out and prints markdown tables.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ from rounds import engine_round_seconds, loop_round_seconds  # noqa: E402
 from jaxdfl import experiment, simulation  # noqa: E402
 from jaxdfl.config import make_config  # noqa: E402
 from jaxdfl.errors import ConfigError  # noqa: E402
-from jaxdfl.results import atomic_write  # noqa: E402
+from jaxdfl.results import atomic_write, save_figure  # noqa: E402
 from jaxdfl.training import local_train  # noqa: E402
 
 BASE = {
@@ -182,11 +181,7 @@ def plot(path: Path, report: dict) -> None:
     ax.set_title(f"ring, MLP, 2 local steps\n{report['machine']}", fontsize=8)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    save_figure(path, fig)
 
 
 if __name__ == "__main__":

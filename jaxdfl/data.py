@@ -431,16 +431,15 @@ def format_partition_report(report: dict) -> str:
 def plot_partition(path, shards: Shards, num_classes: int, title: str = "") -> None:
     """Write a PNG of the partition: node sizes (bars) above a node x class heat-map of each node's label shares.
 
-    Written atomically (temporary file, then rename) via :func:`jaxdfl.results.atomic_write`.
+    Written atomically (temporary file, then rename) via :func:`jaxdfl.results.save_figure`.
     """
-    import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from jaxdfl.results import atomic_write
+    from jaxdfl.results import save_figure
 
     report = partition_report(shards, num_classes)
     hist = np.asarray(report["label_histogram"])
@@ -460,7 +459,4 @@ def plot_partition(path, shards: Shards, num_classes: int, title: str = "") -> N
     ax_h.set_xlabel("node")
     ax_h.set_ylabel("class")
     fig.colorbar(im, ax=ax_h, label="share of the node's examples", shrink=0.9)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    save_figure(path, fig, tight_layout=False)

@@ -78,6 +78,18 @@ def write_csv(path, header: list[str], rows: list[list]) -> None:
     atomic_write(path, buf.getvalue())
 
 
+def save_figure(path, fig, *, tight_layout: bool = True, dpi: int = 110, **savefig_kwargs) -> None:
+    """Render a matplotlib figure to PNG, close it, and write it atomically to ``path``."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    if tight_layout:
+        fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=dpi, **savefig_kwargs)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+
+
 def per_round_consensus(history: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """``(rounds [R], consensus [R] or [S, R])`` from the per-round series stored with each evaluation."""
     per = np.asarray(history["consensus_per_round"])  # [E, every] or [S, E, every]
@@ -100,11 +112,7 @@ def plot_consensus(path, history: Mapping[str, np.ndarray]) -> None:
     ax.set_xlabel("round")
     ax.set_ylabel("consensus distance (honest)")
     ax.grid(alpha=0.3, which="both")
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    save_figure(path, fig)
 
 
 def plot_accuracy(path, history: Mapping[str, np.ndarray], title: str = "") -> None:
@@ -128,8 +136,4 @@ def plot_accuracy(path, history: Mapping[str, np.ndarray], title: str = "") -> N
     ax.legend(loc="lower right")
     if title:
         ax.set_title(title)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    save_figure(path, fig)

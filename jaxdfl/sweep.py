@@ -163,7 +163,7 @@ def plot_sweep(out: Path, settings) -> None:
     ax.set_ylabel("honest mean test accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
-    _save(fig, out / "accuracy.png")
+    results.save_figure(out / "accuracy.png", fig)
     if len({round(g, 12) for g, _, _ in finals}) > 1:
         fig, ax = plt.subplots(figsize=(6, 4))
         gaps, accs, labels = zip(*finals, strict=True)
@@ -174,17 +174,7 @@ def plot_sweep(out: Path, settings) -> None:
         ax.set_xlabel("spectral gap")
         ax.set_ylabel("final honest mean accuracy")
         ax.grid(alpha=0.3)
-        _save(fig, out / "accuracy_vs_gap.png")
-
-
-def _save(fig, path):
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    results.atomic_write(path, buf.getvalue())
+        results.save_figure(out / "accuracy_vs_gap.png", fig)
 
 
 # --------------------------------------------------------------------------------------------- privacy-utility
@@ -256,7 +246,7 @@ class PrivacyUtility:
         ax.set_ylabel("final honest mean accuracy")
         ax.set_title(f"privacy-utility, privacy.mode = {self.base.privacy.mode}")
         ax.grid(alpha=0.3)
-        _save(fig, Path(path))
+        results.save_figure(Path(path), fig)
 
 
 def stderr_log(msg: str) -> None:

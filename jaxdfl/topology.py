@@ -682,14 +682,13 @@ def describe(topo: Topology) -> dict[str, Any]:
 
 def plot(topo: Topology, path, byzantine: np.ndarray | None = None) -> None:
     """Draw the graph to a PNG (spring layout; Byzantine nodes in red when a node mask is given)."""
-    import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from jaxdfl.results import atomic_write
+    from jaxdfl.results import save_figure
 
     pos = nx.circular_layout(topo.graph) if topo.kind in ("ring", "exponential") else \
         nx.spring_layout(topo.graph, seed=0)
@@ -704,7 +703,4 @@ def plot(topo: Topology, path, byzantine: np.ndarray | None = None) -> None:
         title += f", {int(np.sum(byzantine))} Byzantine (red)"
     ax.set_title(title)
     ax.axis("off")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    save_figure(path, fig, tight_layout=False, dpi=100, bbox_inches="tight")
