@@ -33,10 +33,6 @@ from jaxdfl import aggregators, attacks, gossip
 from jaxdfl.privacy import mechanisms
 from jaxdfl.training import LocalSpec, local_train, make_optimizer
 
-#: Metrics of :func:`evaluate`, plus the round they were taken at.
-METRIC_NAMES = ("accuracy_mean", "accuracy_min", "accuracy_max", "loss_mean", "consensus_distance",
-                "above_threshold", "diverged", "round", "consensus_per_round", "messages_per_node", "bytes_per_node")
-
 #: Hyper-parameters passed as traced values: changing them reuses the compiled program.
 DYNAMIC = ("lr", "momentum", "clip_norm", "noise_multiplier", "drop_prob", "node_dropout", "stragglers")
 
