@@ -64,6 +64,10 @@ __all__ = [
 class AttackContext(NamedTuple):
     """Everything an attack may look at (the omniscient adversary), for all N receivers at once.
 
+    The engine may serve the receivers in chunks: then ``block``, ``neighbors``, ``mask`` and ``weights`` hold R < N
+    receivers' rows while ``messages`` and ``byzantine`` stay global, so an attack must treat receivers row by row
+    (every attack here does) and size node-id checks on ``messages``.
+
     Fields:
         messages: [N, D] what every node would send if honest (Byzantine rows: what it computed training honestly).
         block: [N, K, D] messages[neighbors]; row 0 of receiver i is i itself.
@@ -471,11 +475,11 @@ def mimic(key: jax.Array, ctx: AttackContext, target=None):
         Karimireddy, He, Jaggi, Byzantine-robust learning on heterogeneous datasets via bucketing, 2022.
     """
     del key
-    n, k, _ = ctx.block.shape
     if target is not None:
+        n = ctx.messages.shape[0]  # all nodes: the block may hold only a chunk of the receivers
         if not 0 <= int(target) < n:
             raise ConfigError(f"attack.target: mimic target must be a node id in [0, {n}), got {target}")
-        return _replace(ctx, jnp.broadcast_to(ctx.messages[int(target)], (n, ctx.block.shape[2])))
+        return _replace(ctx, jnp.broadcast_to(ctx.messages[int(target)], (ctx.block.shape[0], ctx.block.shape[2])))
     candidate = honest_rows(ctx) & ~_row0(ctx)
     ids = jnp.where(candidate, ctx.neighbors, jnp.iinfo(jnp.int32).max)
     row = jnp.where(jnp.any(candidate, axis=1), jnp.argmin(ids, axis=1), 0)

@@ -79,6 +79,14 @@ SHARDED = textwrap.dedent("""
         out[rule + gossip] = [float(np.max(np.abs(one.history[k] - many.history[k])))
                               for k in ("accuracy_mean", "consensus_distance")]
         out[rule + gossip].append(four.devices)
+    # the robust exchange in chunks of 3 receivers (at nodes 0, 3, 5: the last overlaps) on the sharded node axis
+    attacked = dict(base, aggregation={"rule": "trimmed_mean", "f": 1}, attack={"name": "alie", "byzantine": 2})
+    one = experiment.run(make_config(attacked, {"parallel.devices": 1}))
+    chunked = make_config(attacked, {"parallel.devices": 4, "parallel.chunk_size": 3})
+    many, four = experiment.run(chunked), experiment.build(chunked)
+    assert four.spec.chunk_size == 3 and four.spec.exchange == "robust"
+    out["chunked"] = [float(np.max(np.abs(one.history[k] - many.history[k])))
+                      for k in ("accuracy_mean", "consensus_distance")] + [four.devices]
     try:
         experiment.build(make_config(dict(base, topology={"kind": "ring", "n": 6}), {"parallel.devices": 4}))
         out["error"] = None
@@ -94,7 +102,7 @@ def test_sharded_equals_single_device():
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("meandense", "meansparse", "medianauto"):
+    for key in ("meandense", "meansparse", "medianauto", "chunked"):
         acc_err, cons_err, devices = out[key]
         assert devices == 4
         assert acc_err <= 1e-6 and cons_err <= 1e-4 * 1.0
