@@ -2,35 +2,42 @@
 
 For each rule and size (N nodes, K rows per neighbourhood, D coordinates, float32) it times, in one run:
 
-- ``ms``: ``jaxdfl.aggregators.aggregate`` (the rule vmapped over all nodes, jitted), best of ``--reps`` calls;
-- ``loop ms``: a Python loop over nodes calling the same one-node rule, jitted once, on pre-sliced ``[K, D]``
-  inputs (best of fewer calls; on the large size extrapolated from a subset of nodes);
-- ``numpy loop ms``: a Python loop over nodes calling the plain NumPy reference of the rule (float64, per node,
-  as the peer libraries do), extrapolated from ``--numpy-nodes`` nodes;
-- ``x roofline``: ``ms`` divided by the time to read the N*K*D block once at the bandwidth measured in the same run
-  by a large array copy (read + write of a donated buffer).
+- ``ms``: ``jaxdfl.aggregators.aggregate`` (the rule vmapped over all nodes) per call in steady state, the way the
+  engine runs it every round: ``(T(c2) - T(c1)) / (c2 - c1)`` where ``T(c)`` is the best wall time of one compiled
+  program making ``c`` chained calls. The difference removes what a program pays once (copying its input into the
+  loop, the first touch of freshly allocated output pages), which a round inside the engine's ``lax.scan`` never
+  pays;
+- ``call ms``: one standalone jitted call, fixed costs included (best of ``--reps``);
+- three per-node Python loops over the N neighbourhoods: ``eager loop`` calls the same one-node rule as a plain
+  Python function (what a per-node simulator does), ``jit loop`` calls it jitted once (the strongest per-node
+  baseline: only the dispatch per node is lost), ``numpy loop`` calls the float64 NumPy reference (the peer
+  libraries' way); each is timed on a subset of nodes and scaled to N;
+- ``x roofline``: ``ms`` divided by the time to read the N*K*D block once at the copy bandwidth measured in the
+  same run (``common.bandwidth_gbs``).
 
-Usage: ``python benchmarks/aggregators.py [--out benchmarks/aggregators.md]``. Total runtime is a few minutes on a
-2-core CPU.
+Usage: ``python benchmarks/aggregators.py [--out benchmarks/aggregators.md]`` (about ten minutes on a 2-core CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import os
-import platform
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdfl import aggregators as A
-from jaxdfl.aggregators import reference as R
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import bandwidth_gbs, machine  # noqa: E402
+
+from jaxdfl import aggregators as A  # noqa: E402
+from jaxdfl.aggregators import reference as R  # noqa: E402
 
 ORDER_STATS = ("median", "trimmed_mean", "meamed")
+ROOFLINE_TARGET = {"mean": 3, "median": 3, "trimmed_mean": 3, "krum": 5, "multi_krum": 5}
 
 NOTES = """## Notes
 
@@ -39,19 +46,21 @@ NOTES = """## Notes
   no `jnp.sort`. Distance rules compute all K(K-1)/2 pairwise squared distances in one fused pass of squared
   differences (no `[K, K, D]` array, no cancellation-prone `x @ x.T`), then work on K x K matrices; iterative rules
   (geometric median, centred clipping, IOS) iterate on K coefficients and read the block once more to combine.
-- Why not a Gram matrix `x @ x.T`: on this XLA:CPU build a batched `[N, K, D] x [N, D, K]` dot is lowered to a
-  YNNPACK kernel that took about 1 s for the 100 x 9 x 100,000 block during development (4-5x slower than the
-  per-node loop), and it loses the distances of near-identical vectors to cancellation. The squared-difference
-  pass is 4-5x faster, exact, and reads the block once; it still costs 36 differences per coordinate for K = 9,
-  which is why Krum-type rules sit well above the roofline (they are compute-, not memory-bound).
-- The jitted per-node loop runs the same fused kernel per node. At D = 100,000 each call already streams 3.6 MB,
-  so the loop adds only dispatch overhead, and the whole-network call can only win that back plus some
-  parallelism: a 10x or 100x speed-up over it is out of reach at this D. At D = 1,000 (third table) the per-call
-  overhead dominates and the whole-network call wins by an order of magnitude. Against per-node NumPy (what the
-  peer libraries do) the speed-ups are one to two orders of magnitude.
-- Timings are best-of-N wall times on a shared 2-core machine (other jobs were running: see the load average);
-  the copy bandwidth is measured in the same run, so the roofline ratios are internally consistent, but
-  absolute times vary by up to 2x between runs.
+- `ms` against `call ms`: a standalone call also pays for its output. XLA:CPU gets the 40 MB output of the main
+  size from `malloc`, which maps fresh pages for blocks over 32 MB, and the kernel zero-fills each page on first
+  touch (about 20 ms here). Inside the engine the round's buffers are reused by every round of the `lax.scan`, so
+  `ms` is what a round costs. `MALLOC_MMAP_THRESHOLD_=4294967296` makes standalone calls reuse their pages too.
+- Distance rules are compute-bound on XLA:CPU. Krum-type rules need 36 squared differences per coordinate for
+  K = 9. Alternatives measured on the main size, steady state: a batched Gram `einsum('kd,jd->kj')` under vmap was
+  6x slower than the fused squared-difference pass (XLA:CPU lowers the batched dot with tiny K badly), a per-node
+  `jnp.dot` in `lax.map` about as fast but cancellation-prone, and centring plus products, one multi-output
+  accumulator per pair, or a `[pairs, D/b, b]` blocked reduction were 1.5-30x slower.
+- Per-node loops: at D = 100,000 each jitted per-node call already streams 3.6 MB at memory speed, so the
+  whole-network call can win back only the per-node dispatch and the second core: a 10x or 100x speed-up over the
+  jitted loop is out of reach at this D (the roofline bounds it at `jit loop ms` / roofline). At D = 1,000 (third
+  table) the per-call overhead dominates and the whole-network call wins by an order of magnitude even over it.
+- Timings are best-of-N wall times on a shared 2-core machine (see the load average); bandwidth and kernels are
+  measured in the same run, so ratios are internally consistent, but absolute times vary by up to 2x between runs.
 """
 
 
@@ -66,28 +75,36 @@ def best_time(fn, reps: int) -> float:
     return best
 
 
-def copy_bandwidth(nbytes: int = 1 << 29, reps: int = 7) -> float:
-    """Sustained bandwidth in bytes/s of an out-of-place-free copy: ``a <- a + 1`` on a donated buffer counts one
-    read and one write of every byte."""
-    f = jax.jit(lambda a: a + 1.0, donate_argnums=0)
-    a = jnp.zeros((nbytes // 4,), jnp.float32)
-    a = f(a)
-    a.block_until_ready()
-    best = np.inf
-    for _ in range(reps):
-        t = time.perf_counter()
-        a = f(a)
-        a.block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * nbytes / best
+def chained(fn, args, calls: int):
+    """One compiled program calling ``fn(*args)`` ``calls`` times in a loop; returns a thunk that runs it.
+
+    An optimisation barrier ties the inputs to the loop counter, so XLA cannot hoist the loop-invariant call out of
+    the loop; the output is the loop carry, so every call's output reuses one buffer, as in the engine's scan.
+    """
+    out = jax.eval_shape(fn, *args)
+
+    def body(i, carry):
+        a, _ = carry
+        a, _ = jax.lax.optimization_barrier((a, i))
+        return a, fn(*a)
+
+    prog = jax.jit(lambda *a: jax.lax.fori_loop(0, calls, body, (a, jnp.zeros(out.shape, out.dtype)))[1])
+    return lambda: prog(*args)
+
+
+def steady_time(fn, args, reps: int, calls: tuple[int, int] = (2, 10)) -> float:
+    """Seconds per call in steady state: ``(T(c2) - T(c1)) / (c2 - c1)`` for :func:`chained` programs."""
+    c1, c2 = calls
+    t1 = best_time(chained(fn, args, c1), reps)
+    t2 = best_time(chained(fn, args, c2), reps)
+    return max(t2 - t1, 0.0) / (c2 - c1)
 
 
 def make_inputs(n: int, k: int, d: int, seed: int = 0):
-    """A random [N, K, D] block, every node with a random number of valid rows (at least K - 2), Metropolis-like
-    weights, and NaN in the padded rows (they must not matter)."""
+    """A random [N, K, D] block, every node with a random number of valid rows (at least K - 2), uniform weights
+    over the valid rows, and NaN in the padded rows (they must not matter)."""
     rng = np.random.default_rng(seed)
-    key = jax.random.key(seed)
-    block = jax.random.normal(key, (n, k, d), jnp.float32)
+    block = jax.random.normal(jax.random.key(seed), (n, k, d), jnp.float32)
     mask = np.ones((n, k), bool)
     drop = rng.integers(0, 3, size=n)
     for i in range(n):
@@ -99,66 +116,35 @@ def make_inputs(n: int, k: int, d: int, seed: int = 0):
     return block, jnp.asarray(mask), jnp.asarray(w)
 
 
-def min_size(rule: str) -> int:
-    return {"krum": 4, "multi_krum": 4}.get(rule, 3)
+def loop_time(call, nodes: int, n: int, reps: int) -> float:
+    """Seconds for ``call(i)`` over all N nodes, measured on the first ``nodes`` (best of ``reps``) and scaled."""
+    nodes = min(nodes, n)
+    return best_time(lambda: [call(i) for i in range(nodes)], reps) * n / nodes
 
 
-def run_size(n, k, d, rules, reps, loop_reps, loop_nodes, numpy_nodes, bandwidth):
+def run_size(n, k, d, rules, args, roofline_s):
+    big = n * k * d * 4 > 1e9
+    reps = 1 if big else args.reps
     block, mask, w = make_inputs(n, k, d)
-    roofline = block.size * block.dtype.itemsize / bandwidth
     key = jax.random.key(1)
-    agg = jax.jit(A.aggregate, static_argnames=("rule",))
-    host_block = np.asarray(block)
-    host_mask = np.asarray(mask)
-    host_w = np.asarray(w)
-    loop_nodes = min(loop_nodes, n)
-    pieces = [(jnp.asarray(host_block[i]), jnp.asarray(host_mask[i]), jnp.asarray(host_w[i]))
-              for i in range(loop_nodes)]
-    # Whole-network calls: compile all, then time the rules round-robin (best per rule), so that a burst of load
-    # from other processes does not land on all repetitions of one rule.
-    calls = {rule: functools.partial(agg, key, block, mask, w, rule) for rule in rules}
-    for call in calls.values():
-        jax.block_until_ready(call())
-    best = {rule: np.inf for rule in rules}
-    for _ in range(reps):
-        for rule, call in calls.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(call())
-            best[rule] = min(best[rule], time.perf_counter() - t0)
+    host = [np.asarray(a) for a in (block, mask, w)]
+    pieces = [tuple(jnp.asarray(a[i]) for a in host) for i in range(min(args.loop_nodes, n))]
     rows = []
     for rule in rules:
         h = dict(A.DEFAULTS[rule])
-        t = best[rule]
-        one = jax.jit(functools.partial(A.REGISTRY[rule], **h))
-
-        def loop():
-            return jnp.stack([one(*p) for p in pieces])
-
-        t_loop = best_time(loop, loop_reps) * n / loop_nodes
-        ref = R.REGISTRY[rule]
-        t0 = time.perf_counter()
-        for i in range(numpy_nodes):
-            ref(host_block[i], host_mask[i], host_w[i], **h)
-        t_np = (time.perf_counter() - t0) * n / numpy_nodes
-        rows.append((rule, t, t_loop, t_np, roofline))
-        print(f"  {rule:17s} {t * 1e3:9.1f} ms  loop {t_loop * 1e3:9.1f} ms  numpy loop {t_np * 1e3:9.0f} ms  "
-              f"x roofline {t / roofline:5.1f}", flush=True)
-    del block
+        agg = functools.partial(A.aggregate, key, rule=rule)
+        t = steady_time(agg, (block, mask, w), reps)
+        t_call = best_time(functools.partial(jax.jit(agg), block, mask, w), reps)
+        one = functools.partial(A.REGISTRY[rule], **h)
+        one_jit = jax.jit(one)
+        t_eager = loop_time(lambda i: one(*pieces[i]), args.eager_nodes, n, 1)
+        t_jit = loop_time(lambda i: one_jit(*pieces[i]), 20 if big else args.loop_nodes, n, args.loop_reps)
+        t_np = loop_time(lambda i: R.REGISTRY[rule](host[0][i], host[1][i], host[2][i], **h), args.numpy_nodes, n, 1)
+        rows.append(dict(rule=rule, ms=t * 1e3, call_ms=t_call * 1e3, roofline=t / roofline_s,
+                         eager_ms=t_eager * 1e3, jit_ms=t_jit * 1e3, numpy_ms=t_np * 1e3))
+        print(f"  {rule:17s} {t * 1e3:8.1f} ms  call {t_call * 1e3:8.1f}  x roofline {t / roofline_s:5.2f}  "
+              f"eager {t_eager * 1e3:8.0f}  jit loop {t_jit * 1e3:7.0f}  numpy {t_np * 1e3:7.0f}", flush=True)
     return rows
-
-
-def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()}), "
-            f"load average at start {load:.1f}")
 
 
 def table(results, bandwidth, command, info) -> str:
@@ -167,26 +153,27 @@ def table(results, bandwidth, command, info) -> str:
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {info}. Copy bandwidth measured in the same run: {bandwidth / 1e9:.1f} GB/s.",
+        f"Machine: {info}. Copy bandwidth measured in the same run: {bandwidth:.1f} GB/s.",
         "",
-        "`ms`: `aggregate` (rule vmapped over all N nodes, jitted), best of several calls timed round-robin over "
-        "the rules. `loop ms`: Python loop over "
-        "nodes calling the same jitted one-node rule (large size: extrapolated from a subset of nodes). "
-        "`numpy loop ms`: Python loop over nodes calling the plain float64 NumPy reference (extrapolated). "
-        "`x roofline`: `ms` / time to read the N*K*D float32 block once at the copy bandwidth. Default "
-        "hyper-parameters (`DEFAULTS`); each node has K-2..K valid rows, NaN in the padding.",
+        "`ms`: `aggregate` (the rule vmapped over all N nodes) per call in steady state, inside one compiled loop "
+        "as in the engine's round scan; `call ms`: one standalone jitted call (output allocation included). Loops "
+        "over nodes, scaled from a subset: `eager` calls the same one-node rule as a Python function, `jit` the "
+        "same rule jitted once, `numpy` the float64 NumPy reference. `x roofline`: `ms` / time to read the N*K*D "
+        "float32 block once at the copy bandwidth. Default hyper-parameters (`DEFAULTS`); each node has K-2..K "
+        "valid rows, NaN in the padding.",
         "",
     ]
-    for (n, k, d, chunk), rows in results:
-        roof = rows[0][4]
+    for (n, k, d, chunk, roofline_ms), rows in results:
         note = f", chunked automatically ({chunk} nodes per chunk)" if chunk else ""
-        lines += [f"## N={n}, K={k}, D={d:,} (block {n * k * d * 4 / 1e9:.2f} GB, roofline {roof * 1e3:.1f} ms"
+        lines += [f"## N={n}, K={k}, D={d:,} (block {n * k * d * 4 / 1e9:.2f} GB, roofline {roofline_ms:.1f} ms"
                   f"{note})", "",
-                  "| rule | ms | loop ms | speed-up vs loop | numpy loop ms | speed-up vs numpy | x roofline |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for rule, t, t_loop, t_np, roofline in rows:
-            lines.append(f"| {rule} | {t * 1e3:.1f} | {t_loop * 1e3:.0f} | {t_loop / t:.1f}x | {t_np * 1e3:.0f} | "
-                         f"{t_np / t:.0f}x | {t / roofline:.1f} |")
+                  "| rule | ms | x roofline | call ms | eager loop ms | vs eager | jit loop ms | vs jit | "
+                  "numpy loop ms | vs numpy |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            lines.append(f"| {r['rule']} | {r['ms']:.1f} | {r['roofline']:.2f} | {r['call_ms']:.1f} | "
+                         f"{r['eager_ms']:.0f} | {r['eager_ms'] / r['ms']:.0f}x | {r['jit_ms']:.0f} | "
+                         f"{r['jit_ms'] / r['ms']:.1f}x | {r['numpy_ms']:.0f} | {r['numpy_ms'] / r['ms']:.0f}x |")
         lines.append("")
     lines += targets(results[0])
     lines.append(NOTES)
@@ -194,19 +181,22 @@ def table(results, bandwidth, command, info) -> str:
 
 
 def targets(result) -> list[str]:
-    """The issue's speed targets, checked on the first (main) size."""
-    (n, k, d, _), rows = result
-    out = [f"## Targets at N={n}, K={k}, D={d:,}", ""]
-    for rule, t, t_loop, t_np, roofline in rows:
+    """The issue's speed targets, checked on the first (main) size: roofline, and speed-up over per-node loops."""
+    (n, k, d, _, _), rows = result
+    out = [f"## Targets at N={n}, K={k}, D={d:,}", "",
+           "Roofline: mean, median, trimmed mean within 3x, Krum and multi-Krum within 5x. Per-node loop: every "
+           "rule 10x faster, order statistics 100x (shown against each loop).", ""]
+    for r in rows:
         goals = []
-        if rule in ("mean", "median", "trimmed_mean"):
-            goals.append(("<= 3x roofline", t / roofline <= 3))
-        if rule in ("krum", "multi_krum"):
-            goals.append(("<= 5x roofline", t / roofline <= 5))
-        need = 100 if rule in ORDER_STATS else 10
-        goals.append((f">= {need}x vs jitted loop", t_loop / t >= need))
-        goals.append((f">= {need}x vs NumPy loop", t_np / t >= need))
-        out.append(f"- {rule}: " + ", ".join(f"{g} {'met' if ok else 'NOT met'}" for g, ok in goals))
+        if r["rule"] in ROOFLINE_TARGET:
+            limit = ROOFLINE_TARGET[r["rule"]]
+            goals.append(f"<= {limit}x roofline: {'met' if r['roofline'] <= limit else 'NOT met'} "
+                         f"({r['roofline']:.2f}x)")
+        need = 100 if r["rule"] in ORDER_STATS else 10
+        for loop in ("eager", "jit", "numpy"):
+            speedup = r[f"{loop}_ms"] / r["ms"]
+            goals.append(f">= {need}x vs {loop} loop: {'met' if speedup >= need else 'NOT met'} ({speedup:.0f}x)")
+        out.append(f"- {r['rule']}: " + "; ".join(goals))
     return out + [""]
 
 
@@ -214,36 +204,34 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rules", default=",".join(A.REGISTRY))
     p.add_argument("--sizes", default="100x9x100000,300x17x100000,1000x9x1000", help="NxKxD,...")
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=3)
     p.add_argument("--loop-reps", type=int, default=2)
-    p.add_argument("--loop-nodes", type=int, default=100,
-                   help="nodes timed in the jitted loop, then extrapolated (20 on blocks over 1 GB, where the "
-                        "aggregate call and the NumPy loop are also timed once)")
-    p.add_argument("--numpy-nodes", type=int, default=3, help="nodes timed in the NumPy loop (then extrapolated)")
+    p.add_argument("--loop-nodes", type=int, default=100, help="nodes timed in the jitted loop (20 on blocks over "
+                   "1 GB, where every timing is also a single repetition)")
+    p.add_argument("--eager-nodes", type=int, default=3, help="nodes timed in the eager loop")
+    p.add_argument("--numpy-nodes", type=int, default=3, help="nodes timed in the NumPy loop")
     p.add_argument("--out", default=None, help="write the markdown table here")
     args = p.parse_args(argv)
-    command = "python benchmarks/aggregators.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = ("python benchmarks/aggregators.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     info = machine()
     print(info, flush=True)
-    bandwidth = copy_bandwidth()
-    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
-    rules = args.rules.split(",")
+    bandwidth = bandwidth_gbs()
+    print(f"copy bandwidth {bandwidth:.1f} GB/s", flush=True)
     results = []
     start = time.perf_counter()
     for spec in args.sizes.split(","):
         n, k, d = (int(v) for v in spec.split("x"))
         chunk = A.auto_chunk(n, k, d)  # what aggregate() picks for a rule without pre-aggregators
-        print(f"N={n} K={k} D={d} chunk={chunk}", flush=True)
-        big = n * k * d * 4 > 1e9
-        rows = run_size(n, k, d, rules, 1 if big else args.reps, args.loop_reps,
-                        min(args.loop_nodes, 20) if big else args.loop_nodes, 1 if big else args.numpy_nodes,
-                        bandwidth)
-        results.append(((n, k, d, chunk), rows))
+        roofline_s = n * k * d * 4 / (bandwidth * 1e9)
+        print(f"N={n} K={k} D={d} chunk={chunk} roofline {roofline_s * 1e3:.1f} ms", flush=True)
+        rows = run_size(n, k, d, args.rules.split(","), args, roofline_s)
+        results.append(((n, k, d, chunk, roofline_s * 1e3), rows))
     print(f"total {time.perf_counter() - start:.0f} s", flush=True)
-    md = table(results, bandwidth, command.strip(), info)
+    md = table(results, bandwidth, command, info)
     if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(md + "\n")
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(md + "\n")
+        tmp.replace(args.out)
     print(md)
 
 
