@@ -462,16 +462,17 @@ def peak_bytes(exp: Experiment) -> int:
     """Estimated peak device memory of a round, in bytes (float32).
 
     Node state (parameters, round-start copy, message, aggregate, optimizer moments: about 6 x N x D), the data
-    shards and test set, the gathered neighbourhood block N x K x D on the robust path (bounded by the
-    aggregators' chunking budget), and DP-SGD's per-example gradients (N x buffer x D).
+    shards and test set, the robust exchange's working set (``simulation.exchange_temporaries`` neighbourhood
+    blocks of K x D per receiver, for the receivers of one chunk: see ``simulation.exchange_chunk``), and DP-SGD's
+    per-example gradients (N x buffer x D).
     """
     n, d = exp.spec.n, exp.model.dim
     k = int(exp.arrays.neighbors.shape[1])
     total = 6 * n * d * 4
     total += sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in (exp.arrays.x, exp.arrays.x_test))
     if exp.spec.exchange == "robust":
-        block = n * k * d * 4
-        total += block + min(2 * block, aggregators.MEMORY_BUDGET_BYTES)  # the block + the rule's temporaries
+        receivers = simulation.exchange_chunk(exp.spec, n, k, d) or n
+        total += int(receivers * simulation.exchange_temporaries(exp.spec) * k * d * 4)
     if exp.spec.local.dp_example:
         total += n * exp.spec.local.dp_buffer * d * 4
     return int(total)

@@ -145,3 +145,14 @@ def test_end_to_end_forced_chunks_match(small_cfg):
     assert experiment.build(small_cfg(**over, **{"parallel.chunk_size": 3})).spec.chunk_size == 3
     for k in ("accuracy_mean", "loss_mean", "consensus_distance"):
         np.testing.assert_allclose(chunked.history[k], whole.history[k], rtol=1e-4, atol=1e-6)
+
+
+def test_peak_bytes_counts_one_chunk(small_cfg):
+    """The memory estimate charges the robust exchange for the receivers of one chunk, not all N."""
+    over = {"aggregation.rule": "median", "attack.name": "sign_flip", "attack.byzantine": 2}
+    whole = experiment.build(small_cfg(**over))
+    chunked = experiment.build(small_cfg(**over, **{"parallel.chunk_size": 2}))
+    n, k, d = whole.spec.n, int(whole.arrays.neighbors.shape[1]), whole.model.dim
+    per_receiver = simulation.exchange_temporaries(whole.spec) * k * d * 4
+    saved = experiment.peak_bytes(whole) - experiment.peak_bytes(chunked)
+    assert saved == pytest.approx((n - 2) * per_receiver, rel=1e-6)
