@@ -80,7 +80,8 @@ def krum(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None, *, f=1
     Unweighted. Some libraries (e.g. ByzFL) sum over ``n - f - 1`` neighbours instead; here it is the paper's
     ``n - f - 2``.
 
-    Hyper-parameters: ``f`` (int >= 0, may be traced). Needs ``n - f - 2 >= 1``; the guarantee needs n > 2f + 2.
+    Hyper-parameters: ``f`` (int >= 0, may be traced). Needs ``n - f - 2 >= 1``. Breakdown point
+    f / n with 2f + 2 < n (just under 1/2): the paper's (alpha, f)-resilience.
 
     Args:
         x: [K, D] the neighbourhood, row 0 the receiving node's own vector.
@@ -105,6 +106,8 @@ def multi_krum(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None, 
     means ``m = n - f`` per node (ByzFL's default). Unweighted.
 
     Hyper-parameters: ``f`` (int >= 0, may be traced), ``m`` (int >= 0, may be traced; 0 = n - f).
+    Breakdown point as Krum's: f Byzantine rows tolerated when 2f + 2 < n (every selected row passed Krum's
+    filter).
 
     Args:
         x: [K, D] the neighbourhood, row 0 the receiving node's own vector.
@@ -137,7 +140,8 @@ def bulyan(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None, *, f
     is 0 for every row and the pick arbitrary; the score then sums the distances to all other rows of R instead (a
     medoid choice), which keeps the rule symmetric in its inputs.
 
-    Hyper-parameters: ``f`` (int >= 0, may be traced). Needs ``n >= 4f + 3``.
+    Hyper-parameters: ``f`` (int >= 0, may be traced). Needs ``n >= 4f + 3``. Breakdown point
+    f / n with n >= 4f + 3 (about 1/4), and each coordinate stays within the honest values' range.
 
     Args:
         x: [K, D] the neighbourhood, row 0 the receiving node's own vector.
@@ -230,7 +234,8 @@ def centered_clip(x: jax.Array, mask: jax.Array, weights: jax.Array | None = Non
     momentum; in the decentralized setting the receiver's own model plays that role.
 
     Hyper-parameters: ``tau`` (>= 0, clipping radius), ``iters`` (int >= 1); both may be traced. Each Byzantine
-    row moves ``v`` by at most ``tau / n`` per iteration.
+    row moves ``v`` by at most ``tau / n`` per iteration. Breakdown point: a small constant Byzantine fraction
+    in the paper's analysis, with an error bounded in terms of tau rather than a hard threshold.
 
     Args:
         x: [K, D] the neighbourhood, row 0 the receiving node's own vector.
@@ -264,7 +269,8 @@ def monna(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None, *, f=
     Definition: rank the valid rows by ``|x_k - x_0|`` (ties: lower index first; the node itself has distance 0)
     and average the first ``n - f``. Unweighted.
 
-    Hyper-parameters: ``f`` (int >= 0, may be traced). Needs n > 2f.
+    Hyper-parameters: ``f`` (int >= 0, may be traced). Needs n > 2f. Breakdown point f / n < 1/2,
+    provided the node's own row (the centre) is honest.
 
     Args:
         x: [K, D] the neighbourhood, row 0 the receiving node's own vector.
@@ -293,7 +299,9 @@ def clipped_gossip(x: jax.Array, mask: jax.Array, weights: jax.Array | None = No
     m <= f); for f = 1 this is the rule in the authors' reference code (second-largest neighbour distance).
 
     Hyper-parameters: ``tau`` (>= 0), ``adaptive`` (bool), ``f`` (int >= 0, used when adaptive); all may be traced.
-    A Byzantine neighbour moves the node by at most ``W_ij tau``.
+    A Byzantine neighbour moves the node by at most ``W_ij tau``. No breakdown point in the
+    classical sense: any number of Byzantine neighbours moves it by at most ``tau sum_{j Byzantine} W_ij``, so the
+    error is bounded by their total mixing weight (the paper's guarantee needs that weight small against the gap).
 
     Args:
         x: [K, D] the neighbourhood, row 0 the receiving node's own vector.
@@ -331,6 +339,8 @@ def ios(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None, *, f=1)
     index). Return the weighted mean over the final S. ``w`` are the mixing weights (self weight ``W_ii`` kept).
 
     Hyper-parameters: ``f`` (int >= 0, may be traced): neighbours removed. Needs f < number of neighbours.
+    Breakdown point: up to f Byzantine neighbours, under the paper's condition that their total mixing weight is
+    small against the honest weight (a condition on W, not on a count alone).
 
     Args:
         x: [K, D] the neighbourhood, row 0 the receiving node's own vector.

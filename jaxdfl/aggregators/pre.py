@@ -36,7 +36,8 @@ def nnm(key: jax.Array, x: jax.Array, mask: jax.Array, weights: jax.Array, *, f=
     Definition: for each valid i, ``x_i <- (1 / (n - f)) sum_{j in N_i} x_j`` with ``N_i`` the ``n - f`` valid rows
     closest to ``x_i`` (itself included; ties: lower index). Mask and weights are unchanged.
 
-    Hyper-parameters: ``f`` (int >= 0, may be traced). Needs n > 2f.
+    Hyper-parameters: ``f`` (int >= 0, may be traced). Needs n > 2f. Breakdown point f / n < 1/2
+    (NNM keeps the breakdown point of the rule after it and tightens its error bound).
 
     Args:
         key: unused (deterministic).
@@ -69,6 +70,8 @@ def bucketing(key: jax.Array, x: jax.Array, mask: jax.Array, weights: jax.Array,
     ``1 + ceil((K - 1) / s)`` rows; a node with m valid neighbours has ``1 + ceil(m / s)`` valid rows.
 
     Hyper-parameters: ``s`` (int >= 1, must be a static Python int: it sets the output shape).
+    Breakdown point: f Byzantine rows can corrupt up to f buckets, so the rule after it must tolerate f buckets
+    out of ceil(n / s) (i.e. s f / n below that rule's breakdown point).
 
     Args:
         key: PRNG key for the shuffle (one per node).
@@ -106,6 +109,7 @@ def clip(key: jax.Array, x: jax.Array, mask: jax.Array, weights: jax.Array, *, t
     Zero-centred clipping suits exchanged updates/gradients; self-centred clipping suits exchanged models.
 
     Hyper-parameters: ``tau`` (>= 0), ``self_centered`` (bool); both may be traced.
+    Not robust on its own (breakdown point 0 in the mean's sense): it bounds each row's influence by tau.
 
     Args:
         key: unused (deterministic).
