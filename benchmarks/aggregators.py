@@ -54,7 +54,7 @@ NOTES = """## Notes
   K = 9. Alternatives measured on the main size, steady state: a batched Gram `einsum('kd,jd->kj')` under vmap was
   6x slower than the fused squared-difference pass (XLA:CPU lowers the batched dot with tiny K badly), a per-node
   `jnp.dot` in `lax.map` about as fast but cancellation-prone, and centring plus products, one multi-output
-  accumulator per pair, or a `[pairs, D/b, b]` blocked reduction were 1.5-30x slower.
+  accumulator per pair, or a `[pairs, D/b, b]` blocked reduction were 1.4-20x slower.
 - Per-node loops: at D = 100,000 each jitted per-node call already streams 3.6 MB at memory speed, so the
   whole-network call can win back only the per-node dispatch and the second core: a 10x or 100x speed-up over the
   jitted loop is out of reach at this D (the roofline bounds it at `jit loop ms` / roofline). At D = 1,000 (third
