@@ -306,7 +306,8 @@ def _torus(n: int, seed: int, rows: int = 0, cols: int = 0) -> nx.Graph:
             raise ConfigError(f"topology.rows: must divide topology.n = {n}, got {rows}")
         cols = n // rows
     if rows * cols != n:
-        raise ConfigError(f"topology.rows: rows * cols must equal topology.n = {n}, got {rows} * {cols} = {rows * cols}")
+        raise ConfigError(f"topology.rows: rows * cols must equal topology.n = {n}, "
+                          f"got {rows} * {cols} = {rows * cols}")
     g = nx.empty_graph(n)
     idx = np.arange(n).reshape(rows, cols)
     # The wrap-around links; on a side of length 1 or 2 they collapse into self-loops / existing edges.
@@ -439,7 +440,8 @@ def _edges(n: int, seed: int, edges: list = []) -> nx.Graph:  # noqa: B006 - nev
         raise ConfigError(f"topology.edges: node ids must lie in 0..topology.n-1 = 0..{n - 1}")
     loops = arr[arr[:, 0] == arr[:, 1]]
     if len(loops):
-        raise ConfigError(f"topology.edges: self-loop [{loops[0, 0]}, {loops[0, 1]}] not allowed (pairs must be u != v)")
+        raise ConfigError(f"topology.edges: self-loop [{loops[0, 0]}, {loops[0, 1]}] not allowed "
+                          "(pairs must be u != v)")
     g = nx.empty_graph(n)
     g.add_edges_from((int(a), int(b)) for a, b in arr)
     return g
