@@ -67,10 +67,10 @@ def local_only_seconds(exp) -> float:
     return timeit(train, keys, state.theta, state.opt_state, a.x, a.y, a.sizes, repeat=5)
 
 
-def seeds_ratio(n: int, seeds: int = 8) -> float:
-    """Time of ``seeds`` seeds in one program / (seeds x time of one seed)."""
+def seeds_ratio(n: int, seeds: int = 8, mode: str = "vmap") -> float:
+    """Time of ``seeds`` seeds in one program (``parallel.seed_mode = mode``) / (seeds x time of one seed)."""
     one = experiment.build(config(n))
-    many = experiment.build(config(n, seeds=seeds))
+    many = experiment.build(config(n, seeds=seeds, parallel={"seed_mode": mode}))
     c1, k1, _ = experiment.compile_program(one)
     c8, k8, _ = experiment.compile_program(many)
     t1 = timeit(c1, k1, one.hyper, one.arrays, repeat=3)
@@ -148,9 +148,9 @@ def main(argv=None):
         report["overhead"].append({"rule": rule, "round": full, "local": local})
         print(f"| {rule} | {full * 1e3:.2f} | {local * 1e3:.2f} | {full / local:.2f} |", flush=True)
 
-    ratio = seeds_ratio(64)
-    report["seeds_ratio"] = ratio
-    print(f"\n## Seeds: 8 seeds in one program / (8 x one seed) at N=64: {ratio:.2f}\n")
+    report["seeds_ratio"] = {mode: seeds_ratio(64, mode=mode) for mode in ("vmap", "map")}
+    print("\n## Seeds: 8 seeds in one program / (8 x one seed) at N=64: "
+          + ", ".join(f"{mode} {r:.2f}" for mode, r in report["seeds_ratio"].items()) + "\n")
 
     out = Path(args.out)
     atomic_write(out / "suite.json", json.dumps(report, indent=2))

@@ -15,20 +15,28 @@ from jaxdfl.errors import ConfigError
 
 
 class ProgressBar:
-    """A text progress bar over evaluation chunks, drawn on stderr (called from inside the compiled program)."""
+    """A text progress bar over evaluation chunks, drawn on stderr (called from inside the compiled program).
 
-    def __init__(self, total: int, width: int = 30, stream=sys.stderr):
-        self.total, self.width, self.stream = total, width, stream
-        self.done = 0
+    The program calls it once per evaluation chunk and seed, whatever the seed layout (batched seeds call it per
+    seed; mapped seeds run all chunks of one seed before the next), so it counts calls. The first call's chunk index
+    tells how many chunks a resumed run had already done.
+    """
+
+    def __init__(self, chunks: int, seeds: int = 1, width: int = 30, stream=sys.stderr):
+        self.total, self.seeds, self.width, self.stream = chunks * seeds, seeds, width, stream
+        self.done: int | None = None
         self.start = time.perf_counter()
 
     def __call__(self, index) -> None:
         import numpy as np
 
-        self.done = max(self.done, int(np.max(np.asarray(index))) + 1)
+        if self.done is None:
+            self.done = int(np.min(np.asarray(index))) * self.seeds
+        self.done = min(self.done + 1, self.total)
         filled = int(self.width * self.done / self.total)
         secs = time.perf_counter() - self.start
-        self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} chunks "
+        unit = "chunks" if self.seeds == 1 else "seed-chunks"
+        self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} {unit} "
                           f"{secs:5.1f}s")
         if self.done >= self.total:
             self.stream.write("\n")
@@ -101,7 +109,8 @@ def cmd_run(args) -> int:
         from jaxdfl import results
 
         results.atomic_write(out / "config.toml", cfg.to_toml())
-    bar = ProgressBar(cfg.rounds // cfg.eval_every) if not args.quiet else None
+    seeds = cfg.seeds if isinstance(cfg.seeds, int) else len(cfg.seeds or [None])
+    bar = ProgressBar(cfg.rounds // cfg.eval_every, seeds) if not args.quiet else None
     ckpt = str(out / "checkpoints") if out is not None and cfg.checkpoint_every else None
     result = experiment.run(cfg, progress=bar, checkpoint_dir=ckpt, resume=bool(args.resume))
     print(summary_line(result.summary))

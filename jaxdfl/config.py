@@ -81,7 +81,7 @@ DEFAULTS: dict[str, Any] = {
         "delta": 1e-5,
         "accountant": "rdp",
     },
-    "parallel": {"devices": "auto", "chunk_size": 0},
+    "parallel": {"devices": "auto", "chunk_size": 0, "seed_mode": "auto"},
 }
 
 #: Types of keys whose default is ``None`` or a list.
@@ -98,6 +98,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.quantity_skew": ("none", "dirichlet", "power"),
     "model.compute_dtype": ("float32", "bfloat16"),
     "model.init": ("same", "independent"),
+    "parallel.seed_mode": ("auto", "vmap", "map"),
     "train.optimizer": ("sgd", "adam"),
     "train.share": ("model", "update"),
     "aggregation.gossip": ("auto", "dense", "sparse"),

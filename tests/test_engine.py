@@ -83,12 +83,21 @@ def test_history_and_summary_shape(small_cfg):
     assert r.summary["compile_seconds"] > 0 and r.summary["run_seconds"] > 0
 
 
-def test_seeds_in_one_program(small_cfg):
-    r = jaxdfl.run(small_cfg(seeds=[3, 4]))
+@pytest.mark.parametrize("mode", ["vmap", "map"])
+def test_seeds_in_one_program(small_cfg, mode):
+    r = jaxdfl.run(small_cfg(seeds=[3, 4], **{"parallel.seed_mode": mode}))
     single = jaxdfl.run(small_cfg(seed=4))
     assert r.history["accuracy_mean"].shape == (2, 3)
-    np.testing.assert_allclose(r.history["accuracy_mean"][1], single.history["accuracy_mean"], atol=1e-6)
+    for k in ("accuracy_mean", "loss_mean", "consensus_distance"):
+        np.testing.assert_allclose(r.history[k][1], single.history[k], rtol=1e-5, atol=1e-6)
     assert set(r.summary["final_std"]) == set(r.summary["final"])
+
+
+def test_seed_mode_auto_maps_on_cpu(small_cfg):
+    """On a CPU backend "auto" runs the seeds one after another (batching them only costs cache there)."""
+    assert jax.default_backend() == "cpu"
+    assert jaxdfl.build(small_cfg(seeds=2)).seed_mode == "map"
+    assert jaxdfl.build(small_cfg(seeds=2, **{"parallel.seed_mode": "vmap"})).seed_mode == "vmap"
 
 
 @pytest.mark.slow

@@ -87,6 +87,13 @@ SHARDED = textwrap.dedent("""
     assert four.spec.chunk_size == 3 and four.spec.exchange == "robust"
     out["chunked"] = [float(np.max(np.abs(one.history[k] - many.history[k])))
                       for k in ("accuracy_mean", "consensus_distance")] + [four.devices]
+    # two seeds in one program on the sharded node axis (the node axis is axis 1 of the state), either layout
+    one = experiment.run(make_config(base, {"parallel.devices": 1, "seed": 1}))
+    for mode in ("vmap", "map"):
+        seeded = make_config(base, {"parallel.devices": 4, "seeds": [0, 1], "parallel.seed_mode": mode})
+        many = experiment.run(seeded)
+        out["seeds" + mode] = [float(np.max(np.abs(one.history[k] - many.history[k][1])))
+                               for k in ("accuracy_mean", "consensus_distance")] + [experiment.build(seeded).devices]
     try:
         experiment.build(make_config(dict(base, topology={"kind": "ring", "n": 6}), {"parallel.devices": 4}))
         out["error"] = None
@@ -103,7 +110,7 @@ def test_sharded_equals_single_device():
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("meandense", "meansparse", "medianauto", "chunked"):
+    for key in ("meandense", "meansparse", "medianauto", "chunked", "seedsvmap", "seedsmap"):
         acc_err, cons_err, devices = out[key]
         assert devices == 4
         assert acc_err <= 1e-6 and cons_err <= 1e-4 * 1.0
@@ -111,20 +118,18 @@ def test_sharded_equals_single_device():
 
 
 def test_program_size_does_not_grow_with_rounds_or_seeds(small_cfg):
-    """Rounds live in lax.scan and seeds in vmap: the compiled program text barely changes with either."""
+    """Rounds live in lax.scan and seeds in vmap or lax.map: the program text barely changes with either."""
 
     def hlo_ops(cfg):
         exp = experiment.build(cfg)
-        program = simulation.make_program(exp.spec)
-        keys = jax.random.key(0)
-        if exp.seeds is not None:
-            program = jax.vmap(program, in_axes=(0, None, None))
-            keys = jax.vmap(jax.random.key)(jax.numpy.arange(len(exp.seeds), dtype=jax.numpy.uint32))
-        text = jax.jit(program).lower(keys, exp.hyper, exp.arrays).as_text()
+        program = experiment._over_seeds(exp, simulation.make_program(exp.spec), (0, None, None))
+        text = jax.jit(program).lower(experiment._seed_keys(exp), exp.hyper, exp.arrays).as_text()
         return sum(1 for line in text.splitlines() if "=" in line)
 
     short = hlo_ops(small_cfg(rounds=4, eval_every=2))
     long = hlo_ops(small_cfg(rounds=400, eval_every=2))
-    seeded = hlo_ops(small_cfg(rounds=4, eval_every=2, seeds=8))
     assert abs(long - short) <= 0.01 * short  # a 100x longer run: same program up to a few constants
-    assert seeded < 1.2 * short
+    for mode in ("vmap", "map"):
+        two = hlo_ops(small_cfg(rounds=4, eval_every=2, seeds=2, **{"parallel.seed_mode": mode}))
+        eight = hlo_ops(small_cfg(rounds=4, eval_every=2, seeds=8, **{"parallel.seed_mode": mode}))
+        assert abs(eight - two) <= 0.01 * two and eight < 1.2 * short, mode

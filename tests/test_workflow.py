@@ -140,3 +140,25 @@ def test_eval_subset_and_peak_bytes(small_cfg):
     assert r.summary["peak_bytes_estimate"] > 8 * 650 * 4
     with pytest.raises(ConfigError, match="eval_nodes"):
         jaxdfl.build(small_cfg(eval_nodes=100))
+
+
+@pytest.mark.parametrize("mode", ["vmap", "map"])
+def test_progress_bar_fills_once_whatever_the_seed_layout(small_cfg, mode):
+    """The program calls the bar once per chunk and seed; it ends at exactly total, with one final newline."""
+    from jaxdfl.cli import ProgressBar
+
+    stream = io.StringIO()
+    cfg = small_cfg(seeds=2, rounds=6, eval_every=2, **{"parallel.seed_mode": mode})
+    bar = ProgressBar(3, seeds=2, stream=stream)
+    jaxdfl.run(cfg, progress=bar)
+    assert bar.done == bar.total == 6
+    assert stream.getvalue().count("\n") == 1 and stream.getvalue().rstrip().endswith("s")
+    assert "6/6 seed-chunks" in stream.getvalue()
+
+
+def test_progress_bar_counts_chunks_done_before_a_resume():
+    from jaxdfl.cli import ProgressBar
+
+    bar = ProgressBar(5, seeds=2, stream=io.StringIO())
+    bar(np.array(3))  # the first call of a run resumed after 3 chunks
+    assert bar.done == 7
