@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bandwidth_gbs, machine  # noqa: E402
+from common import bandwidth_gbs, best_time, machine, steady_time  # noqa: E402
 
 from jaxdfl import aggregators as A  # noqa: E402
 from jaxdfl.aggregators import reference as R  # noqa: E402
@@ -63,46 +63,6 @@ NOTES = """## Notes
   measured in the same run, so ratios are internally consistent, but absolute times vary by up to 2x between runs.
   On blocks over 1 GB (the second table) every timing is a single repetition and noisier still.
 """
-
-
-def best_time(fn, reps: int) -> float:
-    """Best wall time in seconds of ``reps`` calls (after one warm-up call, which also compiles)."""
-    jax.block_until_ready(fn())
-    best = np.inf
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def chained(fn, args, calls: int):
-    """One compiled program calling ``fn(*args)`` ``calls`` times in a loop; returns a thunk that runs it.
-
-    An optimisation barrier ties the inputs to the loop counter, so XLA cannot hoist the loop-invariant call out of
-    the loop; the output is the loop carry, so every call's output reuses one buffer, as in the engine's scan.
-    """
-    out = jax.eval_shape(fn, *args)
-
-    def body(i, carry):
-        a, _ = carry
-        a, _ = jax.lax.optimization_barrier((a, i))
-        return a, fn(*a)
-
-    prog = jax.jit(lambda *a: jax.lax.fori_loop(0, calls, body, (a, jnp.zeros(out.shape, out.dtype)))[1])
-    return lambda: prog(*args)
-
-
-def steady_time(fn, args, reps: int, calls: tuple[int, int] = (2, 10)) -> float:
-    """Seconds per call in steady state: ``(T(c2) - T(c1)) / (c2 - c1)`` for :func:`chained` programs.
-
-    When timer noise swamps the difference (tiny calls), ``T(c2) / c2`` (fixed costs included) is returned instead.
-    """
-    c1, c2 = calls
-    t1 = best_time(chained(fn, args, c1), reps)
-    t2 = best_time(chained(fn, args, c2), reps)
-    per_call = (t2 - t1) / (c2 - c1)
-    return per_call if per_call > 0 else t2 / c2
 
 
 def make_inputs(n: int, k: int, d: int, seed: int = 0):

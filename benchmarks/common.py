@@ -63,3 +63,43 @@ def matmul_gflops(n: int = 2048) -> float:
     mm = jax.jit(lambda x: x @ x)
     t = timeit(mm, a, repeat=5)
     return 2 * n**3 / t / 1e9
+
+
+def best_time(fn, reps: int) -> float:
+    """Best wall time in seconds of ``reps`` calls (after one warm-up call, which also compiles)."""
+    jax.block_until_ready(fn())
+    best = np.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def chained(fn, args, calls: int):
+    """One compiled program calling ``fn(*args)`` ``calls`` times in a loop; returns a thunk that runs it.
+
+    An optimisation barrier ties the inputs to the loop counter, so XLA cannot hoist the loop-invariant call out of
+    the loop; the output is the loop carry, so every call's output reuses one buffer, as in the engine's scan.
+    """
+    out = jax.eval_shape(fn, *args)
+
+    def body(i, carry):
+        a, _ = carry
+        a, _ = jax.lax.optimization_barrier((a, i))
+        return a, fn(*a)
+
+    prog = jax.jit(lambda *a: jax.lax.fori_loop(0, calls, body, (a, jnp.zeros(out.shape, out.dtype)))[1])
+    return lambda: prog(*args)
+
+
+def steady_time(fn, args, reps: int, calls: tuple[int, int] = (2, 10)) -> float:
+    """Seconds per call in steady state: ``(T(c2) - T(c1)) / (c2 - c1)`` for :func:`chained` programs.
+
+    When timer noise swamps the difference (tiny calls), ``T(c2) / c2`` (fixed costs included) is returned instead.
+    """
+    c1, c2 = calls
+    t1 = best_time(chained(fn, args, c1), reps)
+    t2 = best_time(chained(fn, args, c2), reps)
+    per_call = (t2 - t1) / (c2 - c1)
+    return per_call if per_call > 0 else t2 / c2

@@ -1,4 +1,4 @@
-"""The aggregation benchmark's timing helpers and a tiny end-to-end run of the script (so it cannot rot)."""
+"""The benchmarks' timing helpers and tiny end-to-end runs of the scripts (so they cannot rot)."""
 
 import sys
 from pathlib import Path
@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import aggregators as bench  # noqa: E402
+import common  # noqa: E402
 
 
 def test_chained_program_makes_every_call():
@@ -20,7 +21,7 @@ def test_chained_program_makes_every_call():
         jax.debug.callback(lambda: calls.append(1))
         return x * 2.0
 
-    run = bench.chained(fn, (jnp.ones(3),), 5)
+    run = common.chained(fn, (jnp.ones(3),), 5)
     np.testing.assert_allclose(np.asarray(run()), 2.0)
     jax.effects_barrier()
     assert len(calls) == 5
@@ -28,11 +29,11 @@ def test_chained_program_makes_every_call():
 
 def test_steady_time_removes_the_fixed_cost(monkeypatch):
     """T(c) = fixed + c * per  ->  steady_time = per; when noise makes the difference non-positive, T(c2) / c2."""
-    monkeypatch.setattr(bench, "chained", lambda fn, args, calls: calls)
-    monkeypatch.setattr(bench, "best_time", lambda calls, reps: 0.5 + 0.01 * calls)
-    assert bench.steady_time(None, (), reps=1, calls=(2, 10)) == pytest.approx(0.01)
-    monkeypatch.setattr(bench, "best_time", lambda calls, reps: 0.5)
-    assert bench.steady_time(None, (), reps=1, calls=(2, 10)) == pytest.approx(0.05)
+    monkeypatch.setattr(common, "chained", lambda fn, args, calls: calls)
+    monkeypatch.setattr(common, "best_time", lambda calls, reps: 0.5 + 0.01 * calls)
+    assert common.steady_time(None, (), reps=1, calls=(2, 10)) == pytest.approx(0.01)
+    monkeypatch.setattr(common, "best_time", lambda calls, reps: 0.5)
+    assert common.steady_time(None, (), reps=1, calls=(2, 10)) == pytest.approx(0.05)
 
 
 def test_script_writes_table_with_targets(tmp_path):
