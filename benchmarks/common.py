@@ -15,8 +15,9 @@ def block(x):
     return jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
 
 
-def timeit(fn, *args, repeat: int = 5, warmup: int = 1) -> float:
-    """Median wall time of ``fn(*args)`` in seconds (results blocked on), after ``warmup`` calls."""
+def timeit(fn, *args, repeat: int = 5, warmup: int = 1, stat=np.median) -> float:
+    """``stat`` (default the median) of the wall times of ``repeat`` calls ``fn(*args)`` in seconds (results blocked
+    on), after ``warmup`` calls."""
     for _ in range(warmup):
         block(fn(*args))
     times = []
@@ -24,7 +25,7 @@ def timeit(fn, *args, repeat: int = 5, warmup: int = 1) -> float:
         t0 = time.perf_counter()
         block(fn(*args))
         times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return float(stat(times))
 
 
 def machine() -> str:
@@ -66,14 +67,8 @@ def matmul_gflops(n: int = 2048) -> float:
 
 
 def best_time(fn, reps: int) -> float:
-    """Best wall time in seconds of ``reps`` calls (after one warm-up call, which also compiles)."""
-    jax.block_until_ready(fn())
-    best = np.inf
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t)
-    return best
+    """Best wall time in seconds of ``reps`` calls ``fn()`` (after one warm-up call, which also compiles)."""
+    return timeit(fn, repeat=reps, stat=min)
 
 
 def chained(fn, args, calls: int):
