@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.stats import norm
 
+from jaxdfl import rng
 from jaxdfl.errors import ConfigError
 
 __all__ = [
@@ -257,7 +258,7 @@ def gaussian(key: jax.Array, ctx: AttackContext, sigma=1.0, center: str = "mean"
     """
     if center not in ("mean", "zero"):
         raise ConfigError(f"attack.center: gaussian center must be 'mean' or 'zero', got {center!r}")
-    noise = _num(sigma, ctx.block.dtype) * jax.random.normal(key, ctx.block.shape, ctx.block.dtype)
+    noise = _num(sigma, ctx.block.dtype) * rng.normal(key, ctx.block.shape, ctx.block.dtype)
     if center == "mean":
         mu, _ = honest_stats(ctx)
         noise = noise + mu[:, None, :]

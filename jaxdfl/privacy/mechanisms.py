@@ -30,6 +30,8 @@ References:
 import jax
 import jax.numpy as jnp
 
+from jaxdfl import rng
+
 MECHANISMS = ("gaussian", "laplace")
 
 
@@ -141,7 +143,7 @@ def dp_sum(key, grads, valid, clip, noise_multiplier, expected_batch):
     clipped = jax.vmap(clip_l2, in_axes=(0, None))(rows, clip)
     total = jnp.sum(clipped, axis=0)
     std = _noise_std(noise_multiplier, clip, dtype)
-    noise = std * jax.random.normal(key, total.shape, dtype)
+    noise = std * rng.normal(key, total.shape, dtype)
     return (total + noise) / jnp.asarray(expected_batch, dtype)
 
 
@@ -251,7 +253,7 @@ def privatize_update(key, delta, clip, noise_multiplier, mechanism):
     dtype = delta.dtype
     std = _noise_std(noise_multiplier, clip, dtype)
     if mechanism == "gaussian":
-        return clip_l2(delta, clip) + std * jax.random.normal(key, delta.shape, dtype)
+        return clip_l2(delta, clip) + std * rng.normal(key, delta.shape, dtype)
     if mechanism == "laplace":
-        return clip_l1(delta, clip) + std * jax.random.laplace(key, delta.shape, dtype)
+        return clip_l1(delta, clip) + std * rng.laplace(key, delta.shape, dtype)
     raise ValueError(f"privacy.mechanism must be one of {MECHANISMS}, got {mechanism!r}")
