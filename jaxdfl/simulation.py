@@ -202,17 +202,14 @@ def exchange_temporaries(spec: Spec) -> float:
     """Per-receiver working set of the robust exchange, in units of one ``[K, D]`` neighbourhood (conservative).
 
     The gathered rows (1), the attacked copy of them (1), the rule's temporaries (at most 1; ``aggregators``
-    estimates 0.5), one ``[K, D]`` output per pre-aggregator, one candidate block for the adaptive ``alie`` /
-    ``ipm`` search, and four more for the ``gaussian`` attack (random bits, their float conversion and the noise).
-    The estimate is an upper bound: XLA often fuses the gather and the attack into the rule's loop. Its CPU memory
-    analysis (N = 64, K = 9, D = 2e4, unchunked) reports 0 blocks with no attack, 1 for ``sign_flip``, ``ipm``,
-    ``dissensus`` and ``alie``, 2.2 for ``sign_flip`` after ``nnm``, 3.3 for adaptive ``alie`` with ``krum`` and 5
-    for ``gaussian``.
+    estimates 0.5), one ``[K, D]`` output per pre-aggregator, and one candidate block for the adaptive ``alie`` /
+    ``ipm`` search. The estimate is an upper bound: XLA often fuses the gather and the attack into the rule's loop.
+    Its CPU memory analysis (N = 64, K = 9, D = 2e4, unchunked) reports 0 blocks with no attack, 1 for
+    ``sign_flip``, ``gaussian``, ``ipm``, ``dissensus`` and ``alie``, 2.2 for ``sign_flip`` after ``nnm`` or with
+    ``krum``, and 3.3 for adaptive ``alie`` with ``krum``.
     """
     t = 3.0 + len(spec.pre)
-    if spec.attack == "gaussian":
-        t += 4.0
-    elif dict(spec.attack_hyper).get("adaptive"):
+    if dict(spec.attack_hyper).get("adaptive"):
         t += 1.0
     return t
 
@@ -275,10 +272,10 @@ def exchange(spec: Spec, key, msg, arrays: Arrays, graph: Graph):
     gathers only their ``[c, K, D]`` rows and writes their aggregates in place into the ``[N, D]`` result; when c
     does not divide N the last chunk overlaps the one before (those receivers are recomputed and overwritten)
     instead of padding N, which would need one more ``[N, D]`` buffer. The attack sees the chunk's receiver rows
-    and all N messages (every attack is row-wise in the receivers). Deterministic attacks and rules give the
-    unchunked result up to float rounding. Random draws (the ``gaussian`` attack's noise, per-node keys of
-    random pre-aggregators such as ``bucketing``) come from ``fold_in(key, j)`` instead: a chunked run draws
-    different noise than an unchunked one, but the same seed and chunk size always give the same result.
+    and all N messages (every attack is row-wise in the receivers). Attacks (the ``gaussian`` noise is keyed by
+    receiver id and slot) and deterministic rules give the unchunked result up to float rounding. The per-node keys
+    of random pre-aggregators (``bucketing``) come from ``fold_in(key, j)`` instead: a chunked run buckets
+    differently than an unchunked one, but the same seed and chunk size always give the same result.
 
     Args:
         spec: the static experiment description (exchange path, rule, attack, chunk_size).
@@ -310,7 +307,7 @@ def exchange(spec: Spec, key, msg, arrays: Arrays, graph: Graph):
         rows = [jax.lax.dynamic_slice_in_dim(table, start, c) for table in graph]
         # an automatic chunk fits the budget, so aggregate()'s own automatic chunking (None) is a no-op there; it
         # still splits a user-given chunk whose rule temporaries exceed aggregators.MEMORY_BUDGET_BYTES
-        agg = _robust_exchange(spec, jax.random.fold_in(k_attack, i), jax.random.fold_in(k_agg, i), msg,
+        agg = _robust_exchange(spec, k_attack, jax.random.fold_in(k_agg, i), msg,
                                arrays.byzantine, *rows, None)
         return jax.lax.dynamic_update_slice_in_dim(out, agg, start, axis=0)
 

@@ -211,6 +211,26 @@ def test_gaussian_noise_statistics():
     assert not np.allclose(a[0, 2], c[0, 2])
 
 
+def test_gaussian_rows_follow_their_definition_and_only_attacked_rows_change(monkeypatch):
+    """Row (i, k) under attack holds mu_i + sigma * normal(fold_in(key, i * K + k)); every other row is untouched,
+    with several loop steps (rows per step forced to 2) and with a subset of receivers served (engine chunks)."""
+    monkeypatch.setattr(A, "GAUSSIAN_STEP_ELEMENTS", 2 * 7)
+    msgs = messages(6, 7)
+    ctx = make_ctx(msgs)
+    block = np.asarray(A.gaussian(KEY, ctx, sigma=0.5)[0])
+    mu = np.asarray(A.honest_stats(ctx)[0])
+    attacked = MASK & BYZ[NEIGHBORS] & (np.arange(4) > 0)
+    assert attacked.sum() == 3  # two loop steps of two rows, the last one padded
+    for i, k in zip(*np.nonzero(attacked)):
+        want = mu[i] + 0.5 * np.asarray(jax.random.normal(jax.random.fold_in(KEY, i * 4 + k), (7,)))
+        np.testing.assert_allclose(block[i, k], want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(block[~attacked], np.asarray(ctx.block)[~attacked])
+    rows = np.array([2, 0])  # receivers 2 and 0 only, in another order
+    sub = ctx._replace(block=ctx.block[rows], neighbors=ctx.neighbors[rows], mask=ctx.mask[rows],
+                       weights=ctx.weights[rows])
+    np.testing.assert_array_equal(np.asarray(A.gaussian(KEY, sub, sigma=0.5)[0]), block[rows])
+
+
 def test_inf_and_large_norm_values():
     msgs = messages(5)
     ctx = make_ctx(msgs)
