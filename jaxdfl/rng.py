@@ -66,32 +66,21 @@ def _fast(key: jax.Array, shape: tuple[int, ...], dtype) -> bool:
             and math.prod(shape) < 2**32)
 
 
-def _bits32(key: jax.Array, index: jax.Array) -> jax.Array:
-    """``jax.random.bits(key, shape, uint32)`` at the given linear element indices of ``shape`` (uint32 < 2^32).
-
-    With ``jax_threefry_partitionable`` (JAX's default) the counter of an element is its linear index, so any
-    subset of a draw can be generated without the rest.
-    """
+def _bits32(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """``jax.random.bits(key, shape, uint32)`` for a Threefry key: with ``jax_threefry_partitionable`` (JAX's
+    default) an element's counter is its linear index (high word 0 below 2^32 elements)."""
     words = jax.random.key_data(key)
+    index = lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
     y0, y1 = threefry2x32(words[0], words[1], jnp.zeros_like(index), index)
     return y0 ^ y1
 
 
-def _uniform32(key: jax.Array, index: jax.Array, minval: float, maxval: float) -> jax.Array:
+def _uniform32(key: jax.Array, shape: tuple[int, ...], minval: float, maxval: float) -> jax.Array:
     """``jax.random.uniform`` in float32: 23 random mantissa bits in [1, 2), shifted and scaled, floored at minval."""
-    mantissa = _bits32(key, index) >> np.uint32(32 - 23)
+    mantissa = _bits32(key, shape) >> np.uint32(32 - 23)
     floats = lax.bitcast_convert_type(mantissa | np.float32(1.0).view(np.uint32), jnp.float32) - np.float32(1.0)
     lo, hi = np.float32(minval), np.float32(maxval)
     return jnp.maximum(lo, floats * (hi - lo) + lo)
-
-
-def _normal32(key: jax.Array, index: jax.Array) -> jax.Array:
-    lo = np.nextafter(np.float32(-1.0), np.float32(0.0))
-    return np.float32(np.sqrt(2)) * lax.erf_inv(_uniform32(key, index, lo, 1.0))
-
-
-def _iota(shape: tuple[int, ...]) -> jax.Array:
-    return lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
 
 
 def _shape(shape) -> tuple[int, ...]:
@@ -115,30 +104,8 @@ def normal(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
     shape = _shape(shape)
     if not _fast(key, shape, dtype):
         return jax.random.normal(key, shape, dtype)
-    return _normal32(key, _iota(shape))
-
-
-def normal_rows(key: jax.Array, shape, rows: jax.Array, dtype=jnp.float32) -> jax.Array:
-    """Some rows of a normal draw, generated alone: ``normal(key, shape).reshape(-1, shape[-1])[rows]``.
-
-    Only the requested rows are hashed (the counters are the elements' linear indices), so a few rows of a large
-    draw cost a few rows, and their values do not depend on which other rows are requested.
-
-    Args:
-        key: a typed PRNG key (scalar).
-        shape: shape of the whole (virtual) draw, at least 1-D.
-        rows: [R] int indices into the ``prod(shape[:-1])`` rows (must be in range).
-        dtype: a floating dtype (float32 takes the fast path; others generate the whole draw).
-
-    Returns:
-        [R, shape[-1]] of ``dtype``.
-    """
-    shape = _shape(shape)
-    d = shape[-1]
-    if not _fast(key, shape, dtype):
-        return jax.random.normal(key, shape, dtype).reshape(-1, d)[rows]
-    index = rows.astype(jnp.uint32)[:, None] * np.uint32(d) + lax.iota(jnp.uint32, d)[None, :]
-    return _normal32(key, index)
+    lo = np.nextafter(np.float32(-1.0), np.float32(0.0))
+    return np.float32(np.sqrt(2)) * lax.erf_inv(_uniform32(key, shape, lo, 1.0))
 
 
 def laplace(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
@@ -157,5 +124,5 @@ def laplace(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
     shape = _shape(shape)
     if not _fast(key, shape, dtype):
         return jax.random.laplace(key, shape, dtype)
-    u = _uniform32(key, _iota(shape), -1.0 + float(np.finfo(np.float32).epsneg), 1.0)
+    u = _uniform32(key, shape, -1.0 + float(np.finfo(np.float32).epsneg), 1.0)
     return jnp.sign(u) * jnp.log1p(-jnp.abs(u))

@@ -85,15 +85,3 @@ def test_other_key_implementations_fall_back_to_jax_random():
     key = jax.random.key(9, impl="rbg")
     np.testing.assert_array_equal(np.asarray(rng.normal(key, (4, 5))), np.asarray(jax.random.normal(key, (4, 5))))
 
-
-def test_normal_rows_equal_rows_of_the_whole_draw():
-    key = jax.random.key(11)
-    shape = (6, 5, 33)
-    whole = np.asarray(rng.normal(key, shape)).reshape(-1, shape[-1])
-    rows = jnp.asarray([0, 29, 7, 7, 13])
-    got = np.asarray(jax.jit(lambda k, r: rng.normal_rows(k, shape, r))(key, rows))
-    np.testing.assert_array_equal(got, whole[np.asarray(rows)])
-    np.testing.assert_array_equal(np.asarray(rng.normal_rows(key, shape, jnp.asarray([29]))), whole[[29]])
-    rbg = jax.random.key(11, impl="rbg")  # fallback path: rows of jax.random's whole draw
-    np.testing.assert_array_equal(np.asarray(rng.normal_rows(rbg, shape, rows)),
-                                  np.asarray(jax.random.normal(rbg, shape)).reshape(-1, 33)[np.asarray(rows)])
