@@ -56,3 +56,11 @@ def test_inputs_pad_with_nan_and_weights_sum_to_one(n, k, d):
     assert bool(jnp.all(mask[:, 0])) and int(jnp.sum(~mask)) > 0
     assert bool(jnp.all(jnp.isnan(block[~mask]))) and bool(jnp.all(jnp.isfinite(block[mask])))
     np.testing.assert_allclose(np.asarray(w.sum(1)), 1.0, rtol=1e-6)
+
+
+def test_noise_script_times_both_sources():
+    import noise
+
+    rows = noise.main(["--shapes", "4x64", "--reps", "1", "--loop-nodes", "2"])
+    assert [r["draw"] for r in rows] == ["normal", "laplace"]
+    assert all(r["jax"] > 0 and r["rng"] > 0 and r["loop"] > 0 and r["limit"] > 0 for r in rows)
