@@ -214,7 +214,7 @@ def test_gaussian_noise_statistics():
 def test_gaussian_rows_follow_their_definition_and_only_attacked_rows_change(monkeypatch):
     """Row (i, k) under attack holds mu_i + sigma * normal(fold_in(key, i * K + k)); every other row is untouched,
     with several loop steps (rows per step forced to 2) and with a subset of receivers served (engine chunks)."""
-    monkeypatch.setattr(A, "GAUSSIAN_STEP_ELEMENTS", 2 * 7)
+    monkeypatch.setattr(A, "ROW_STEP_ELEMENTS", 2 * 7)
     msgs = messages(6, 7)
     ctx = make_ctx(msgs)
     block = np.asarray(A.gaussian(KEY, ctx, sigma=0.5)[0])
