@@ -14,6 +14,7 @@ from jaxdfl import attacks
 from jaxdfl import data
 from jaxdfl import models
 from jaxdfl import privacy
+from jaxdfl import rng
 from jaxdfl import sweep
 from jaxdfl import topology
 from jaxdfl.config import Config
@@ -42,6 +43,7 @@ __all__ = [
     "make_config",
     "models",
     "privacy",
+    "rng",
     "run",
     "sweep",
     "topology",

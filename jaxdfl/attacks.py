@@ -613,7 +613,9 @@ def dissensus(key: jax.Array, ctx: AttackContext, eps=1.5):
     byz_weight = jnp.sum(jnp.where(attacked_rows(ctx), w, 0), axis=1)
     safe = jnp.where(byz_weight > 0, byz_weight, 1)
     message = own - _num(eps, dtype) * jnp.where((byz_weight > 0)[:, None], pull / safe[:, None], 0)
-    return _replace(ctx, message)
+    # Written row by row: in the chunked exchange XLA fused the pull into a select over K and recomputed it per row
+    # (clipped gossip + dissensus at N = 256, D = 1e5, chunks of 86: 3.2 s -> 0.67 s per exchange).
+    return _write_rows(ctx, lambda i, slot: message[i])
 
 
 def isolation(key: jax.Array, ctx: AttackContext):
