@@ -93,6 +93,20 @@ def test_seeds_in_one_program(small_cfg, mode):
     assert set(r.summary["final_std"]) == set(r.summary["final"])
 
 
+@pytest.mark.parametrize("mode", ["vmap", "map"])
+def test_seeds_in_one_program_with_random_attack_and_dp_noise(small_cfg, mode):
+    """The gaussian attack's loop over attacked rows (a while loop, batched under vmap) and the DP noise under both seed
+    layouts give each seed's single-seed run."""
+    extra = {"attack.name": "gaussian", "attack.byzantine": 2, "aggregation.rule": "median",
+             "privacy.mode": "update", "privacy.noise_multiplier": 0.3, "privacy.clip_norm": 5.0}
+    r = jaxdfl.run(small_cfg(seeds=[3, 4], **extra, **{"parallel.seed_mode": mode}))
+    for i, seed in enumerate((3, 4)):
+        single = jaxdfl.run(small_cfg(seed=seed, **extra))
+        for k in ("accuracy_mean", "loss_mean", "consensus_distance"):
+            np.testing.assert_allclose(r.history[k][i], single.history[k], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(r.history["loss_mean"][0], r.history["loss_mean"][1])
+
+
 def test_seed_mode_auto_maps_on_cpu(small_cfg):
     """On a CPU backend "auto" runs the seeds one after another (batching them only costs cache there)."""
     assert jax.default_backend() == "cpu"
