@@ -15,6 +15,7 @@ functions in changes no result. Inputs this fast path does not cover (non-Threef
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +85,8 @@ def _uniform32(key: jax.Array, shape: tuple[int, ...], minval: float, maxval: fl
 
 
 def _shape(shape) -> tuple[int, ...]:
-    return tuple(int(s) for s in shape)
+    """A shape as ``jax.random`` takes it: a sequence of ints, or one int."""
+    return (int(shape),) if np.ndim(shape) == 0 else tuple(int(s) for s in shape)
 
 
 def normal(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
@@ -104,8 +106,7 @@ def normal(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
     shape = _shape(shape)
     if not _fast(key, shape, dtype):
         return jax.random.normal(key, shape, dtype)
-    lo = np.nextafter(np.float32(-1.0), np.float32(0.0))
-    return np.float32(np.sqrt(2)) * lax.erf_inv(_uniform32(key, shape, lo, 1.0))
+    return _normal32(key, shape)
 
 
 def laplace(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
@@ -124,5 +125,18 @@ def laplace(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
     shape = _shape(shape)
     if not _fast(key, shape, dtype):
         return jax.random.laplace(key, shape, dtype)
+    return _laplace32(key, shape)
+
+
+# Compiled as one program, as jax.random compiles its draws: op by op (outside jit) XLA would round the transform
+# differently in the last bit. Inside a caller's jit these inline.
+@partial(jax.jit, static_argnums=1)
+def _normal32(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    lo = np.nextafter(np.float32(-1.0), np.float32(0.0))
+    return np.float32(np.sqrt(2)) * lax.erf_inv(_uniform32(key, shape, lo, 1.0))
+
+
+@partial(jax.jit, static_argnums=1)
+def _laplace32(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     u = _uniform32(key, shape, -1.0 + float(np.finfo(np.float32).epsneg), 1.0)
     return jnp.sign(u) * jnp.log1p(-jnp.abs(u))

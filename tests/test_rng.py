@@ -58,6 +58,14 @@ def test_draws_equal_jax_random_bit_for_bit(name, shape):
         np.testing.assert_array_equal(got, want)
 
 
+def test_shape_forms_as_jax_random_takes_them():
+    key = jax.random.key(5)
+    for shape in (5, (0, 3), [2, 3], np.array([4])):
+        for name in ("normal", "laplace"):
+            np.testing.assert_array_equal(np.asarray(getattr(rng, name)(key, shape)),
+                                          np.asarray(getattr(jax.random, name)(key, shape)))
+
+
 def test_vmapped_keys_equal_jax_random():
     keys = jax.random.split(jax.random.key(4), 6)
     want = jax.vmap(lambda k: jax.random.normal(k, (257,)))(keys)
