@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-# Threefry-2x32 rotation constants, alternating per 4-round block (Salmon et al., 2011, Table 4).
+# Threefry-2x32 rotation constants, alternating per 4-round block (Salmon et al., 2011).
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _PARITY = np.uint32(0x1BD11BDA)
 
