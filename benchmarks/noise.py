@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bandwidth_gbs, machine, timeit  # noqa: E402
+from common import bandwidth_gbs, best_time, machine  # noqa: E402
 
 from jaxdfl import rng  # noqa: E402
 
@@ -27,7 +27,8 @@ SOURCES = {"jax.random": jax.random, "jaxdfl.rng": rng}
 
 def draw_time(module, name: str, shape: tuple[int, ...], reps: int) -> float:
     fn = jax.jit(lambda k: getattr(module, name)(k, shape))
-    return timeit(fn, jax.random.key(0), repeat=reps, stat=min)
+    key = jax.random.key(0)
+    return best_time(lambda: fn(key), reps)
 
 
 def loop_time(name: str, shape: tuple[int, ...], nodes: int, reps: int) -> float:
@@ -39,7 +40,7 @@ def loop_time(name: str, shape: tuple[int, ...], nodes: int, reps: int) -> float
     def loop():
         return [fn(k) for k in keys]
 
-    return timeit(loop, repeat=reps, stat=min) * shape[0] / nodes
+    return best_time(loop, reps) * shape[0] / nodes
 
 
 def main(argv=None) -> list[dict]:

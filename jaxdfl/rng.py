@@ -84,9 +84,11 @@ def _uniform32(key: jax.Array, shape: tuple[int, ...], minval: float, maxval: fl
     return jnp.maximum(lo, floats * (hi - lo) + lo)
 
 
-def _shape(shape) -> tuple[int, ...]:
-    """A shape as ``jax.random`` takes it: a sequence of ints, or one int."""
-    return (int(shape),) if np.ndim(shape) == 0 else tuple(int(s) for s in shape)
+def _draw(fast, fallback, key: jax.Array, shape, dtype) -> jax.Array:
+    """``fast(key, shape)`` where it is bit-identical to ``jax.random`` (:func:`_fast`), else
+    ``fallback(key, shape, dtype)``; ``shape`` as ``jax.random`` takes it (a sequence of ints, or one int)."""
+    shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(s) for s in shape)
+    return fast(key, shape) if _fast(key, shape, dtype) else fallback(key, shape, dtype)
 
 
 def normal(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
@@ -103,10 +105,7 @@ def normal(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
     Returns:
         ``shape`` array of ``dtype``.
     """
-    shape = _shape(shape)
-    if not _fast(key, shape, dtype):
-        return jax.random.normal(key, shape, dtype)
-    return _normal32(key, shape)
+    return _draw(_normal32, jax.random.normal, key, shape, dtype)
 
 
 def laplace(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
@@ -122,10 +121,7 @@ def laplace(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
     Returns:
         ``shape`` array of ``dtype``.
     """
-    shape = _shape(shape)
-    if not _fast(key, shape, dtype):
-        return jax.random.laplace(key, shape, dtype)
-    return _laplace32(key, shape)
+    return _draw(_laplace32, jax.random.laplace, key, shape, dtype)
 
 
 # Compiled as one program, as jax.random compiles its draws: op by op (outside jit) XLA would round the transform
