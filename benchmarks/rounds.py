@@ -4,7 +4,9 @@ For N in 16, 64, 100, 256, 1024 nodes on a ring (MLP on digits, quickstart setti
 of the compiled engine (a scan of rounds, compile excluded) and the same round written the usual way: a Python loop
 over nodes calling a jitted one-node local training function, then a loop over nodes averaging neighbours' models.
 The FLOP limit is the round's training FLOPs (6 x parameters x examples, forward + backward) at the matrix-multiply
-throughput measured in the same run.
+throughput measured in the same run. Then DP-SGD: a round against a non-private one, and the clipped gradient sum
+of one step by each method (the engine's two-pass and stored-gradient kernels against materialised per-example
+gradients clipped one by one) for a dense and two convolutional models.
 
     python benchmarks/rounds.py [--sizes 16,64,100,256,1024] [--loop-max 256] [--rule mean] [--privacy none]
 """
@@ -23,9 +25,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, matmul_gflops, timeit  # noqa: E402
 
-from jaxdfl import experiment, simulation  # noqa: E402
+from jaxdfl import experiment, models, simulation  # noqa: E402
+from jaxdfl.privacy import dp_sum  # noqa: E402
 from jaxdfl.config import load_config  # noqa: E402
-from jaxdfl.training import local_train  # noqa: E402
+from jaxdfl.training import LocalSpec, clipped_gradient_sum, local_train, loss_fn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,6 +94,30 @@ def round_flops(exp) -> float:
     return 6.0 * exp.model.dim * exp.spec.n * local.local_steps * local.batch_size
 
 
+def dp_clipping_seconds(name: str, shape: tuple[int, ...], n: int, buffer: int) -> dict[str, float]:
+    """Seconds for one DP-SGD step's clipped gradient sum on ``n`` nodes with ``buffer`` examples each, by method:
+    the engine's two ways (``training.clipped_gradient_sum`` with ``dp_clipping`` = ``two_pass`` or ``stored``) and
+    the definition they replace, per-example gradients materialised as ``[n, buffer, D]`` and clipped one by one
+    (``privacy.dp_sum``)."""
+    model = models.make(name, 10, shape, hidden=(64,))
+    theta = jax.vmap(model.init)(jax.random.split(jax.random.key(0), n))
+    x = jax.random.normal(jax.random.key(1), (n, buffer, *shape))
+    y = jax.random.randint(jax.random.key(2), (n, buffer), 0, 10)
+    valid = jnp.ones((n, buffer), bool)
+
+    def engine(mode):
+        spec = LocalSpec(apply=model.apply, optimizer="sgd", batch_size=buffer // 2, local_steps=1, dp_example=True,
+                         dp_buffer=buffer, unravel=model.unravel, apply_params=model.apply_params, dp_clipping=mode)
+        return lambda t, xb, yb, v: clipped_gradient_sum(spec, t, xb, yb, v, 1.0)[1]
+
+    def materialised(t, xb, yb, v):
+        g = jax.vmap(lambda xi, yi: jax.grad(lambda p: loss_fn(model.apply, p, xi[None], yi[None]))(t))(xb, yb)
+        return dp_sum(jax.random.key(0), g, v, 1.0, 0.0, 1.0)
+
+    methods = {"two_pass": engine("two_pass"), "stored": engine("stored"), "materialised": materialised}
+    return {m: timeit(jax.jit(jax.vmap(f)), theta, x, y, valid, repeat=5, stat=min) for m, f in methods.items()}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="16,64,100,256,1024")
@@ -128,9 +155,17 @@ def main(argv=None):
     dp = engine_round_seconds(dp_exp)
     print(f"\n# DP-SGD (example mode, buffer {dp_exp.spec.local.dp_buffer} for expected batch 16) vs non-private, "
           f"quickstart N=32: {dp * 1e3:.2f} ms vs {plain * 1e3:.2f} ms per round = {dp / plain:.2f}x")
+    clipping = {}
+    for name, shape, n, buf in [("mlp", (64,), 32, 46), ("cnn", (8, 8, 1), 32, 46), ("lenet5", (28, 28, 1), 8, 96)]:
+        t = dp_clipping_seconds(name, shape, n, buf)
+        clipping[name] = {m: v * 1e3 for m, v in t.items()}
+        used = "stored" if name in models.CONV_MODELS else "two_pass"
+        print(f"# DP-SGD clipped gradient sum, {name} {shape}, {n} nodes x {buf} examples, ms: "
+              + ", ".join(f"{m} {v * 1e3:.1f}" for m, v in t.items())
+              + f"; the engine uses {used}: {t['materialised'] / t[used]:.1f}x faster than materialised")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows, "dp_ms": dp * 1e3,
-                                               "plain_ms": plain * 1e3}, indent=2))
+                                               "plain_ms": plain * 1e3, "dp_clipping": clipping}, indent=2))
 
 
 if __name__ == "__main__":

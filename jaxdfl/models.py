@@ -151,6 +151,11 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "cifar_cnn": lambda num_classes, hidden=(), dtype=None: CifarCNN(num_classes, dtype=dtype),
 }
 
+#: Models with convolutions. DP-SGD stores their per-example gradients and clips those ("stored"); dense models
+#: use the two-pass clipped sum, which never stores them (``training.clipped_gradient_sum``; the choice is the one
+#: ``benchmarks/rounds.py`` measured faster for each family).
+CONV_MODELS = frozenset({"cnn", "lenet5", "cifar_cnn"})
+
 #: Compute dtypes for ``model.compute_dtype``; parameters (and so gradients and aggregation) stay float32.
 COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
@@ -158,7 +163,10 @@ COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 class FlatModel(NamedTuple):
     """A model seen through one flat parameter vector ``theta: [D]``.
 
-    ``init(key) -> [D]``; ``apply(theta, x [B, ...]) -> logits [B, C]``; ``unravel(theta) -> params pytree``.
+    ``init(key) -> [D]``; ``apply(theta, x [B, ...]) -> logits [B, C]``; ``unravel(theta) -> params pytree``;
+    ``apply_params(params, x) -> logits``, the same function of the pytree (``apply = apply_params o unravel``).
+    Gradients with respect to the pytree avoid concatenating per-layer pieces into ``[D]`` (DP-SGD's per-example
+    norms use it).
     """
 
     module: nn.Module
@@ -166,6 +174,7 @@ class FlatModel(NamedTuple):
     init: Callable
     apply: Callable
     unravel: Callable
+    apply_params: Callable
 
 
 def make(name: str, num_classes: int, input_shape: Sequence[int], hidden: Sequence[int] = (64,),
@@ -199,14 +208,22 @@ def make(name: str, num_classes: int, input_shape: Sequence[int], hidden: Sequen
     def init(key):
         return ravel_pytree(module.init(key, dummy))[0]
 
-    def apply(theta, x):
-        logits = module.apply(unravel(theta), x)
+    def apply_params(params, x):
+        logits = module.apply(params, x)
         return logits if compute is None else logits.astype(jnp.float32)
 
-    return FlatModel(module, int(flat0.size), init, apply, unravel)
+    def apply(theta, x):
+        return apply_params(unravel(theta), x)
+
+    return FlatModel(module, int(flat0.size), init, apply, unravel, apply_params)
+
+
+def example_cross_entropy(logits, labels):
+    """Softmax cross-entropy of each example: ``logits: [B, C]``, ``labels: [B]`` int -> ``[B]``."""
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.take_along_axis(logp, labels[:, None], axis=1)[:, 0]
 
 
 def cross_entropy(logits, labels):
     """Mean softmax cross-entropy. ``logits: [B, C]``, ``labels: [B]`` int."""
-    logp = jax.nn.log_softmax(logits)
-    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
+    return jnp.mean(example_cross_entropy(logits, labels))

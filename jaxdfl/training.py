@@ -15,8 +15,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.flatten_util import ravel_pytree
 
 from jaxdfl.models import cross_entropy
+from jaxdfl.models import example_cross_entropy
 from jaxdfl.privacy import mechanisms
 
 
@@ -29,6 +31,10 @@ class LocalSpec(NamedTuple):
     local_steps: int
     dp_example: bool = False
     dp_buffer: int = 0  # static Poisson buffer length (example mode)
+    # The model as a function of its parameter pytree, for DP-SGD's per-example norms (example mode):
+    unravel: Callable | None = None  # theta [D] -> params pytree
+    apply_params: Callable | None = None  # (params, x [B, ...]) -> logits [B, C]
+    dp_clipping: str = "two_pass"  # "two_pass" | "stored": how clipped_gradient_sum forms the sum
 
 
 def make_optimizer(name: str, lr, momentum=0.0) -> optax.GradientTransformation:
@@ -49,8 +55,8 @@ def batch_gradient(spec: LocalSpec, key, theta, x, y, size, hyper):
     """One step's gradient for one node: ``(loss, grad [D])``.
 
     Non-private: uniform batch with replacement, mean loss. DP-SGD: Poisson batch with rate ``batch_size/size``
-    in a buffer of ``spec.dp_buffer`` rows, per-example gradients clipped to ``hyper["clip_norm"]``, noise
-    ``N(0, (z C)^2)`` on the sum, divided by the expected batch size.
+    in a buffer of ``spec.dp_buffer`` rows, per-example gradients clipped to ``hyper["clip_norm"]``
+    (:func:`clipped_gradient_sum`), noise ``N(0, (z C)^2)`` on the sum, divided by the expected batch size.
     """
     k_batch, k_noise = jax.random.split(key)
     if not spec.dp_example:
@@ -58,16 +64,59 @@ def batch_gradient(spec: LocalSpec, key, theta, x, y, size, hyper):
         return jax.value_and_grad(lambda t: loss_fn(spec.apply, t, x[idx], y[idx]))(theta)
     rate = spec.batch_size / size
     idx, valid = mechanisms.poisson_batch(k_batch, size, rate, spec.dp_buffer)
-    xb, yb = x[idx], y[idx]
-
-    def one(xi, yi):
-        return jax.value_and_grad(lambda t: loss_fn(spec.apply, t, xi[None], yi[None]))(theta)
-
-    losses, grads = jax.vmap(one)(xb, yb)
-    grad = mechanisms.dp_sum(k_noise, grads, valid, hyper["clip_norm"], hyper["noise_multiplier"],
-                             spec.batch_size)
+    losses, total = clipped_gradient_sum(spec, theta, x[idx], y[idx], valid, hyper["clip_norm"])
+    grad = mechanisms.noisy_mean(k_noise, total, hyper["clip_norm"], hyper["noise_multiplier"], spec.batch_size)
     loss = jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
     return loss, grad
+
+
+def clipped_gradient_sum(spec: LocalSpec, theta, xb, yb, valid, clip):
+    """Per-example losses and ``sum_i clip_l2(g_i, C)`` over the valid examples, ``g_i`` the gradient of example i's
+    cross-entropy at ``theta``: ``([B], [D])``. Equals :func:`jaxdfl.privacy.mechanisms.dp_sum`'s clipped sum up to
+    float rounding, with ``s_i = min(1, C / |g_i|)`` from :func:`jaxdfl.privacy.mechanisms.clip_factors`.
+
+    Per-example gradients are taken with respect to the parameter pytree (per layer), never concatenated into a
+    ``[B, D]`` array. ``spec.dp_clipping`` picks how the sum is formed (``benchmarks/rounds.py`` times both):
+      - ``"two_pass"`` (dense models): pass 1 reduces each per-example gradient to its squared norm at once, which
+        XLA fuses so the per-example gradients are never stored; pass 2 is one batched backward pass, since
+        ``sum_i s_i g_i`` is the gradient of ``sum_i s_i l_i`` with ``s`` held constant (Lee & Kifer 2021);
+      - ``"stored"`` (convolutional models, whose per-example gradients are stored anyway): ``sum_i s_i g_i`` from
+        the stored per-layer gradients, which saves pass 2's backward pass.
+    Examples with a factor 0 (invalid, or a non-finite squared norm) are excluded by select (two-pass: they enter
+    pass 2 with a zero input), so a non-finite example cannot turn the sum into NaN.
+
+    Reference: J. Lee, D. Kifer, "Scaling up differentially private deep learning with fast per-example gradient
+    clipping", PoPETs 2021.
+    """
+    params = spec.unravel(theta)
+
+    def example_loss(p, xi, yi):
+        return example_cross_entropy(spec.apply_params(p, xi[None]), yi[None])[0]
+
+    def sq_norm(g):
+        return sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(g))
+
+    def loss_and_sq_norm(xi, yi):
+        loss, g = jax.value_and_grad(example_loss)(params, xi, yi)
+        return loss, sq_norm(g)
+
+    def where_used(s, a):
+        return jnp.where((s > 0).reshape((-1,) + (1,) * (a.ndim - 1)), a, jnp.zeros_like(a))
+
+    if spec.dp_clipping == "two_pass":
+        losses, sq_norms = jax.vmap(loss_and_sq_norm)(xb, yb)
+        s = mechanisms.clip_factors(sq_norms, valid, clip)
+        xs = where_used(s, xb)
+        weighted = jax.grad(lambda p: jnp.sum(s * example_cross_entropy(spec.apply_params(p, xs), yb)))(params)
+    elif spec.dp_clipping == "stored":
+        losses, grads = jax.vmap(jax.value_and_grad(example_loss), in_axes=(None, 0, 0))(params, xb, yb)
+        s = mechanisms.clip_factors(jax.vmap(sq_norm)(grads), valid, clip)
+        weighted = jax.tree.map(lambda g: jnp.tensordot(s, where_used(s, g), axes=1), grads)
+    else:
+        raise ValueError(f"dp_clipping must be two_pass or stored, got {spec.dp_clipping!r}")
+    total = ravel_pytree(weighted)[0]
+    # With no example left (e.g. non-finite parameters) the sum is exactly 0, as in dp_sum.
+    return losses, jnp.where(jnp.any(s > 0), total, jnp.zeros_like(total))
 
 
 def local_train(spec: LocalSpec, key, theta, opt_state, x, y, size, hyper, steps=None):

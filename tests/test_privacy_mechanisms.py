@@ -327,3 +327,21 @@ def test_privatize_update_nonfinite_update_sends_pure_noise():
     assert np.array_equal(np.asarray(out), np.asarray(ref))
     with pytest.raises(ValueError, match="privacy.mechanism"):
         _PRIVATIZE(key, v, 1.0, 1.0, "exponential")
+
+
+# -------------------------------------------------------------------- clip_factors
+
+
+def test_clip_factors_match_numpy_definition():
+    from jaxdfl.privacy.mechanisms import clip_factors
+
+    sq = np.array([0.0, 0.25, 1.0, 4.0, 100.0, np.inf, np.nan, 9.0, 1e-30], np.float32)
+    valid = np.array([True, True, True, True, True, True, True, False, True])
+    c = 1.5
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ref = np.where(valid & np.isfinite(sq), np.minimum(1.0, c / np.sqrt(sq.astype(np.float64))), 0.0)
+    out = np.asarray(jax.jit(clip_factors)(jnp.asarray(sq), jnp.asarray(valid), c))
+    np.testing.assert_allclose(out, ref, rtol=1e-6)
+    # C = inf: every valid finite example is left untouched (factor exactly 1), the others dropped.
+    out = np.asarray(jax.jit(clip_factors)(jnp.asarray(sq), jnp.asarray(valid), jnp.inf))
+    assert np.array_equal(out, np.where(valid & np.isfinite(sq), 1.0, 0.0).astype(np.float32))

@@ -138,13 +138,44 @@ def dp_sum(key, grads, valid, clip, noise_multiplier, expected_batch):
     References:
       Abadi et al., "Deep Learning with Differential Privacy", CCS 2016.
     """
-    dtype = grads.dtype
     rows = jnp.where(valid[:, None], grads, jnp.zeros_like(grads))
     clipped = jax.vmap(clip_l2, in_axes=(0, None))(rows, clip)
-    total = jnp.sum(clipped, axis=0)
+    return noisy_mean(key, jnp.sum(clipped, axis=0), clip, noise_multiplier, expected_batch)
+
+
+def noisy_mean(key, total, clip, noise_multiplier, expected_batch):
+    """``(total + N(0, (z C)^2 I)) / b``: the Gaussian mechanism on a clipped sum, normalised by the public b.
+
+    ``total`` is a sum of per-example contributions of L2 norm at most ``clip`` (``C``); ``z = 0`` adds exactly
+    nothing (also with ``C = inf``). Shared by :func:`dp_sum` and the engine's DP-SGD step.
+    """
+    dtype = total.dtype
     std = _noise_std(noise_multiplier, clip, dtype)
     noise = std * rng.normal(key, total.shape, dtype)
     return (total + noise) / jnp.asarray(expected_batch, dtype)
+
+
+def clip_factors(sq_norms, valid, clip):
+    """Per-example factors ``s_i`` with ``s_i g_i = clip_l2(g_i, C)``, from the squared norms ``|g_i|^2``.
+
+    Definition: ``s_i = min(1, C / |g_i|)`` for a valid example with a finite squared norm, else 0. An example whose
+    float32 squared norm is not finite (a non-finite entry, or ``|g_i| > ~1.8e19``) contributes nothing: its
+    contribution still has norm <= C, so the sensitivity and the privacy guarantee are unchanged (:func:`dp_sum`,
+    which sees the vectors themselves, clips such a finite example instead).
+
+    Args:
+      sq_norms: [B] squared L2 norms of the per-example gradients.
+      valid: [B] bool, which rows hold a sampled example.
+      clip: scalar C > 0, may be inf.
+
+    Returns:
+      [B] factors in [0, 1], dtype of ``sq_norms``.
+    """
+    clip = jnp.asarray(clip, sq_norms.dtype)
+    ok = valid & jnp.isfinite(sq_norms)
+    # A zero norm (or one underflowing to 0) gives C / 0 = inf, so the factor is 1: the vector is left untouched.
+    factor = jnp.minimum(jnp.ones_like(sq_norms), clip / jnp.sqrt(jnp.where(ok, sq_norms, 1.0)))
+    return jnp.where(ok, factor, jnp.zeros_like(sq_norms))
 
 
 def poisson_batch(key, size, rate, buffer, *, return_overflow=False):

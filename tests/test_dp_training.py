@@ -1,0 +1,96 @@
+"""DP-SGD inside local training: the two-pass clipped gradient sum against the per-example definition."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdfl import experiment
+from jaxdfl import models
+from jaxdfl import simulation
+from jaxdfl.privacy import dp_sum
+from jaxdfl.privacy import mechanisms
+from jaxdfl.training import LocalSpec
+from jaxdfl.training import batch_gradient
+from jaxdfl.training import clipped_gradient_sum
+from jaxdfl.training import loss_fn
+
+
+def _spec(model, mode):
+    return LocalSpec(apply=model.apply, optimizer="sgd", batch_size=4, local_steps=1, dp_example=True,
+                     dp_buffer=12, unravel=model.unravel, apply_params=model.apply_params, dp_clipping=mode)
+
+
+def _per_example(model, theta, x, y):
+    """The definition's per-example gradients, materialised: [B, D]."""
+    return jax.vmap(lambda xi, yi: jax.grad(lambda t: loss_fn(model.apply, t, xi[None], yi[None]))(theta))(x, y)
+
+
+@pytest.mark.parametrize("mode", ["two_pass", "stored"])
+@pytest.mark.parametrize("name,shape", [("mlp", (64,)), ("cnn", (8, 8, 1))])
+@pytest.mark.parametrize("clip", [0.05, np.inf])
+def test_clipped_gradient_sum_equals_clipping_each_per_example_gradient(name, shape, clip, mode):
+    model = models.make(name, 10, shape, hidden=(16,))
+    theta = model.init(jax.random.key(0))
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((12, *shape)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, 12), jnp.int32)
+    valid = jnp.asarray(rng.random(12) < 0.7)
+    losses, total = jax.jit(clipped_gradient_sum, static_argnums=0)(_spec(model, mode), theta, x, y, valid, clip)
+    grads = _per_example(model, theta, x, y)
+    ref = dp_sum(jax.random.key(0), grads, valid, clip, 0.0, 1.0)
+    norms = np.linalg.norm(np.asarray(grads), axis=1)
+    if np.isfinite(clip):
+        assert np.sum(np.asarray(valid) & (norms > clip)) >= 3  # the clip is exercised
+    np.testing.assert_allclose(np.asarray(total), np.asarray(ref), rtol=2e-5, atol=1e-6)
+    ref_losses = jax.vmap(lambda xi, yi: loss_fn(model.apply, theta, xi[None], yi[None]))(x, y)
+    np.testing.assert_allclose(np.asarray(losses), np.asarray(ref_losses), rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["two_pass", "stored"])
+def test_nonfinite_example_contributes_nothing(mode):
+    model = models.make("mlp", 10, (64,), hidden=(16,))
+    theta = model.init(jax.random.key(0))
+    rng = np.random.default_rng(2)
+    x = np.asarray(rng.standard_normal((6, 64)), np.float32)
+    y = jnp.asarray(rng.integers(0, 10, 6), jnp.int32)
+    bad = x.copy()
+    bad[2, 5] = np.nan
+    bad[4, 0] = np.inf
+    fn = jax.jit(clipped_gradient_sum, static_argnums=0)
+    _, total = fn(_spec(model, mode), theta, jnp.asarray(bad), y, jnp.ones(6, bool), 0.5)
+    keep = jnp.asarray(np.isin(np.arange(6), [2, 4], invert=True))
+    _, ref = fn(_spec(model, mode), theta, jnp.asarray(x), y, keep, 0.5)
+    assert np.all(np.isfinite(np.asarray(total)))
+    np.testing.assert_allclose(np.asarray(total), np.asarray(ref), rtol=1e-6, atol=1e-7)
+    # Non-finite parameters: every example is dropped, the sum is exactly zero (noise alone is released).
+    _, none = fn(_spec(model, mode), jnp.full_like(theta, jnp.nan), jnp.asarray(x), y, jnp.ones(6, bool), 0.5)
+    assert np.array_equal(np.asarray(none), np.zeros(model.dim, np.float32))
+
+
+def test_dp_step_is_the_mean_gradient_of_the_poisson_batch_at_zero_noise_infinite_clip(small_cfg):
+    """The engine's DP-SGD step with z = 0, C = inf: the sum of the sampled examples' gradients over b."""
+    exp = experiment.build(small_cfg(**{"privacy.mode": "example", "privacy.noise_multiplier": 1.0}))
+    spec = exp.spec.local
+    theta = simulation.init_state(exp.spec, jax.random.key(0), exp.hyper).theta[0]
+    x, y, size = exp.arrays.x[0], exp.arrays.y[0], int(exp.arrays.sizes[0])
+    key = jax.random.key(5)
+    hyper = {"clip_norm": jnp.inf, "noise_multiplier": 0.0}
+    _, grad = jax.jit(batch_gradient, static_argnums=0)(spec, key, theta, x, y, size, hyper)
+    k_batch, _ = jax.random.split(key)
+    idx, valid = mechanisms.poisson_batch(k_batch, size, spec.batch_size / size, spec.dp_buffer)
+    assert 0 < int(valid.sum()) < spec.dp_buffer
+    per_ex = _per_example(exp.model, theta, x[idx], y[idx])
+    ref = np.asarray(per_ex, np.float64)[np.asarray(valid)].sum(0) / spec.batch_size
+    np.testing.assert_allclose(np.asarray(grad), ref, rtol=1e-4, atol=1e-6)
+
+
+def test_unknown_clipping_mode_is_refused():
+    model = models.make("logreg", 10, (64,))
+    with pytest.raises(ValueError, match="dp_clipping"):
+        clipped_gradient_sum(_spec(model, "fast"), model.init(jax.random.key(0)), jnp.zeros((3, 64)),
+                             jnp.zeros(3, jnp.int32), jnp.ones(3, bool), 1.0)
+
+
+def test_conv_models_are_registered_models():
+    assert models.CONV_MODELS <= set(models.MODELS)
