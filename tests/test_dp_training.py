@@ -68,10 +68,13 @@ def test_nonfinite_example_contributes_nothing(mode):
     assert np.array_equal(np.asarray(none), np.zeros(model.dim, np.float32))
 
 
-def test_dp_step_is_the_mean_gradient_of_the_poisson_batch_at_zero_noise_infinite_clip(small_cfg):
+@pytest.mark.parametrize("model,mode", [("logreg", "two_pass"), ("cnn", "stored")])
+def test_dp_step_is_the_mean_gradient_of_the_poisson_batch_at_zero_noise_infinite_clip(small_cfg, model, mode):
     """The engine's DP-SGD step with z = 0, C = inf: the sum of the sampled examples' gradients over b."""
-    exp = experiment.build(small_cfg(**{"privacy.mode": "example", "privacy.noise_multiplier": 1.0}))
+    exp = experiment.build(small_cfg(**{"privacy.mode": "example", "privacy.noise_multiplier": 1.0,
+                                        "model.name": model, "model.hidden": [8]}))
     spec = exp.spec.local
+    assert spec.dp_clipping == mode
     theta = simulation.init_state(exp.spec, jax.random.key(0), exp.hyper).theta[0]
     x, y, size = exp.arrays.x[0], exp.arrays.y[0], int(exp.arrays.sizes[0])
     key = jax.random.key(5)
