@@ -2,11 +2,14 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from jaxdfl.config import DEFAULTS, dumps_toml, load_config, make_config, parse_value
 from jaxdfl.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_validate():
@@ -93,3 +96,16 @@ def test_replace_switching_family_drops_settings_the_new_one_does_not_take():
     assert "z" not in ipm.attack and ipm.attack.byzantine == 1
     with pytest.raises(ConfigError, match="topology.degre"):
         cfg.replace({"topology.degre": 3})  # typos are still errors
+
+
+BUNDLED = ("digits", "synthetic")  # datasets that need no files
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.toml")), ids=lambda p: p.stem)
+def test_every_shipped_config_loads_and_builds_when_its_data_is_bundled(path):
+    from jaxdfl import experiment
+
+    cfg = load_config(str(path))
+    if cfg.data.name in BUNDLED:
+        exp = experiment.build(cfg)
+        assert exp.spec.n == cfg.topology.n
