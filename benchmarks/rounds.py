@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -94,6 +95,22 @@ def round_flops(exp) -> float:
     return 6.0 * exp.model.dim * exp.spec.n * local.local_steps * local.batch_size
 
 
+def conv_round(n: int, root: Path) -> tuple[float, float]:
+    """Engine and per-node-loop seconds per round for LeNet-5 on random 28x28x1 images (an npz in ``root``):
+    ring of ``n`` nodes, batch 32, one local step, plain gossip."""
+    path = root / "random28.npz"
+    if not path.exists():
+        rng = np.random.default_rng(0)
+        np.savez(path, x_train=rng.integers(0, 256, (64 * n, 28, 28), dtype=np.uint8),
+                 y_train=rng.integers(0, 10, 64 * n), x_test=rng.integers(0, 256, (100, 28, 28), dtype=np.uint8),
+                 y_test=rng.integers(0, 10, 100))
+    cfg = load_config(str(ROOT / "configs/quickstart.toml"),
+                      [f"topology.n={n}", "data.name=\"npz\"", f"data.path=\"{path}\"", "model.name=\"lenet5\"",
+                       "train.batch_size=32", "train.local_steps=1"])
+    exp = experiment.build(cfg)
+    return engine_round_seconds(exp, rounds=3), loop_round_seconds(exp)
+
+
 def dp_clipping_seconds(name: str, shape: tuple[int, ...], n: int, buffer: int) -> dict[str, float]:
     """Seconds for one DP-SGD step's clipped gradient sum on ``n`` nodes with ``buffer`` examples each, by method:
     the engine's two ways (``training.clipped_gradient_sum`` with ``dp_clipping`` = ``two_pass`` or ``stored``) and
@@ -155,6 +172,11 @@ def main(argv=None):
     dp = engine_round_seconds(dp_exp)
     print(f"\n# DP-SGD (example mode, buffer {dp_exp.spec.local.dp_buffer} for expected batch 16) vs non-private, "
           f"quickstart N=32: {dp * 1e3:.2f} ms vs {plain * 1e3:.2f} ms per round = {dp / plain:.2f}x")
+    with tempfile.TemporaryDirectory() as tmp:
+        conv = {n: conv_round(n, Path(tmp)) for n in (8, 32)}
+    for n, (eng, loop) in conv.items():
+        print(f"# LeNet-5 on 28x28x1, ring N={n}, batch 32, 1 local step: engine {eng * 1e3:.1f} ms/round, "
+              f"per-node loop {loop * 1e3:.1f} ms/round = {loop / eng:.2f}x")
     clipping = {}
     for name, shape, n, buf in [("mlp", (64,), 32, 46), ("cnn", (8, 8, 1), 32, 46), ("lenet5", (28, 28, 1), 8, 96)]:
         t = dp_clipping_seconds(name, shape, n, buf)
@@ -165,7 +187,10 @@ def main(argv=None):
               + f"; the engine uses {used}: {t['materialised'] / t[used]:.1f}x faster than materialised")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows, "dp_ms": dp * 1e3,
-                                               "plain_ms": plain * 1e3, "dp_clipping": clipping}, indent=2))
+                                               "plain_ms": plain * 1e3, "dp_clipping": clipping,
+                                               "lenet5_engine_loop_ms": {n: [e * 1e3, lo * 1e3]
+                                                                         for n, (e, lo) in conv.items()}},
+                                              indent=2))
 
 
 if __name__ == "__main__":

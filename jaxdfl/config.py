@@ -61,7 +61,7 @@ DEFAULTS: dict[str, Any] = {
         "mnist1d_samples": 5000,
         "mnist1d_seed": 42,
     },
-    "model": {"name": "mlp", "hidden": [64], "init": "same", "compute_dtype": "float32"},
+    "model": {"name": "mlp", "hidden": [64], "init": "same", "compute_dtype": "float32", "conv": "auto"},
     "train": {
         "optimizer": "sgd",
         "lr": 0.1,
@@ -97,6 +97,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.partition": ("iid", "dirichlet", "shards"),
     "data.quantity_skew": ("none", "dirichlet", "power"),
     "model.compute_dtype": ("float32", "bfloat16"),
+    "model.conv": ("auto", "xla", "im2col"),
     "model.init": ("same", "independent"),
     "parallel.seed_mode": ("auto", "vmap", "map"),
     "train.optimizer": ("sgd", "adam"),

@@ -172,7 +172,7 @@ def build(cfg: Config | dict | str, progress: Callable | None = None) -> Experim
                           "without attacks or pre-aggregation; use \"auto\"")
 
     model = models.make(cfg.model.name, ds.num_classes, ds.input_shape, cfg.model.hidden,
-                        dtype=cfg.model.compute_dtype)
+                        dtype=cfg.model.compute_dtype, conv=cfg.model.conv)
     local = LocalSpec(apply=model.apply, optimizer=tr.optimizer, batch_size=tr.batch_size,
                       local_steps=tr.local_steps, dp_example=p.mode == "example", dp_buffer=plan.buffer,
                       unravel=model.unravel, apply_params=model.apply_params,

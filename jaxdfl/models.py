@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
+from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,6 +45,50 @@ class MLP(nn.Module):
         return nn.Dense(self.num_classes, dtype=self.dtype)(x)
 
 
+class Conv(nn.Module):
+    """2-D convolution, stride 1, ``[B, H, W, C] -> [B, H', W', features]``, with exactly ``flax.linen.Conv``'s
+    parameters (``kernel [kh, kw, C, features]`` LeCun-normal, ``bias`` zeros) and result, in one of two lowerings:
+
+    - ``impl="xla"``: ``lax.conv_general_dilated``, XLA's convolution;
+    - ``impl="im2col"``: the ``kh * kw`` shifted slices of the (padded) input concatenated along channels, times the
+      kernel reshaped to ``[kh * kw * C, features]``: one matmul, whose gradients are a matmul and slice-adds.
+
+    Why two: the engine vmaps local training over nodes, each node with its own kernel, which XLA turns into a
+    grouped convolution. On XLA:CPU its gradient is slow and grows faster than linearly in the number of nodes
+    (LeNet-5, 32 nodes: see ``benchmarks/rounds.py``); the im2col form stays a batched matmul. ``model.conv =
+    "auto"`` picks im2col on CPU and XLA's convolution elsewhere.
+    """
+
+    features: int
+    kernel_size: tuple[int, int]
+    padding: str = "SAME"
+    dtype: Any = None
+    impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x):
+        kh, kw = self.kernel_size
+        cin = x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (kh, kw, cin, self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if self.impl == "xla":
+            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), self.padding,
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        elif self.impl == "im2col":
+            h, w = x.shape[1], x.shape[2]
+            if self.padding == "SAME":  # XLA's SAME: the extra row/column of an even kernel goes after
+                ph, pw = kh - 1, kw - 1
+                x = jnp.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+            else:
+                h, w = h - kh + 1, w - kw + 1
+            cols = jnp.concatenate([x[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)], axis=-1)
+            y = cols @ kernel.reshape(kh * kw * cin, self.features)
+        else:
+            raise ValueError(f"Conv.impl must be xla or im2col, got {self.impl!r}")
+        return y + bias
+
+
 def _need_images(name: str, x, min_side: int = 1):
     if x.ndim != 4:
         raise ConfigError(f"model.name={name!r} needs image inputs [H, W, C], got input shape {tuple(x.shape[1:])}")
@@ -62,12 +107,13 @@ class CNN(nn.Module):
     hidden: Sequence[int] = (64,)
     channels: Sequence[int] = (16, 32)
     dtype: Any = None
+    conv: str = "xla"
 
     @nn.compact
     def __call__(self, x):
         _need_images("cnn", x)
         for c in self.channels:
-            x = nn.relu(nn.Conv(c, (3, 3), padding="SAME", dtype=self.dtype)(x))
+            x = nn.relu(Conv(c, (3, 3), padding="SAME", dtype=self.dtype, impl=self.conv)(x))
             if x.shape[1] >= 2 and x.shape[2] >= 2:
                 x = nn.avg_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))
@@ -92,13 +138,14 @@ class LeNet5(nn.Module):
 
     num_classes: int
     dtype: Any = None
+    conv: str = "xla"
 
     @nn.compact
     def __call__(self, x):
         _need_images("lenet5", x, min_side=16)
-        x = nn.relu(nn.Conv(6, (5, 5), padding="SAME", dtype=self.dtype)(x))
+        x = nn.relu(Conv(6, (5, 5), padding="SAME", dtype=self.dtype, impl=self.conv)(x))
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = nn.relu(nn.Conv(16, (5, 5), padding="VALID", dtype=self.dtype)(x))
+        x = nn.relu(Conv(16, (5, 5), padding="VALID", dtype=self.dtype, impl=self.conv)(x))
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(120, dtype=self.dtype)(x))
@@ -127,13 +174,14 @@ class CifarCNN(nn.Module):
     norm: str = "group"
     groups: int = 8
     dtype: Any = None
+    conv: str = "xla"
 
     @nn.compact
     def __call__(self, x):
         _need_images("cifar_cnn", x, min_side=2 ** len(self.channels))
         for width in self.channels:
             for _ in range(2):
-                x = nn.Conv(width, (3, 3), padding="SAME", dtype=self.dtype)(x)
+                x = Conv(width, (3, 3), padding="SAME", dtype=self.dtype, impl=self.conv)(x)
                 if self.norm == "group":
                     x = nn.GroupNorm(num_groups=self.groups, dtype=self.dtype)(x)
                 x = nn.relu(x)
@@ -144,12 +192,17 @@ class CifarCNN(nn.Module):
 
 #: Models by config name: ``MODELS[name](num_classes, hidden, dtype=None) -> nn.Module``.
 MODELS: dict[str, Callable[..., nn.Module]] = {
-    "logreg": lambda num_classes, hidden=(), dtype=None: LogReg(num_classes, dtype=dtype),
-    "mlp": lambda num_classes, hidden=(64,), dtype=None: MLP(num_classes, tuple(hidden), dtype=dtype),
-    "cnn": lambda num_classes, hidden=(64,), dtype=None: CNN(num_classes, tuple(hidden), dtype=dtype),
-    "lenet5": lambda num_classes, hidden=(), dtype=None: LeNet5(num_classes, dtype=dtype),
-    "cifar_cnn": lambda num_classes, hidden=(), dtype=None: CifarCNN(num_classes, dtype=dtype),
+    "logreg": lambda num_classes, hidden=(), dtype=None, conv="xla": LogReg(num_classes, dtype=dtype),
+    "mlp": lambda num_classes, hidden=(64,), dtype=None, conv="xla": MLP(num_classes, tuple(hidden), dtype=dtype),
+    "cnn": lambda num_classes, hidden=(64,), dtype=None, conv="xla": CNN(num_classes, tuple(hidden), dtype=dtype,
+                                                                         conv=conv),
+    "lenet5": lambda num_classes, hidden=(), dtype=None, conv="xla": LeNet5(num_classes, dtype=dtype, conv=conv),
+    "cifar_cnn": lambda num_classes, hidden=(), dtype=None, conv="xla": CifarCNN(num_classes, dtype=dtype,
+                                                                                 conv=conv),
 }
+
+#: Lowerings of :class:`Conv` for ``model.conv`` ("auto": im2col on CPU, XLA's convolution on other backends).
+CONV_IMPLS = ("auto", "xla", "im2col")
 
 #: Models with convolutions. DP-SGD stores their per-example gradients and clips those ("stored"); dense models
 #: use the two-pass clipped sum, which never stores them (``training.clipped_gradient_sum``; the choice is the one
@@ -178,7 +231,7 @@ class FlatModel(NamedTuple):
 
 
 def make(name: str, num_classes: int, input_shape: Sequence[int], hidden: Sequence[int] = (64,),
-         dtype: str | None = None) -> FlatModel:
+         dtype: str | None = None, conv: str = "auto") -> FlatModel:
     """Build the named model and its flat-vector view for inputs of ``input_shape`` (no batch axis).
 
     Args:
@@ -189,6 +242,7 @@ def make(name: str, num_classes: int, input_shape: Sequence[int], hidden: Sequen
       dtype: compute dtype, ``None``/``"float32"`` or ``"bfloat16"`` (``model.compute_dtype``). With bfloat16 the
         layers compute in bfloat16 while ``theta`` stays float32 (so do gradients and aggregation); ``apply``
         always returns float32 logits.
+      conv: how convolutions are lowered (``model.conv``), one of :data:`CONV_IMPLS`; see :class:`Conv`.
 
     Returns:
       A :class:`FlatModel`.
@@ -199,7 +253,11 @@ def make(name: str, num_classes: int, input_shape: Sequence[int], hidden: Sequen
     if key not in COMPUTE_DTYPES:
         raise ConfigError(f"model.compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}; got {dtype!r}")
     compute = COMPUTE_DTYPES[key]
-    module = MODELS[name](num_classes, tuple(hidden), dtype=compute)
+    if conv not in CONV_IMPLS:
+        raise ConfigError(f"model.conv must be one of {', '.join(CONV_IMPLS)}; got {conv!r}")
+    if conv == "auto":
+        conv = "im2col" if jax.default_backend() == "cpu" else "xla"
+    module = MODELS[name](num_classes, tuple(hidden), dtype=compute, conv=conv)
     dummy = jnp.zeros((1, *input_shape), jnp.float32)
     # Shapes only: running flax's init eagerly would compile every layer's ops one by one.
     shapes = jax.eval_shape(module.init, jax.random.key(0), dummy)

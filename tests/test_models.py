@@ -220,3 +220,37 @@ def test_configuration_errors():
     with pytest.raises(ConfigError, match=r"model\.name='cifar_cnn' needs image inputs \[H, W, C\], got input "
                                           r"shape \(40,\)"):
         models.make("cifar_cnn", 10, (40,))
+
+
+@pytest.mark.parametrize("impl", ["xla", "im2col"])
+@pytest.mark.parametrize("kernel,padding", [((3, 3), "SAME"), ((5, 5), "SAME"), ((5, 5), "VALID"), ((2, 4), "SAME")])
+def test_conv_equals_flax_conv(impl, kernel, padding):
+    """Both lowerings give flax.linen.Conv's parameters (same init) and outputs, and the same gradients."""
+    import flax.linen as nn
+
+    x = jax.random.normal(jax.random.key(1), (3, 9, 8, 2))
+    ours = models.Conv(5, kernel, padding=padding, impl=impl)
+    ref = nn.Conv(5, kernel, padding=padding)
+    p = ours.init(jax.random.key(0), x)
+    p_ref = ref.init(jax.random.key(0), x)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), p, p_ref))
+    p = jax.tree.map(lambda a: a + 0.1, p)  # a non-zero bias too
+    np.testing.assert_allclose(ours.apply(p, x), ref.apply(p, x), rtol=1e-5, atol=1e-5)
+    g = jax.grad(lambda q, z: jnp.sum(jnp.sin(ours.apply(q, z))), argnums=(0, 1))(p, x)
+    g_ref = jax.grad(lambda q, z: jnp.sum(jnp.sin(ref.apply(q, z))), argnums=(0, 1))(p, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g, g_ref)
+
+
+@pytest.mark.parametrize("name,shape", [("cnn", (8, 8, 1)), ("lenet5", (16, 16, 1)), ("cifar_cnn", (8, 8, 3))])
+def test_conv_lowerings_give_the_same_model(name, shape):
+    a = models.make(name, 10, shape, conv="xla")
+    b = models.make(name, 10, shape, conv="im2col")
+    theta = a.init(jax.random.key(0))
+    assert np.array_equal(np.asarray(theta), np.asarray(b.init(jax.random.key(0))))
+    x = jax.random.normal(jax.random.key(1), (4, *shape))
+    np.testing.assert_allclose(a.apply(theta, x), b.apply(theta, x), rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_conv_lowering_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.conv"):
+        models.make("cnn", 10, (8, 8, 1), conv="fft")
