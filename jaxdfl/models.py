@@ -46,8 +46,9 @@ class MLP(nn.Module):
 
 
 class Conv(nn.Module):
-    """2-D convolution, stride 1, ``[B, H, W, C] -> [B, H', W', features]``, with exactly ``flax.linen.Conv``'s
-    parameters (``kernel [kh, kw, C, features]`` LeCun-normal, ``bias`` zeros) and result, in one of two lowerings:
+    """2-D convolution, stride 1, padding "SAME" or "VALID", ``[B, H, W, C] -> [B, H', W', features]``, with
+    exactly ``flax.linen.Conv``'s parameters (``kernel [kh, kw, C, features]`` LeCun-normal, ``bias`` zeros) and
+    result, in one of two lowerings:
 
     - ``impl="xla"``: ``lax.conv_general_dilated``, XLA's convolution;
     - ``impl="im2col"``: the ``kh * kw`` shifted slices of the (padded) input concatenated along channels, times the
@@ -67,6 +68,8 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        if self.padding not in ("SAME", "VALID"):
+            raise ValueError(f"Conv.padding must be SAME or VALID, got {self.padding!r}")
         kh, kw = self.kernel_size
         cin = x.shape[-1]
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (kh, kw, cin, self.features), jnp.float32)
@@ -190,15 +193,14 @@ class CifarCNN(nn.Module):
         return nn.Dense(self.num_classes, dtype=self.dtype)(x)
 
 
-#: Models by config name: ``MODELS[name](num_classes, hidden, dtype=None) -> nn.Module``.
+#: Models by config name: ``MODELS[name](num_classes, hidden, dtype, conv) -> nn.Module`` (models without hidden
+#: widths or convolutions ignore ``hidden`` or ``conv``).
 MODELS: dict[str, Callable[..., nn.Module]] = {
-    "logreg": lambda num_classes, hidden=(), dtype=None, conv="xla": LogReg(num_classes, dtype=dtype),
-    "mlp": lambda num_classes, hidden=(64,), dtype=None, conv="xla": MLP(num_classes, tuple(hidden), dtype=dtype),
-    "cnn": lambda num_classes, hidden=(64,), dtype=None, conv="xla": CNN(num_classes, tuple(hidden), dtype=dtype,
-                                                                         conv=conv),
-    "lenet5": lambda num_classes, hidden=(), dtype=None, conv="xla": LeNet5(num_classes, dtype=dtype, conv=conv),
-    "cifar_cnn": lambda num_classes, hidden=(), dtype=None, conv="xla": CifarCNN(num_classes, dtype=dtype,
-                                                                                 conv=conv),
+    "logreg": lambda classes, hidden, dtype, conv: LogReg(classes, dtype=dtype),
+    "mlp": lambda classes, hidden, dtype, conv: MLP(classes, tuple(hidden), dtype=dtype),
+    "cnn": lambda classes, hidden, dtype, conv: CNN(classes, tuple(hidden), dtype=dtype, conv=conv),
+    "lenet5": lambda classes, hidden, dtype, conv: LeNet5(classes, dtype=dtype, conv=conv),
+    "cifar_cnn": lambda classes, hidden, dtype, conv: CifarCNN(classes, dtype=dtype, conv=conv),
 }
 
 #: Lowerings of :class:`Conv` for ``model.conv`` ("auto": im2col on CPU, XLA's convolution on other backends).
@@ -257,7 +259,7 @@ def make(name: str, num_classes: int, input_shape: Sequence[int], hidden: Sequen
         raise ConfigError(f"model.conv must be one of {', '.join(CONV_IMPLS)}; got {conv!r}")
     if conv == "auto":
         conv = "im2col" if jax.default_backend() == "cpu" else "xla"
-    module = MODELS[name](num_classes, tuple(hidden), dtype=compute, conv=conv)
+    module = MODELS[name](num_classes, tuple(hidden), compute, conv)
     dummy = jnp.zeros((1, *input_shape), jnp.float32)
     # Shapes only: running flax's init eagerly would compile every layer's ops one by one.
     shapes = jax.eval_shape(module.init, jax.random.key(0), dummy)
