@@ -223,7 +223,7 @@ def test_configuration_errors():
 
 
 @pytest.mark.parametrize("impl", ["xla", "im2col"])
-@pytest.mark.parametrize("kernel,padding", [((3, 3), "SAME"), ((5, 5), "SAME"), ((5, 5), "VALID"), ((2, 4), "SAME")])
+@pytest.mark.parametrize("kernel,padding", [((3, 3), "SAME"), ((5, 5), "VALID"), ((2, 4), "SAME")])
 def test_conv_equals_flax_conv(impl, kernel, padding):
     """Both lowerings give flax.linen.Conv's parameters (same init) and outputs, and the same gradients."""
     import flax.linen as nn
@@ -241,7 +241,7 @@ def test_conv_equals_flax_conv(impl, kernel, padding):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g, g_ref)
 
 
-@pytest.mark.parametrize("name,shape", [("cnn", (8, 8, 1)), ("lenet5", (16, 16, 1)), ("cifar_cnn", (8, 8, 3))])
+@pytest.mark.parametrize("name,shape", [("cnn", (8, 8, 1))])
 def test_conv_lowerings_give_the_same_model(name, shape):
     a = models.make(name, 10, shape, conv="xla")
     b = models.make(name, 10, shape, conv="im2col")
