@@ -4,11 +4,13 @@ For N in 16, 64, 100, 256, 1024 nodes on a ring (MLP on digits, quickstart setti
 of the compiled engine (a scan of rounds, compile excluded) and the same round written the usual way: a Python loop
 over nodes calling a jitted one-node local training function, then a loop over nodes averaging neighbours' models.
 The FLOP limit is the round's training FLOPs (6 x parameters x examples, forward + backward) at the matrix-multiply
-throughput measured in the same run. Then DP-SGD: a round against a non-private one, and the clipped gradient sum
-of one step by each method (the engine's two-pass and stored-gradient kernels against materialised per-example
-gradients clipped one by one) for a dense and two convolutional models.
+throughput measured in the same run. Then DP-SGD: a round against a non-private one; LeNet-5 rounds, engine against
+loop, with convolutions lowered as ``--conv`` says (``model.conv``); and the clipped gradient sum of one DP step by
+each method (the engine's two-pass and stored-gradient kernels against materialised per-example gradients clipped
+one by one) for a dense and two convolutional models.
 
     python benchmarks/rounds.py [--sizes 16,64,100,256,1024] [--loop-max 256] [--rule mean] [--privacy none]
+                                [--conv auto]
 """
 
 from __future__ import annotations
@@ -95,9 +97,9 @@ def round_flops(exp) -> float:
     return 6.0 * exp.model.dim * exp.spec.n * local.local_steps * local.batch_size
 
 
-def conv_round(n: int, root: Path) -> tuple[float, float]:
+def conv_round(n: int, root: Path, conv: str = "auto") -> tuple[float, float]:
     """Engine and per-node-loop seconds per round for LeNet-5 on random 28x28x1 images (an npz in ``root``):
-    ring of ``n`` nodes, batch 32, one local step, plain gossip."""
+    ring of ``n`` nodes, batch 32, one local step, plain gossip, ``model.conv = conv``."""
     path = root / "random28.npz"
     if not path.exists():
         rng = np.random.default_rng(0)
@@ -106,7 +108,7 @@ def conv_round(n: int, root: Path) -> tuple[float, float]:
                  y_test=rng.integers(0, 10, 100))
     cfg = load_config(str(ROOT / "configs/quickstart.toml"),
                       [f"topology.n={n}", "data.name=\"npz\"", f"data.path=\"{path}\"", "model.name=\"lenet5\"",
-                       "train.batch_size=32", "train.local_steps=1"])
+                       "train.batch_size=32", "train.local_steps=1", f"model.conv=\"{conv}\""])
     exp = experiment.build(cfg)
     return engine_round_seconds(exp, rounds=3), loop_round_seconds(exp)
 
@@ -141,6 +143,7 @@ def main(argv=None):
     ap.add_argument("--loop-max", type=int, default=256, help="largest N timed with the per-node loop")
     ap.add_argument("--rule", default="mean")
     ap.add_argument("--privacy", default="none", choices=["none", "example"])
+    ap.add_argument("--conv", default="auto", choices=models.CONV_IMPLS, help="model.conv for the LeNet-5 rounds")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     gflops = matmul_gflops()
@@ -173,10 +176,10 @@ def main(argv=None):
     print(f"\n# DP-SGD (example mode, buffer {dp_exp.spec.local.dp_buffer} for expected batch 16) vs non-private, "
           f"quickstart N=32: {dp * 1e3:.2f} ms vs {plain * 1e3:.2f} ms per round = {dp / plain:.2f}x")
     with tempfile.TemporaryDirectory() as tmp:
-        conv = {n: conv_round(n, Path(tmp)) for n in (8, 32)}
+        conv = {n: conv_round(n, Path(tmp), args.conv) for n in (8, 32)}
     for n, (eng, loop) in conv.items():
-        print(f"# LeNet-5 on 28x28x1, ring N={n}, batch 32, 1 local step: engine {eng * 1e3:.1f} ms/round, "
-              f"per-node loop {loop * 1e3:.1f} ms/round = {loop / eng:.2f}x")
+        print(f"# LeNet-5 on 28x28x1, ring N={n}, batch 32, 1 local step, conv={args.conv}: engine "
+              f"{eng * 1e3:.1f} ms/round, per-node loop {loop * 1e3:.1f} ms/round = {loop / eng:.2f}x")
     clipping = {}
     for name, shape, n, buf in [("mlp", (64,), 32, 46), ("cnn", (8, 8, 1), 32, 46), ("lenet5", (28, 28, 1), 8, 96)]:
         t = dp_clipping_seconds(name, shape, n, buf)
