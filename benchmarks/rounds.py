@@ -184,7 +184,7 @@ def main(argv=None):
     for name, shape, n, buf in [("mlp", (64,), 32, 46), ("cnn", (8, 8, 1), 32, 46), ("lenet5", (28, 28, 1), 8, 96)]:
         t = dp_clipping_seconds(name, shape, n, buf)
         clipping[name] = {m: v * 1e3 for m, v in t.items()}
-        used = "stored" if name in models.CONV_MODELS else "two_pass"
+        used = models.dp_clipping(name)
         print(f"# DP-SGD clipped gradient sum, {name} {shape}, {n} nodes x {buf} examples, ms: "
               + ", ".join(f"{m} {v * 1e3:.1f}" for m, v in t.items())
               + f"; the engine uses {used}: {t['materialised'] / t[used]:.1f}x faster than materialised")

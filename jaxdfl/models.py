@@ -206,10 +206,15 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 #: Lowerings of :class:`Conv` for ``model.conv`` ("auto": im2col on CPU, XLA's convolution on other backends).
 CONV_IMPLS = ("auto", "xla", "im2col")
 
-#: Models with convolutions. DP-SGD stores their per-example gradients and clips those ("stored"); dense models
-#: use the two-pass clipped sum, which never stores them (``training.clipped_gradient_sum``; the choice is the one
-#: ``benchmarks/rounds.py`` measured faster for each family).
+#: Models with convolutions (see :func:`dp_clipping`).
 CONV_MODELS = frozenset({"cnn", "lenet5", "cifar_cnn"})
+
+
+def dp_clipping(name: str) -> str:
+    """How DP-SGD forms model ``name``'s clipped gradient sum (``training.clipped_gradient_sum``): ``"stored"``
+    (clip the stored per-example gradients) for :data:`CONV_MODELS`, ``"two_pass"`` (never store them) for dense
+    models; for each family the method ``benchmarks/rounds.py`` measured faster."""
+    return "stored" if name in CONV_MODELS else "two_pass"
 
 #: Compute dtypes for ``model.compute_dtype``; parameters (and so gradients and aggregation) stay float32.
 COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}

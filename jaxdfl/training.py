@@ -91,7 +91,7 @@ def clipped_gradient_sum(spec: LocalSpec, theta, xb, yb, valid, clip):
     params = spec.unravel(theta)
 
     def example_loss(p, xi, yi):
-        return example_cross_entropy(spec.apply_params(p, xi[None]), yi[None])[0]
+        return loss_fn(spec.apply_params, p, xi[None], yi[None])
 
     def sq_norm(g):
         return sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(g))

@@ -96,6 +96,7 @@ def test_unknown_clipping_mode_is_refused():
 
 def test_conv_models_are_registered_models():
     assert models.CONV_MODELS <= set(models.MODELS)
+    assert [models.dp_clipping(n) for n in ("logreg", "mlp", "cnn", "lenet5")] == ["two_pass"] * 2 + ["stored"] * 2
 
 
 def test_each_model_family_gets_its_clipping_method(small_cfg):
