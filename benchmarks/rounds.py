@@ -6,7 +6,7 @@ over nodes calling a jitted one-node local training function, then a loop over n
 The FLOP limit is the round's training FLOPs (6 x parameters x examples, forward + backward) at the matrix-multiply
 throughput measured in the same run. Then DP-SGD: a round against a non-private one; LeNet-5 rounds, engine against
 loop, with convolutions lowered as ``--conv`` says (``model.conv``); and the clipped gradient sum of one DP step by
-each method (the engine's two-pass and stored-gradient kernels against materialised per-example gradients clipped
+each method (the engine's ghost, two-pass and stored-gradient kernels against materialised per-example gradients clipped
 one by one) for a dense and two convolutional models.
 
     python benchmarks/rounds.py [--sizes 16,64,100,256,1024] [--loop-max 256] [--rule mean] [--privacy none]
@@ -31,7 +31,7 @@ from common import machine, matmul_gflops, timeit  # noqa: E402
 from jaxdfl import experiment, models, simulation  # noqa: E402
 from jaxdfl.privacy import dp_sum  # noqa: E402
 from jaxdfl.config import load_config  # noqa: E402
-from jaxdfl.training import LocalSpec, clipped_gradient_sum, local_train, loss_fn  # noqa: E402
+from jaxdfl.training import DP_CLIPPING, LocalSpec, clipped_gradient_sum, local_train, loss_fn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,9 +115,9 @@ def conv_round(n: int, root: Path, conv: str = "auto") -> tuple[float, float]:
 
 def dp_clipping_seconds(name: str, shape: tuple[int, ...], n: int, buffer: int) -> dict[str, float]:
     """Seconds for one DP-SGD step's clipped gradient sum on ``n`` nodes with ``buffer`` examples each, by method:
-    the engine's two ways (``training.clipped_gradient_sum`` with ``dp_clipping`` = ``two_pass`` or ``stored``) and
-    the definition they replace, per-example gradients materialised as ``[n, buffer, D]`` and clipped one by one
-    (``privacy.dp_sum``)."""
+    the engine's ways (``training.clipped_gradient_sum`` with ``dp_clipping`` = ``ghost`` (dense models only),
+    ``two_pass`` or ``stored``) and the definition they replace, per-example gradients materialised as
+    ``[n, buffer, D]`` and clipped one by one (``privacy.dp_sum``)."""
     model = models.make(name, 10, shape, hidden=(64,))
     theta = jax.vmap(model.init)(jax.random.split(jax.random.key(0), n))
     x = jax.random.normal(jax.random.key(1), (n, buffer, *shape))
@@ -133,7 +133,8 @@ def dp_clipping_seconds(name: str, shape: tuple[int, ...], n: int, buffer: int) 
         g = jax.vmap(lambda xi, yi: jax.grad(lambda p: loss_fn(model.apply, p, xi[None], yi[None]))(t))(xb, yb)
         return dp_sum(jax.random.key(0), g, v, 1.0, 0.0, 1.0)
 
-    methods = {"two_pass": engine("two_pass"), "stored": engine("stored"), "materialised": materialised}
+    ways = [m for m in DP_CLIPPING if m != "ghost" or name not in models.CONV_MODELS]
+    methods = {**{m: engine(m) for m in ways}, "materialised": materialised}
     return {m: timeit(jax.jit(jax.vmap(f)), theta, x, y, valid, repeat=5, stat=min) for m, f in methods.items()}
 
 

@@ -212,9 +212,10 @@ CONV_MODELS = frozenset({"cnn", "lenet5", "cifar_cnn"})
 
 def dp_clipping(name: str) -> str:
     """How DP-SGD forms model ``name``'s clipped gradient sum (``training.clipped_gradient_sum``): ``"stored"``
-    (clip the stored per-example gradients) for :data:`CONV_MODELS`, ``"two_pass"`` (never store them) for dense
-    models; for each family the method ``benchmarks/rounds.py`` measured faster."""
-    return "stored" if name in CONV_MODELS else "two_pass"
+    (clip the stored per-example gradients) for :data:`CONV_MODELS`, ``"ghost"`` (norms and sum from the dense
+    layers' inputs and output gradients, one backward pass) for the others, which are all ``nn.Dense``; for each
+    family the method ``benchmarks/rounds.py`` measured fastest."""
+    return "stored" if name in CONV_MODELS else "ghost"
 
 #: Compute dtypes for ``model.compute_dtype``; parameters (and so gradients and aggregation) stay float32.
 COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}

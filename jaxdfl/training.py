@@ -12,9 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 from jax.flatten_util import ravel_pytree
 
 from jaxdfl.models import cross_entropy
@@ -34,7 +36,11 @@ class LocalSpec(NamedTuple):
     # The model as a function of its parameter pytree, for DP-SGD's per-example norms (example mode):
     unravel: Callable | None = None  # theta [D] -> params pytree
     apply_params: Callable | None = None  # (params, x [B, ...]) -> logits [B, C]
-    dp_clipping: str = "two_pass"  # "two_pass" | "stored": how clipped_gradient_sum forms the sum
+    dp_clipping: str = "two_pass"  # one of DP_CLIPPING: how clipped_gradient_sum forms the sum
+
+
+#: Ways :func:`clipped_gradient_sum` forms DP-SGD's clipped gradient sum (``models.dp_clipping`` picks one per model).
+DP_CLIPPING = ("ghost", "two_pass", "stored")
 
 
 def make_optimizer(name: str, lr, momentum=0.0) -> optax.GradientTransformation:
@@ -76,10 +82,12 @@ def clipped_gradient_sum(spec: LocalSpec, theta, xb, yb, valid, clip):
     float rounding, with ``s_i = min(1, C / |g_i|)`` from :func:`jaxdfl.privacy.mechanisms.clip_factors`.
 
     Per-example gradients are taken with respect to the parameter pytree (per layer), never concatenated into a
-    ``[B, D]`` array. ``spec.dp_clipping`` picks how the sum is formed (``benchmarks/rounds.py`` times both):
-      - ``"two_pass"`` (dense models): pass 1 reduces each per-example gradient to its squared norm at once, which
-        XLA fuses so the per-example gradients are never stored; pass 2 is one batched backward pass, since
-        ``sum_i s_i g_i`` is the gradient of ``sum_i s_i l_i`` with ``s`` held constant (Lee & Kifer 2021);
+    ``[B, D]`` array. ``spec.dp_clipping`` picks how the sum is formed (``benchmarks/rounds.py`` times all three):
+      - ``"ghost"`` (models made of ``nn.Dense`` layers only): one batched forward and backward pass, see
+        :func:`ghost_clipped_sum`; no per-example gradient is ever formed;
+      - ``"two_pass"``: pass 1 reduces each per-example gradient to its squared norm at once, which XLA fuses so the
+        per-example gradients are never stored; pass 2 is one batched backward pass, since ``sum_i s_i g_i`` is the
+        gradient of ``sum_i s_i l_i`` with ``s`` held constant (Lee & Kifer 2021);
       - ``"stored"`` (convolutional models, whose per-example gradients are stored anyway): ``sum_i s_i g_i`` from
         the stored per-layer gradients, which saves pass 2's backward pass.
     Examples with a factor 0 (invalid, or a non-finite squared norm) are excluded by select (two-pass: they enter
@@ -88,6 +96,8 @@ def clipped_gradient_sum(spec: LocalSpec, theta, xb, yb, valid, clip):
     Reference: J. Lee, D. Kifer, "Scaling up differentially private deep learning with fast per-example gradient
     clipping", PoPETs 2021.
     """
+    if spec.dp_clipping == "ghost":
+        return ghost_clipped_sum(spec.apply_params, spec.unravel(theta), xb, yb, valid, clip)
     params = spec.unravel(theta)
 
     def example_loss(p, xi, yi):
@@ -113,9 +123,77 @@ def clipped_gradient_sum(spec: LocalSpec, theta, xb, yb, valid, clip):
         s = mechanisms.clip_factors(jax.vmap(sq_norm)(grads), valid, clip)
         weighted = jax.tree.map(lambda g: jnp.tensordot(s, where_used(s, g), axes=1), grads)
     else:
-        raise ValueError(f"dp_clipping must be two_pass or stored, got {spec.dp_clipping!r}")
+        raise ValueError(f"dp_clipping must be one of {', '.join(DP_CLIPPING)}, got {spec.dp_clipping!r}")
     total = ravel_pytree(weighted)[0]
     # With no example left (e.g. non-finite parameters) the sum is exactly 0, as in dp_sum.
+    return losses, jnp.where(jnp.any(s > 0), total, jnp.zeros_like(total))
+
+
+def _dense_taps(apply_params, params, x, eps=None):
+    """Run ``apply_params(params, x)`` recording every ``nn.Dense`` call: ``(logits, taps)`` with one
+    ``(path, use_bias, input, output)`` per call; with ``eps`` (one array per call, in call order) each call's output
+    gets ``eps[j]`` added, so the gradient with respect to ``eps[j]`` is the gradient with respect to that output."""
+    taps = []
+
+    def tap(next_fun, args, kwargs, ctx):
+        out = next_fun(*args, **kwargs)
+        if isinstance(ctx.module, nn.Dense) and ctx.method_name == "__call__":
+            if eps is not None:
+                out = out + eps[len(taps)]
+            taps.append((ctx.module.scope.path, ctx.module.use_bias, args[0], out))
+        return out
+
+    with nn.intercept_methods(tap):
+        logits = apply_params(params, x)
+    return logits, taps
+
+
+def ghost_clipped_sum(apply_params, params, xb, yb, valid, clip):
+    """:func:`clipped_gradient_sum` for a model whose parameters all belong to ``nn.Dense`` layers applied to
+    ``[B, d_in]`` inputs, from ONE batched forward and backward pass: ``([B] losses, [D] clipped sum)``.
+
+    Definition. A dense layer ``z_i = W a_i + b`` gives example i the gradients ``a_i g_i^T`` and ``g_i`` with
+    ``g_i = dl_i/dz_i``, so ``|grad_i|^2 = sum_layers (|a_i|^2 + 1) |g_i|^2`` (the 1 for the bias) needs only the
+    layers' inputs and output gradients, which one backward pass of ``sum_i l_i`` yields for all examples (ghost
+    norms, Goodfellow 2015); and the clipped sum is ``sum_i s_i a_i g_i^T = A^T diag(s) G`` per layer (book-keeping,
+    Bu et al. 2023), so no second backward pass is needed. Raises ValueError (at trace time) if some parameter is
+    not covered, a layer is called twice, or a layer's input is not ``[B, d_in]``.
+
+    References: I. Goodfellow, "Efficient per-example gradient computations", arXiv:1510.01799, 2015; Z. Bu,
+    Y.-X. Wang, S. Zha, G. Karypis, "Differentially private optimization on large model at small cost", ICML 2023.
+    """
+    shapes = jax.eval_shape(lambda: [t[3] for t in _dense_taps(apply_params, params, xb)[1]])
+
+    def total_loss(eps):
+        logits, taps = _dense_taps(apply_params, params, xb, eps)
+        losses = example_cross_entropy(logits, yb)
+        return jnp.sum(losses), (losses, taps)
+
+    eps = [jnp.zeros(s.shape, s.dtype) for s in shapes]
+    out_grads, (losses, taps) = jax.grad(total_loss, has_aux=True)(eps)
+    f32 = jnp.float32
+    sq = jnp.zeros(xb.shape[0], f32)
+    for (_, bias, a, _), g in zip(taps, out_grads):
+        if a.ndim != 2:
+            raise ValueError(f"dp_clipping='ghost' needs [batch, features] inputs to every nn.Dense; got {a.shape}")
+        g2 = jnp.sum(jnp.square(g.astype(f32)), axis=1)
+        sq = sq + (jnp.sum(jnp.square(a.astype(f32)), axis=1) + (1.0 if bias else 0.0)) * g2
+    s = mechanisms.clip_factors(sq, valid, clip)
+    use = (s > 0)[:, None]
+    leaves = {}
+    for (path, bias, a, _), g in zip(taps, out_grads):
+        if path in leaves:
+            raise ValueError(f"dp_clipping='ghost' needs each nn.Dense called once; {'/'.join(path)} is reused")
+        gs = jnp.where(use, s[:, None] * g.astype(f32), 0.0)
+        leaves[path] = {"kernel": jnp.where(use, a.astype(f32), 0.0).T @ gs, "bias": jnp.sum(gs, axis=0)}
+    flat = traverse_util.flatten_dict(params)
+    weighted = {}
+    for key, leaf in flat.items():
+        layer = leaves.get(tuple(key[1:-1]), {})
+        if key[0] != "params" or key[-1] not in layer:
+            raise ValueError(f"dp_clipping='ghost' covers nn.Dense layers only; parameter {'/'.join(key)} is not one")
+        weighted[key] = layer[key[-1]].astype(leaf.dtype)
+    total = ravel_pytree(traverse_util.unflatten_dict(weighted))[0]
     return losses, jnp.where(jnp.any(s > 0), total, jnp.zeros_like(total))
 
 

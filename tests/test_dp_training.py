@@ -1,5 +1,6 @@
-"""DP-SGD inside local training: the two-pass clipped gradient sum against the per-example definition."""
+"""DP-SGD inside local training: each way of forming the clipped gradient sum against the per-example definition."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +14,7 @@ from jaxdfl.privacy import mechanisms
 from jaxdfl.training import LocalSpec
 from jaxdfl.training import batch_gradient
 from jaxdfl.training import clipped_gradient_sum
+from jaxdfl.training import ghost_clipped_sum
 from jaxdfl.training import loss_fn
 
 
@@ -26,12 +28,14 @@ def _per_example(model, theta, x, y):
     return jax.vmap(lambda xi, yi: jax.grad(lambda t: loss_fn(model.apply, t, xi[None], yi[None]))(theta))(x, y)
 
 
-# Each method on the model family the engine uses it for (models.CONV_MODELS); the non-finite test below runs
-# both methods on the MLP.
-@pytest.mark.parametrize("name,shape,mode,clip", [
-    ("mlp", (64,), "two_pass", 0.05), ("cnn", (8, 8, 1), "stored", 0.05), ("mlp", (64,), "two_pass", np.inf)])
-def test_clipped_gradient_sum_equals_clipping_each_per_example_gradient(name, shape, mode, clip):
-    model = models.make(name, 10, shape, hidden=(16,))
+# Ghost and stored on the model families the engine uses them for (models.CONV_MODELS), two-pass on the MLP;
+# the non-finite test below runs every method on the MLP.
+@pytest.mark.parametrize("name,shape,hidden,mode,clip", [
+    ("mlp", (64,), (16, 8), "ghost", 0.05), ("logreg", (8, 8), (), "ghost", 0.05),
+    ("mlp", (64,), (16,), "ghost", np.inf), ("mlp", (64,), (16,), "two_pass", 0.05),
+    ("cnn", (8, 8, 1), (16,), "stored", 0.05)])
+def test_clipped_gradient_sum_equals_clipping_each_per_example_gradient(name, shape, hidden, mode, clip):
+    model = models.make(name, 10, shape, hidden=hidden)
     theta = model.init(jax.random.key(0))
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((12, *shape)), jnp.float32)
@@ -48,7 +52,7 @@ def test_clipped_gradient_sum_equals_clipping_each_per_example_gradient(name, sh
     np.testing.assert_allclose(np.asarray(losses), np.asarray(ref_losses), rtol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["two_pass", "stored"])
+@pytest.mark.parametrize("mode", ["ghost", "two_pass", "stored"])
 def test_nonfinite_example_contributes_nothing(mode):
     model = models.make("mlp", 10, (64,), hidden=(16,))
     theta = model.init(jax.random.key(0))
@@ -73,7 +77,7 @@ def test_dp_step_is_the_mean_gradient_of_the_poisson_batch_at_zero_noise_infinit
     """The engine's DP-SGD step with z = 0, C = inf: the sum of the sampled examples' gradients over b."""
     exp = experiment.build(small_cfg(**{"privacy.mode": "example", "privacy.noise_multiplier": 1.0}))
     spec = exp.spec.local
-    assert spec.dp_clipping == "two_pass"
+    assert spec.dp_clipping == "ghost"
     theta = simulation.init_state(exp.spec, jax.random.key(0), exp.hyper).theta[0]
     x, y, size = exp.arrays.x[0], exp.arrays.y[0], int(exp.arrays.sizes[0])
     key = jax.random.key(5)
@@ -96,11 +100,39 @@ def test_unknown_clipping_mode_is_refused():
 
 def test_conv_models_are_registered_models():
     assert models.CONV_MODELS <= set(models.MODELS)
-    assert [models.dp_clipping(n) for n in ("logreg", "mlp", "cnn", "lenet5")] == ["two_pass"] * 2 + ["stored"] * 2
+    assert [models.dp_clipping(n) for n in ("logreg", "mlp", "cnn", "lenet5")] == ["ghost"] * 2 + ["stored"] * 2
 
 
 def test_each_model_family_gets_its_clipping_method(small_cfg):
-    for name, mode in [("logreg", "two_pass"), ("mlp", "two_pass"), ("cnn", "stored")]:
+    for name, mode in [("logreg", "ghost"), ("mlp", "ghost"), ("cnn", "stored")]:
         exp = experiment.build(small_cfg(**{"privacy.mode": "example", "privacy.noise_multiplier": 1.0,
                                             "model.name": name}))
         assert exp.spec.local.dp_clipping == mode
+
+
+def test_ghost_refuses_a_model_with_parameters_outside_dense_layers():
+    model = models.make("cnn", 10, (8, 8, 1), hidden=(16,))
+    with pytest.raises(ValueError, match="covers nn.Dense layers only; parameter params/Conv_0/"):
+        clipped_gradient_sum(_spec(model, "ghost"), model.init(jax.random.key(0)), jnp.zeros((3, 8, 8, 1)),
+                             jnp.zeros(3, jnp.int32), jnp.ones(3, bool), 1.0)
+
+
+class _Reused(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        layer = nn.Dense(x.shape[-1])
+        return layer(nn.relu(layer(x)))
+
+
+class _Sequence(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return jnp.mean(nn.Dense(10)(x), axis=1)
+
+
+@pytest.mark.parametrize("module,shape,match", [(_Reused(), (3, 10), "called once; Dense_0 is reused"),
+                                                (_Sequence(), (3, 4, 5), r"inputs to every nn.Dense; got \(3, 4, 5\)")])
+def test_ghost_refuses_what_its_norm_formula_does_not_cover(module, shape, match):
+    params = module.init(jax.random.key(0), jnp.zeros(shape))
+    with pytest.raises(ValueError, match=match):
+        ghost_clipped_sum(module.apply, params, jnp.ones(shape), jnp.zeros(3, jnp.int32), jnp.ones(3, bool), 1.0)
