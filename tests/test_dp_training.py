@@ -136,3 +136,17 @@ def test_ghost_refuses_what_its_norm_formula_does_not_cover(module, shape, match
     params = module.init(jax.random.key(0), jnp.zeros(shape))
     with pytest.raises(ValueError, match=match):
         ghost_clipped_sum(module.apply, params, jnp.ones(shape), jnp.zeros(3, jnp.int32), jnp.ones(3, bool), 1.0)
+
+
+def test_ghost_in_bfloat16_compute_matches_two_pass():
+    """bfloat16 layers: ghost's taps carry bfloat16 activations and gradients; the sum stays float32."""
+    model = models.make("mlp", 10, (64,), hidden=(16,), dtype="bfloat16")
+    theta = model.init(jax.random.key(0))
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((12, 64)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, 12), jnp.int32)
+    fn = jax.jit(clipped_gradient_sum, static_argnums=0)
+    _, ghost = fn(_spec(model, "ghost"), theta, x, y, jnp.ones(12, bool), 0.05)
+    _, two_pass = fn(_spec(model, "two_pass"), theta, x, y, jnp.ones(12, bool), 0.05)
+    assert ghost.dtype == jnp.float32
+    assert np.linalg.norm(ghost - two_pass) <= 2e-2 * np.linalg.norm(two_pass)
