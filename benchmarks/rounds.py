@@ -115,7 +115,7 @@ def conv_round(n: int, root: Path, conv: str = "auto") -> tuple[float, float]:
 
 def dp_clipping_seconds(name: str, shape: tuple[int, ...], n: int, buffer: int) -> dict[str, float]:
     """Seconds for one DP-SGD step's clipped gradient sum on ``n`` nodes with ``buffer`` examples each, by method:
-    the engine's ways (``training.clipped_gradient_sum`` with ``dp_clipping`` = ``ghost`` (dense models only),
+    the engine's ways (``training.clipped_gradient_sum`` with ``dp_clipping`` = ``ghost`` (where it applies),
     ``two_pass`` or ``stored``) and the definition they replace, per-example gradients materialised as
     ``[n, buffer, D]`` and clipped one by one (``privacy.dp_sum``)."""
     model = models.make(name, 10, shape, hidden=(64,))
@@ -133,7 +133,7 @@ def dp_clipping_seconds(name: str, shape: tuple[int, ...], n: int, buffer: int) 
         g = jax.vmap(lambda xi, yi: jax.grad(lambda p: loss_fn(model.apply, p, xi[None], yi[None]))(t))(xb, yb)
         return dp_sum(jax.random.key(0), g, v, 1.0, 0.0, 1.0)
 
-    ways = [m for m in DP_CLIPPING if m != "ghost" or name not in models.CONV_MODELS]
+    ways = [m for m in DP_CLIPPING if m != "ghost" or models.dp_clipping(name) == "ghost"]
     methods = {**{m: engine(m) for m in ways}, "materialised": materialised}
     return {m: timeit(jax.jit(jax.vmap(f)), theta, x, y, valid, repeat=5, stat=min) for m, f in methods.items()}
 

@@ -176,7 +176,7 @@ def build(cfg: Config | dict | str, progress: Callable | None = None) -> Experim
     local = LocalSpec(apply=model.apply, optimizer=tr.optimizer, batch_size=tr.batch_size,
                       local_steps=tr.local_steps, dp_example=p.mode == "example", dp_buffer=plan.buffer,
                       unravel=model.unravel, apply_params=model.apply_params,
-                      dp_clipping=models.dp_clipping(cfg.model.name))
+                      dp_clipping=models.dp_clipping(cfg.model.name, cfg.model.conv))
     attack_hyper = {k: att[k] for k in attacks.DEFAULTS.get(att.name, {})}
     spec = simulation.Spec(
         n=t.n, local=local, model_init=model.init, model_apply=model.apply, rounds=cfg.rounds,

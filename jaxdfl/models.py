@@ -86,10 +86,15 @@ class Conv(nn.Module):
             else:
                 h, w = h - kh + 1, w - kw + 1
             cols = jnp.concatenate([x[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)], axis=-1)
-            y = cols @ kernel.reshape(kh * kw * cin, self.features)
+            y = self.project(cols, kernel.reshape(kh * kw * cin, self.features))
         else:
             raise ValueError(f"Conv.impl must be xla or im2col, got {self.impl!r}")
         return y + bias
+
+    def project(self, cols, kernel):
+        """The im2col matmul ``[B, H', W', kh * kw * C] @ [kh * kw * C, features]`` (a module method, so that DP-SGD's
+        ghost clipping can tap its input and output: ``training.ghost_clipped_sum``)."""
+        return cols @ kernel
 
 
 def _need_images(name: str, x, min_side: int = 1):
@@ -206,16 +211,31 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 #: Lowerings of :class:`Conv` for ``model.conv`` ("auto": im2col on CPU, XLA's convolution on other backends).
 CONV_IMPLS = ("auto", "xla", "im2col")
 
-#: Models with convolutions (see :func:`dp_clipping`).
+#: Models with convolutions (their ``model.conv`` matters).
 CONV_MODELS = frozenset({"cnn", "lenet5", "cifar_cnn"})
 
+#: Models with parameters outside ``nn.Dense`` and :class:`Conv` layers (``cifar_cnn``: GroupNorm), which DP-SGD's
+#: ghost clipping does not cover.
+NOT_AFFINE_MODELS = frozenset({"cifar_cnn"})
 
-def dp_clipping(name: str) -> str:
-    """How DP-SGD forms model ``name``'s clipped gradient sum (``training.clipped_gradient_sum``): ``"stored"``
-    (clip the stored per-example gradients) for :data:`CONV_MODELS`, ``"ghost"`` (norms and sum from the dense
-    layers' inputs and output gradients, one backward pass) for the others, which are all ``nn.Dense``; for each
-    family the method ``benchmarks/rounds.py`` measured fastest."""
-    return "stored" if name in CONV_MODELS else "ghost"
+
+def conv_impl(conv: str) -> str:
+    """The lowering ``model.conv`` selects on this backend: "auto" is im2col on CPU, XLA's convolution elsewhere."""
+    if conv not in CONV_IMPLS:
+        raise ConfigError(f"model.conv must be one of {', '.join(CONV_IMPLS)}; got {conv!r}")
+    if conv == "auto":
+        return "im2col" if jax.default_backend() == "cpu" else "xla"
+    return conv
+
+
+def dp_clipping(name: str, conv: str = "auto") -> str:
+    """How DP-SGD forms model ``name``'s clipped gradient sum (``training.clipped_gradient_sum``) with convolutions
+    lowered as ``conv``: ``"ghost"`` (norms and sum from the layers' inputs and output gradients in one backward pass)
+    when every parameter sits in an ``nn.Dense`` layer or an im2col :class:`Conv`, else ``"stored"`` (clip the stored
+    per-example gradients): for each case the method ``benchmarks/rounds.py`` measured fastest."""
+    if name in NOT_AFFINE_MODELS or (name in CONV_MODELS and conv_impl(conv) != "im2col"):
+        return "stored"
+    return "ghost"
 
 #: Compute dtypes for ``model.compute_dtype``; parameters (and so gradients and aggregation) stay float32.
 COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
@@ -261,11 +281,7 @@ def make(name: str, num_classes: int, input_shape: Sequence[int], hidden: Sequen
     if key not in COMPUTE_DTYPES:
         raise ConfigError(f"model.compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}; got {dtype!r}")
     compute = COMPUTE_DTYPES[key]
-    if conv not in CONV_IMPLS:
-        raise ConfigError(f"model.conv must be one of {', '.join(CONV_IMPLS)}; got {conv!r}")
-    if conv == "auto":
-        conv = "im2col" if jax.default_backend() == "cpu" else "xla"
-    module = MODELS[name](num_classes, tuple(hidden), compute, conv)
+    module = MODELS[name](num_classes, tuple(hidden), compute, conv_impl(conv))
     dummy = jnp.zeros((1, *input_shape), jnp.float32)
     # Shapes only: running flax's init eagerly would compile every layer's ops one by one.
     shapes = jax.eval_shape(module.init, jax.random.key(0), dummy)

@@ -19,6 +19,7 @@ import optax
 from flax import traverse_util
 from jax.flatten_util import ravel_pytree
 
+from jaxdfl.models import Conv
 from jaxdfl.models import cross_entropy
 from jaxdfl.models import example_cross_entropy
 from jaxdfl.privacy import mechanisms
@@ -83,13 +84,13 @@ def clipped_gradient_sum(spec: LocalSpec, theta, xb, yb, valid, clip):
 
     Per-example gradients are taken with respect to the parameter pytree (per layer), never concatenated into a
     ``[B, D]`` array. ``spec.dp_clipping`` picks how the sum is formed (``benchmarks/rounds.py`` times all three):
-      - ``"ghost"`` (models made of ``nn.Dense`` layers only): one batched forward and backward pass, see
-        :func:`ghost_clipped_sum`; no per-example gradient is ever formed;
+      - ``"ghost"`` (models made of ``nn.Dense`` layers and im2col convolutions only): one batched forward and
+        backward pass, see :func:`ghost_clipped_sum`; per-example gradients are formed for no dense layer;
       - ``"two_pass"``: pass 1 reduces each per-example gradient to its squared norm at once, which XLA fuses so the
         per-example gradients are never stored; pass 2 is one batched backward pass, since ``sum_i s_i g_i`` is the
         gradient of ``sum_i s_i l_i`` with ``s`` held constant (Lee & Kifer 2021);
-      - ``"stored"`` (convolutional models, whose per-example gradients are stored anyway): ``sum_i s_i g_i`` from
-        the stored per-layer gradients, which saves pass 2's backward pass.
+      - ``"stored"`` (models ghost does not cover: GroupNorm, XLA's convolution): ``sum_i s_i g_i`` from the
+        stored per-layer per-example gradients, which saves pass 2's backward pass.
     Examples with a factor 0 (invalid, or a non-finite squared norm) are excluded by select (two-pass: they enter
     pass 2 with a zero input), so a non-finite example cannot turn the sum into NaN.
 
@@ -129,18 +130,26 @@ def clipped_gradient_sum(spec: LocalSpec, theta, xb, yb, valid, clip):
     return losses, jnp.where(jnp.any(s > 0), total, jnp.zeros_like(total))
 
 
-def _dense_taps(apply_params, params, x, eps=None):
-    """Run ``apply_params(params, x)`` recording every ``nn.Dense`` call: ``(logits, taps)`` with one
-    ``(path, use_bias, input, output)`` per call; with ``eps`` (one array per call, in call order) each call's output
-    gets ``eps[j]`` added, so the gradient with respect to ``eps[j]`` is the gradient with respect to that output."""
+def _is_tap(ctx) -> bool:
+    """Whether a module call is one of the affine maps ghost clipping sees: ``nn.Dense`` or an im2col convolution's
+    matmul (``models.Conv.project``)."""
+    return ((isinstance(ctx.module, nn.Dense) and ctx.method_name == "__call__")
+            or (isinstance(ctx.module, Conv) and ctx.method_name == "project"))
+
+
+def _affine_taps(apply_params, params, x, eps=None):
+    """Run ``apply_params(params, x)`` recording every affine layer call (:func:`_is_tap`): ``(logits, taps)`` with
+    one ``(path, has_bias, input, output)`` per call; with ``eps`` (one array per call, in call order) each call's
+    output gets ``eps[j]`` added, so the gradient with respect to ``eps[j]`` is the gradient with respect to that
+    output."""
     taps = []
 
     def tap(next_fun, args, kwargs, ctx):
         out = next_fun(*args, **kwargs)
-        if isinstance(ctx.module, nn.Dense) and ctx.method_name == "__call__":
+        if _is_tap(ctx):
             if eps is not None:
                 out = out + eps[len(taps)]
-            taps.append((ctx.module.scope.path, ctx.module.use_bias, args[0], out))
+            taps.append((ctx.module.scope.path, getattr(ctx.module, "use_bias", True), args[0], out))
         return out
 
     with nn.intercept_methods(tap):
@@ -149,52 +158,75 @@ def _dense_taps(apply_params, params, x, eps=None):
 
 
 def ghost_clipped_sum(apply_params, params, xb, yb, valid, clip):
-    """:func:`clipped_gradient_sum` for a model whose parameters all belong to ``nn.Dense`` layers applied to
-    ``[B, d_in]`` inputs, from ONE batched forward and backward pass: ``([B] losses, [D] clipped sum)``.
+    """:func:`clipped_gradient_sum` for a model whose parameters all belong to affine layers ``z = a W + b`` that
+    :func:`_is_tap` sees (``nn.Dense``; ``models.Conv`` lowered as im2col), from ONE batched forward and backward
+    pass: ``([B] losses, [D] clipped sum)``.
 
-    Definition. A dense layer ``z_i = W a_i + b`` gives example i the gradients ``a_i g_i^T`` and ``g_i`` with
-    ``g_i = dl_i/dz_i``, so ``|grad_i|^2 = sum_layers (|a_i|^2 + 1) |g_i|^2`` (the 1 for the bias) needs only the
-    layers' inputs and output gradients, which one backward pass of ``sum_i l_i`` yields for all examples (ghost
-    norms, Goodfellow 2015); and the clipped sum is ``sum_i s_i a_i g_i^T = A^T diag(s) G`` per layer (book-keeping,
-    Bu et al. 2023), so no second backward pass is needed. Raises ValueError (at trace time) if some parameter is
-    not covered, a layer is called twice, or a layer's input is not ``[B, d_in]``.
+    Definition. With ``g = dl/dz`` from one backward pass of ``sum_i l_i`` (the layer outputs' gradients for all
+    examples at once), example i's gradients are ``a_i^T g_i`` for ``W`` and ``g_i`` summed over positions for
+    ``b``. A dense layer on ``[B, d_in]`` inputs never forms them: ``|a_i^T g_i|^2 = |a_i|^2 |g_i|^2`` (ghost norm,
+    Goodfellow 2015). A layer with positions (a convolution's ``[B, H', W', kh kw C]`` patches) forms its small
+    per-example weight gradients ``[B, d_in, d_out]`` from the patches and ``g`` (mixed ghost clipping, Bu et al.
+    2022, with the per-example side for every layer that has positions). The clipped sum is then
+    ``sum_i s_i a_i^T g_i`` per layer (book-keeping, Bu et al. 2023): no second backward pass, and no per-example
+    gradient of the dense layers. Raises ValueError (at trace time) if some parameter is not covered (e.g.
+    GroupNorm, or XLA's convolution) or a layer is called twice.
 
-    References: I. Goodfellow, "Efficient per-example gradient computations", arXiv:1510.01799, 2015; Z. Bu,
-    Y.-X. Wang, S. Zha, G. Karypis, "Differentially private optimization on large model at small cost", ICML 2023.
+    References: I. Goodfellow, "Efficient per-example gradient computations", arXiv:1510.01799, 2015; Z. Bu, J. Mao,
+    S. Xu, "Scalable and efficient training of large convolutional neural networks with differential privacy",
+    NeurIPS 2022; Z. Bu, Y.-X. Wang, S. Zha, G. Karypis, "Differentially private optimization on large model at
+    small cost", ICML 2023.
     """
-    shapes = jax.eval_shape(lambda: [t[3] for t in _dense_taps(apply_params, params, xb)[1]])
+    shapes = jax.eval_shape(lambda: [t[3] for t in _affine_taps(apply_params, params, xb)[1]])
 
     def total_loss(eps):
-        logits, taps = _dense_taps(apply_params, params, xb, eps)
+        logits, taps = _affine_taps(apply_params, params, xb, eps)
         losses = example_cross_entropy(logits, yb)
         return jnp.sum(losses), (losses, taps)
 
     eps = [jnp.zeros(s.shape, s.dtype) for s in shapes]
     out_grads, (losses, taps) = jax.grad(total_loss, has_aux=True)(eps)
     f32 = jnp.float32
-    sq = jnp.zeros(xb.shape[0], f32)
-    for (_, bias, a, _), g in zip(taps, out_grads):
-        if a.ndim != 2:
-            raise ValueError(f"dp_clipping='ghost' needs [batch, features] inputs to every nn.Dense; got {a.shape}")
-        g2 = jnp.sum(jnp.square(g.astype(f32)), axis=1)
-        sq = sq + (jnp.sum(jnp.square(a.astype(f32)), axis=1) + (1.0 if bias else 0.0)) * g2
+    b = xb.shape[0]
+    layers = []  # (path, a, g, per-example kernel gradients or None (ghost), per-example bias gradients)
+    sq = jnp.zeros(b, f32)
+    for (path, has_bias, a, _), g in zip(taps, out_grads):
+        a = a.astype(f32).reshape(b, -1, a.shape[-1])
+        g = g.astype(f32).reshape(b, -1, g.shape[-1])
+        bias = jnp.sum(g, axis=1)
+        bias_sq = jnp.sum(jnp.square(bias), axis=1) if has_bias else 0.0
+        if a.shape[1] == 1:  # no positions: ghost norm
+            a, g = a[:, 0], g[:, 0]
+            per_example = None
+            sq = sq + jnp.sum(jnp.square(a), axis=1) * jnp.sum(jnp.square(g), axis=1) + bias_sq
+        else:
+            per_example = jnp.einsum("bpi,bpo->bio", a, g)
+            sq = sq + jnp.sum(jnp.square(per_example), axis=(1, 2)) + bias_sq
+        layers.append((path, a, g, per_example, bias))
     s = mechanisms.clip_factors(sq, valid, clip)
-    use = (s > 0)[:, None]
+    use = s > 0
+
+    def weigh(v):  # sum_i s_i v_i over the used examples (a non-finite unused example cannot leak in)
+        return jnp.tensordot(s, jnp.where(use.reshape((-1,) + (1,) * (v.ndim - 1)), v, 0.0), axes=1)
+
     leaves = {}
-    for (path, bias, a, _), g in zip(taps, out_grads):
+    for path, a, g, per_example, bias in layers:
         if path in leaves:
-            raise ValueError(f"dp_clipping='ghost' needs each nn.Dense called once; {'/'.join(path)} is reused")
-        gs = jnp.where(use, s[:, None] * g.astype(f32), 0.0)
-        leaves[path] = {"kernel": jnp.where(use, a.astype(f32), 0.0).T @ gs, "bias": jnp.sum(gs, axis=0)}
-    flat = traverse_util.flatten_dict(params)
+            raise ValueError(f"dp_clipping='ghost' needs each layer called once; {'/'.join(path)} is reused")
+        if per_example is None:
+            kernel = jnp.where(use[:, None], a, 0.0).T @ jnp.where(use[:, None], s[:, None] * g, 0.0)
+        else:
+            kernel = weigh(per_example)
+        leaves[path] = {"kernel": kernel, "bias": weigh(bias)}
     weighted = {}
-    for key, leaf in flat.items():
+    for key, leaf in traverse_util.flatten_dict(params).items():
         layer = leaves.get(tuple(key[1:-1]), {})
         if key[0] != "params" or key[-1] not in layer:
-            raise ValueError(f"dp_clipping='ghost' covers nn.Dense layers only; parameter {'/'.join(key)} is not one")
-        weighted[key] = layer[key[-1]].astype(leaf.dtype)
+            raise ValueError(f"dp_clipping='ghost' covers nn.Dense and im2col Conv layers only; parameter "
+                             f"{'/'.join(key)} is not in one")
+        weighted[key] = layer[key[-1]].reshape(leaf.shape).astype(leaf.dtype)
     total = ravel_pytree(traverse_util.unflatten_dict(weighted))[0]
-    return losses, jnp.where(jnp.any(s > 0), total, jnp.zeros_like(total))
+    return losses, jnp.where(jnp.any(use), total, jnp.zeros_like(total))
 
 
 def local_train(spec: LocalSpec, key, theta, opt_state, x, y, size, hyper, steps=None):

@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax.flatten_util import ravel_pytree
+
 from jaxdfl import experiment
 from jaxdfl import models
 from jaxdfl import simulation
@@ -28,14 +30,14 @@ def _per_example(model, theta, x, y):
     return jax.vmap(lambda xi, yi: jax.grad(lambda t: loss_fn(model.apply, t, xi[None], yi[None]))(theta))(x, y)
 
 
-# Ghost and stored on the model families the engine uses them for (models.CONV_MODELS), two-pass on the MLP;
-# the non-finite test below runs every method on the MLP.
+# Ghost on dense and im2col-convolutional models, stored on a CNN (its method with XLA's convolution), two-pass on
+# the MLP; the non-finite test below runs every method on the MLP.
 @pytest.mark.parametrize("name,shape,hidden,mode,clip", [
     ("mlp", (64,), (16, 8), "ghost", 0.05), ("logreg", (8, 8), (), "ghost", 0.05),
     ("mlp", (64,), (16,), "ghost", np.inf), ("mlp", (64,), (16,), "two_pass", 0.05),
-    ("cnn", (8, 8, 1), (16,), "stored", 0.05)])
+    ("cnn", (8, 8, 1), (16,), "ghost", 0.05), ("cnn", (8, 8, 1), (16,), "stored", 0.05)])
 def test_clipped_gradient_sum_equals_clipping_each_per_example_gradient(name, shape, hidden, mode, clip):
-    model = models.make(name, 10, shape, hidden=hidden)
+    model = models.make(name, 10, shape, hidden=hidden, conv="im2col")  # im2col on every backend (ghost taps it)
     theta = model.init(jax.random.key(0))
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((12, *shape)), jnp.float32)
@@ -98,21 +100,23 @@ def test_unknown_clipping_mode_is_refused():
                              jnp.zeros(3, jnp.int32), jnp.ones(3, bool), 1.0)
 
 
-def test_conv_models_are_registered_models():
-    assert models.CONV_MODELS <= set(models.MODELS)
-    assert [models.dp_clipping(n) for n in ("logreg", "mlp", "cnn", "lenet5")] == ["ghost"] * 2 + ["stored"] * 2
+def test_clipping_method_by_model_and_convolution_lowering():
+    assert models.CONV_MODELS <= set(models.MODELS) and models.NOT_AFFINE_MODELS <= set(models.MODELS)
+    assert [models.dp_clipping(n, "im2col") for n in ("logreg", "mlp", "cnn", "lenet5", "cifar_cnn")] == \
+        ["ghost"] * 4 + ["stored"]
+    assert [models.dp_clipping(n, "xla") for n in ("mlp", "cnn", "lenet5")] == ["ghost", "stored", "stored"]
 
 
 def test_each_model_family_gets_its_clipping_method(small_cfg):
-    for name, mode in [("logreg", "ghost"), ("mlp", "ghost"), ("cnn", "stored")]:
+    for name, conv, mode in [("logreg", "auto", "ghost"), ("cnn", "im2col", "ghost"), ("cnn", "xla", "stored")]:
         exp = experiment.build(small_cfg(**{"privacy.mode": "example", "privacy.noise_multiplier": 1.0,
-                                            "model.name": name}))
+                                            "model.name": name, "model.conv": conv}))
         assert exp.spec.local.dp_clipping == mode
 
 
-def test_ghost_refuses_a_model_with_parameters_outside_dense_layers():
-    model = models.make("cnn", 10, (8, 8, 1), hidden=(16,))
-    with pytest.raises(ValueError, match="covers nn.Dense layers only; parameter params/Conv_0/"):
+def test_ghost_refuses_a_model_with_parameters_outside_its_layers():
+    model = models.make("cnn", 10, (8, 8, 1), hidden=(16,), conv="xla")  # XLA's convolution: no patches to tap
+    with pytest.raises(ValueError, match="covers nn.Dense and im2col Conv layers only; parameter params/Conv_0/"):
         clipped_gradient_sum(_spec(model, "ghost"), model.init(jax.random.key(0)), jnp.zeros((3, 8, 8, 1)),
                              jnp.zeros(3, jnp.int32), jnp.ones(3, bool), 1.0)
 
@@ -125,17 +129,34 @@ class _Reused(nn.Module):
 
 
 class _Sequence(nn.Module):
+    """A dense layer on ``[B, T, d]`` inputs (positions, like a convolution's patches) and one without bias."""
+
     @nn.compact
     def __call__(self, x):
-        return jnp.mean(nn.Dense(10)(x), axis=1)
+        return nn.Dense(10, use_bias=False)(jnp.mean(nn.relu(nn.Dense(6)(x)), axis=1))
 
 
-@pytest.mark.parametrize("module,shape,match", [(_Reused(), (3, 10), "called once; Dense_0 is reused"),
-                                                (_Sequence(), (3, 4, 5), r"inputs to every nn.Dense; got \(3, 4, 5\)")])
-def test_ghost_refuses_what_its_norm_formula_does_not_cover(module, shape, match):
-    params = module.init(jax.random.key(0), jnp.zeros(shape))
-    with pytest.raises(ValueError, match=match):
-        ghost_clipped_sum(module.apply, params, jnp.ones(shape), jnp.zeros(3, jnp.int32), jnp.ones(3, bool), 1.0)
+def test_ghost_refuses_a_reused_layer():
+    module = _Reused()
+    params = module.init(jax.random.key(0), jnp.zeros((3, 10)))
+    with pytest.raises(ValueError, match="called once; Dense_0 is reused"):
+        ghost_clipped_sum(module.apply, params, jnp.ones((3, 10)), jnp.zeros(3, jnp.int32), jnp.ones(3, bool), 1.0)
+
+
+def test_ghost_on_layers_with_positions_and_without_bias_equals_the_definition():
+    module = _Sequence()
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((12, 5, 7)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, 12), jnp.int32)
+    valid = jnp.asarray(rng.random(12) < 0.8)
+    params = module.init(jax.random.key(0), x)
+    _, total = jax.jit(ghost_clipped_sum, static_argnums=0)(module.apply, params, x, y, valid, 0.05)
+    flat, unravel = ravel_pytree(params)
+    grads = jax.vmap(lambda xi, yi: jax.grad(
+        lambda t: loss_fn(lambda p, a: module.apply(unravel(p), a), t, xi[None], yi[None]))(flat))(x, y)
+    assert np.sum(np.asarray(valid) & (np.linalg.norm(np.asarray(grads), axis=1) > 0.05)) >= 3
+    ref = dp_sum(jax.random.key(0), grads, valid, 0.05, 0.0, 1.0)
+    np.testing.assert_allclose(np.asarray(total), np.asarray(ref), rtol=2e-5, atol=1e-6)
 
 
 def test_ghost_in_bfloat16_compute_matches_two_pass():
