@@ -237,6 +237,7 @@ def dp_clipping(name: str, conv: str = "auto") -> str:
         return "stored"
     return "ghost"
 
+
 #: Compute dtypes for ``model.compute_dtype``; parameters (and so gradients and aggregation) stay float32.
 COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 

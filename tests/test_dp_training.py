@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from jax.flatten_util import ravel_pytree
 
 from jaxdfl import experiment
