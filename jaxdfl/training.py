@@ -111,23 +111,35 @@ def clipped_gradient_sum(spec: LocalSpec, theta, xb, yb, valid, clip):
         loss, g = jax.value_and_grad(example_loss)(params, xi, yi)
         return loss, sq_norm(g)
 
-    def where_used(s, a):
-        return jnp.where((s > 0).reshape((-1,) + (1,) * (a.ndim - 1)), a, jnp.zeros_like(a))
-
     if spec.dp_clipping == "two_pass":
         losses, sq_norms = jax.vmap(loss_and_sq_norm)(xb, yb)
         s = mechanisms.clip_factors(sq_norms, valid, clip)
-        xs = where_used(s, xb)
+        xs = _where_used(s, xb)
         weighted = jax.grad(lambda p: jnp.sum(s * example_cross_entropy(spec.apply_params(p, xs), yb)))(params)
     elif spec.dp_clipping == "stored":
         losses, grads = jax.vmap(jax.value_and_grad(example_loss), in_axes=(None, 0, 0))(params, xb, yb)
         s = mechanisms.clip_factors(jax.vmap(sq_norm)(grads), valid, clip)
-        weighted = jax.tree.map(lambda g: jnp.tensordot(s, where_used(s, g), axes=1), grads)
+        weighted = jax.tree.map(lambda g: _weighted_sum(s, g), grads)
     else:
         raise ValueError(f"dp_clipping must be one of {', '.join(DP_CLIPPING)}, got {spec.dp_clipping!r}")
+    return losses, _flat_total(weighted, s)
+
+
+def _where_used(s, a):
+    """``a [B, ...]`` with the rows of the examples whose clip factor ``s [B]`` is 0 replaced by 0 (a select)."""
+    return jnp.where((s > 0).reshape((-1,) + (1,) * (a.ndim - 1)), a, jnp.zeros_like(a))
+
+
+def _weighted_sum(s, v):
+    """``sum_i s_i v_i`` over the used examples: ``[B], [B, ...] -> [...]`` (an unused non-finite row cannot leak)."""
+    return jnp.tensordot(s, _where_used(s, v), axes=1)
+
+
+def _flat_total(weighted, s):
+    """The weighted per-layer sums as one ``[D]`` vector; exactly 0 when no example is used (e.g. non-finite
+    parameters), as in ``dp_sum``."""
     total = ravel_pytree(weighted)[0]
-    # With no example left (e.g. non-finite parameters) the sum is exactly 0, as in dp_sum.
-    return losses, jnp.where(jnp.any(s > 0), total, jnp.zeros_like(total))
+    return jnp.where(jnp.any(s > 0), total, jnp.zeros_like(total))
 
 
 def _is_tap(ctx) -> bool:
@@ -204,20 +216,15 @@ def ghost_clipped_sum(apply_params, params, xb, yb, valid, clip):
             sq = sq + jnp.sum(jnp.square(per_example), axis=(1, 2)) + bias_sq
         layers.append((path, a, g, per_example, bias))
     s = mechanisms.clip_factors(sq, valid, clip)
-    use = s > 0
-
-    def weigh(v):  # sum_i s_i v_i over the used examples (a non-finite unused example cannot leak in)
-        return jnp.tensordot(s, jnp.where(use.reshape((-1,) + (1,) * (v.ndim - 1)), v, 0.0), axes=1)
-
     leaves = {}
     for path, a, g, per_example, bias in layers:
         if path in leaves:
             raise ValueError(f"dp_clipping='ghost' needs each layer called once; {'/'.join(path)} is reused")
         if per_example is None:
-            kernel = jnp.where(use[:, None], a, 0.0).T @ jnp.where(use[:, None], s[:, None] * g, 0.0)
+            kernel = _where_used(s, a).T @ _where_used(s, s[:, None] * g)
         else:
-            kernel = weigh(per_example)
-        leaves[path] = {"kernel": kernel, "bias": weigh(bias)}
+            kernel = _weighted_sum(s, per_example)
+        leaves[path] = {"kernel": kernel, "bias": _weighted_sum(s, bias)}
     weighted = {}
     for key, leaf in traverse_util.flatten_dict(params).items():
         layer = leaves.get(tuple(key[1:-1]), {})
@@ -225,8 +232,7 @@ def ghost_clipped_sum(apply_params, params, xb, yb, valid, clip):
             raise ValueError(f"dp_clipping='ghost' covers nn.Dense and im2col Conv layers only; parameter "
                              f"{'/'.join(key)} is not in one")
         weighted[key] = layer[key[-1]].reshape(leaf.shape).astype(leaf.dtype)
-    total = ravel_pytree(traverse_util.unflatten_dict(weighted))[0]
-    return losses, jnp.where(jnp.any(use), total, jnp.zeros_like(total))
+    return losses, _flat_total(traverse_util.unflatten_dict(weighted), s)
 
 
 def local_train(spec: LocalSpec, key, theta, opt_state, x, y, size, hyper, steps=None):
