@@ -19,11 +19,14 @@ class ProgressBar:
 
     The program calls it once per evaluation chunk and seed, whatever the seed layout (batched seeds call it per
     seed; mapped seeds run all chunks of one seed before the next), so it counts calls. The first call's chunk index
-    tells how many chunks a resumed run had already done.
+    tells how many chunks a resumed run had already done. On a terminal (``live``) the bar is redrawn in place;
+    otherwise (a log file, a batch job's output) it writes a plain line at each tenth of the run, so logs get at
+    most ten lines and no carriage returns.
     """
 
-    def __init__(self, chunks: int, seeds: int = 1, width: int = 30, stream=sys.stderr):
+    def __init__(self, chunks: int, seeds: int = 1, width: int = 30, stream=sys.stderr, live: bool | None = None):
         self.total, self.seeds, self.width, self.stream = chunks * seeds, seeds, width, stream
+        self.live = bool(getattr(stream, "isatty", lambda: False)()) if live is None else live
         self.done: int | None = None
         self.start = time.perf_counter()
 
@@ -32,14 +35,17 @@ class ProgressBar:
 
         if self.done is None:
             self.done = int(np.min(np.asarray(index))) * self.seeds
-        self.done = min(self.done + 1, self.total)
+        before, self.done = self.done, min(self.done + 1, self.total)
+        if not self.live and self.done < self.total and 10 * before // self.total == 10 * self.done // self.total:
+            return
         filled = int(self.width * self.done / self.total)
         secs = time.perf_counter() - self.start
         unit = "chunks" if self.seeds == 1 else "seed-chunks"
-        self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} {unit} "
-                          f"{secs:5.1f}s")
-        if self.done >= self.total:
-            self.stream.write("\n")
+        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} {unit} {secs:5.1f}s"
+        if self.live:
+            self.stream.write("\r" + line + ("\n" if self.done >= self.total else ""))
+        else:
+            self.stream.write(line + "\n")
         self.stream.flush()
 
 

@@ -149,11 +149,23 @@ def test_progress_bar_fills_once_whatever_the_seed_layout(small_cfg, mode):
 
     stream = io.StringIO()
     cfg = small_cfg(seeds=2, rounds=6, eval_every=2, **{"parallel.seed_mode": mode})
-    bar = ProgressBar(3, seeds=2, stream=stream)
+    bar = ProgressBar(3, seeds=2, stream=stream, live=True)
     jaxdfl.run(cfg, progress=bar)
     assert bar.done == bar.total == 6
     assert stream.getvalue().count("\n") == 1 and stream.getvalue().rstrip().endswith("s")
     assert "6/6 seed-chunks" in stream.getvalue()
+
+
+def test_progress_bar_writes_at_most_ten_plain_lines_when_not_on_a_terminal():
+    from jaxdfl.cli import ProgressBar
+
+    stream = io.StringIO()  # not a terminal: a log file
+    bar = ProgressBar(100, stream=stream)
+    for i in range(100):
+        bar(np.array(i))
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue() and stream.getvalue().endswith("\n")
+    assert len(lines) == 10 and lines[0].split()[1] == "10/100" and lines[-1].split()[1] == "100/100"
 
 
 def test_progress_bar_counts_chunks_done_before_a_resume():
