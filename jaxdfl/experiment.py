@@ -474,6 +474,7 @@ def finish(exp: Experiment, history: dict, state, compile_s: float, run_s: float
         "parameters": exp.model.dim,
         "spectral_gap": exp.topology.spectral_gap,
         "exchange": exp.spec.exchange,
+        "devices": exp.devices,
         "compile_seconds": compile_s,
         "run_seconds": run_s,
         "noise_multiplier": exp.noise_multiplier,

@@ -64,3 +64,18 @@ def test_noise_script_times_both_sources():
     rows = noise.main(["--shapes", "4x64", "--reps", "1", "--loop-nodes", "2"])
     assert [r["draw"] for r in rows] == ["normal", "laplace"]
     assert all(r["jax"] > 0 and r["rng"] > 0 and r["loop"] > 0 and r["limit"] > 0 for r in rows)
+
+
+def test_cpu_devices_worker_reports_a_run_and_the_table_compares_two(monkeypatch, capsys):
+    import json
+
+    import cpu_devices
+
+    monkeypatch.setitem(cpu_devices.WORKLOADS, "tiny", ("ring N=4, logreg", [
+        "topology.n=4", "rounds=2", "eval_every=2", 'model.name="logreg"']))
+    cpu_devices.worker(["tiny"], 1, "", cpu_devices.QUICKSTART)
+    row = json.loads(capsys.readouterr().out)
+    assert row["workload"] == "tiny" and row["node_devices"] == 1 == row["cpu_devices"]
+    assert row["run_s"] > 0 and 0 <= row["accuracy"] <= 1
+    faster = {**row, "run_s": row["run_s"] / 2}
+    assert cpu_devices.table([row], [faster])[-1].split("|")[5].strip() == "2.00x"
