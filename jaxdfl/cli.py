@@ -7,6 +7,7 @@ shows the traceback).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -274,9 +275,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Upper bound of the command's compilation cache; JAX evicts the least recently used programs above it.
+COMPILATION_CACHE_BYTES = 1 << 30
+
+
+def compilation_cache() -> str | None:
+    """Keep compiled programs across runs of the command (JAX's persistent compilation cache); returns the folder.
+
+    A rerun of a config, or a sweep's settings in a later process, then skips XLA's compilation (the quickstart
+    compiles in about 1 s instead of 6 with ``--quiet``; a program with the progress bar's host callback is not
+    cached by JAX). The folder is ``$XDG_CACHE_HOME/jaxdfl/xla`` (default ``~/.cache/jaxdfl/xla``), kept under
+    :data:`COMPILATION_CACHE_BYTES` where the ``filelock`` package is installed (JAX's LRU eviction needs it;
+    unbounded otherwise). JAX's own settings win: ``JAX_COMPILATION_CACHE_DIR`` picks another folder,
+    ``JAX_ENABLE_COMPILATION_CACHE=false`` turns the cache off. An uncreatable folder leaves it off.
+    """
+    import importlib.util
+
+    import jax
+
+    if jax.config.jax_compilation_cache_dir is not None:
+        return jax.config.jax_compilation_cache_dir
+    if not jax.config.jax_enable_compilation_cache:
+        return None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = os.path.join(base, "jaxdfl", "xla")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        return None
+    jax.config.update("jax_compilation_cache_dir", folder)
+    if jax.config.jax_compilation_cache_max_size < 0 and importlib.util.find_spec("filelock") is not None:
+        jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    compilation_cache()
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -4,6 +4,9 @@ import contextlib
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +177,17 @@ def test_progress_bar_counts_chunks_done_before_a_resume():
     bar = ProgressBar(5, seeds=2, stream=io.StringIO())
     bar(np.array(3))  # the first call of a run resumed after 3 chunks
     assert bar.done == 7
+
+
+def test_cli_keeps_compiled_programs_in_its_cache_folder_unless_jax_is_told_otherwise(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    run = [sys.executable, "-m", "jaxdfl.cli", "run", str(ROOT / "configs/quickstart.toml"), "--quiet",
+           "--set", "topology.n=4", "--set", "rounds=2", "--set", "eval_every=2", "--set", 'model.name="logreg"']
+    on = subprocess.run(run, env={**env, "XDG_CACHE_HOME": str(tmp_path / "on")}, capture_output=True, text=True)
+    assert on.returncode == 0, on.stderr
+    assert list((tmp_path / "on/jaxdfl/xla").glob("jit_segment-*"))
+    ask = [sys.executable, "-c", "from jaxdfl import cli; print(cli.compilation_cache())"]
+    off = subprocess.run(ask, env={**env, "XDG_CACHE_HOME": str(tmp_path / "off"),
+                                   "JAX_ENABLE_COMPILATION_CACHE": "false"}, capture_output=True, text=True)
+    assert off.returncode == 0 and off.stdout.strip() == "None", off.stderr
+    assert not (tmp_path / "off").exists()
