@@ -16,35 +16,29 @@ from jaxdfl.errors import ConfigError
 
 
 class ProgressBar:
-    """A text progress bar over evaluation chunks, drawn on stderr (called from inside the compiled program).
+    """A text progress bar over rounds on stderr, called on the host as ``bar(rounds_done, rounds)`` after each
+    segment of rounds (:func:`jaxdfl.experiment.segment_chunks`; all seeds advance together).
 
-    The program calls it once per evaluation chunk and seed, whatever the seed layout (batched seeds call it per
-    seed; mapped seeds run all chunks of one seed before the next), so it counts calls. The first call's chunk index
-    tells how many chunks a resumed run had already done. On a terminal (``live``) the bar is redrawn in place;
-    otherwise (a log file, a batch job's output) it writes a plain line at each tenth of the run, so logs get at
-    most ten lines and no carriage returns.
+    On a terminal (``live``) the bar is redrawn in place; otherwise (a log file, a batch job's output) it writes a
+    plain line when the run enters another tenth, so logs get at most eleven lines and no carriage returns.
     """
 
-    def __init__(self, chunks: int, seeds: int = 1, width: int = 30, stream=sys.stderr, live: bool | None = None):
-        self.total, self.seeds, self.width, self.stream = chunks * seeds, seeds, width, stream
+    def __init__(self, width: int = 30, stream=sys.stderr, live: bool | None = None):
+        self.width, self.stream = width, stream
         self.live = bool(getattr(stream, "isatty", lambda: False)()) if live is None else live
-        self.done: int | None = None
+        self.shown = -1  # the tenth of the run last written (plain lines)
         self.start = time.perf_counter()
 
-    def __call__(self, index) -> None:
-        import numpy as np
-
-        if self.done is None:
-            self.done = int(np.min(np.asarray(index))) * self.seeds
-        before, self.done = self.done, min(self.done + 1, self.total)
-        if not self.live and self.done < self.total and 10 * before // self.total == 10 * self.done // self.total:
+    def __call__(self, done: int, total: int) -> None:
+        tenth = 10 * done // total
+        if not self.live and tenth == self.shown:
             return
-        filled = int(self.width * self.done / self.total)
+        self.shown = tenth
+        filled = int(self.width * done / total)
         secs = time.perf_counter() - self.start
-        unit = "chunks" if self.seeds == 1 else "seed-chunks"
-        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} {unit} {secs:5.1f}s"
+        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} rounds {secs:5.1f}s"
         if self.live:
-            self.stream.write("\r" + line + ("\n" if self.done >= self.total else ""))
+            self.stream.write("\r" + line + ("\n" if done >= total else ""))
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
@@ -116,8 +110,7 @@ def cmd_run(args) -> int:
         from jaxdfl import results
 
         results.atomic_write(out / "config.toml", cfg.to_toml())
-    seeds = cfg.seeds if isinstance(cfg.seeds, int) else len(cfg.seeds or [None])
-    bar = ProgressBar(cfg.rounds // cfg.eval_every, seeds) if not args.quiet else None
+    bar = ProgressBar() if not args.quiet else None
     ckpt = str(out / "checkpoints") if out is not None and cfg.checkpoint_every else None
     result = experiment.run(cfg, progress=bar, checkpoint_dir=ckpt, resume=bool(args.resume))
     print(summary_line(result.summary))
@@ -283,11 +276,11 @@ def compilation_cache() -> str | None:
     """Keep compiled programs across runs of the command (JAX's persistent compilation cache); returns the folder.
 
     A rerun of a config, or a sweep's settings in a later process, then skips XLA's compilation (the quickstart
-    compiles in about 1 s instead of 6 with ``--quiet``; a program with the progress bar's host callback is not
-    cached by JAX). The folder is ``$XDG_CACHE_HOME/jaxdfl/xla`` (default ``~/.cache/jaxdfl/xla``), kept under
-    :data:`COMPILATION_CACHE_BYTES` where the ``filelock`` package is installed (JAX's LRU eviction needs it;
-    unbounded otherwise). JAX's own settings win: ``JAX_COMPILATION_CACHE_DIR`` picks another folder,
-    ``JAX_ENABLE_COMPILATION_CACHE=false`` turns the cache off. An uncreatable folder leaves it off.
+    compiles in about 1 s instead of 6). The folder is ``$XDG_CACHE_HOME/jaxdfl/xla`` (default
+    ``~/.cache/jaxdfl/xla``), kept under :data:`COMPILATION_CACHE_BYTES` where the ``filelock`` package is
+    installed (JAX's LRU eviction needs it; unbounded otherwise). JAX's own settings win:
+    ``JAX_COMPILATION_CACHE_DIR`` picks another folder, ``JAX_ENABLE_COMPILATION_CACHE=false`` turns the cache
+    off. An uncreatable folder leaves it off.
     """
     import importlib.util
 

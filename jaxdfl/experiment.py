@@ -124,7 +124,7 @@ def plan_privacy(cfg: Config, shards: data_mod.Shards, rates: np.ndarray, honest
     return PrivacyPlan(float(z), int(buffer), overflow)
 
 
-def build(cfg: Config | dict | str, progress: Callable | None = None) -> Experiment:
+def build(cfg: Config | dict | str) -> Experiment:
     """Build and validate an experiment from a config (a Config, a dict tree or a TOML path)."""
     if isinstance(cfg, str):
         cfg = load_config(cfg)
@@ -186,7 +186,7 @@ def build(cfg: Config | dict | str, progress: Callable | None = None) -> Experim
         chunk_size=cfg.parallel.chunk_size or None, dynamic=t.dynamic, n_edges=topo.num_edges,
         node_dropout=t.node_dropout > 0, stragglers=t.stragglers > 0,
         inter_every=t.inter_every if t.kind == "hierarchical" else 0, message_bytes=4 * model.dim,
-        accuracy_threshold=cfg.accuracy_threshold, progress=progress)
+        accuracy_threshold=cfg.accuracy_threshold)
     mixing = topo.mixing if path == "dense" else np.zeros((1, 1))
     if cfg.eval_nodes and cfg.eval_nodes > honest.sum():
         raise ConfigError(f"eval_nodes={cfg.eval_nodes} exceeds the {int(honest.sum())} honest nodes")
@@ -352,16 +352,15 @@ def _shard(exp: Experiment, tree, node_axis: int):
 class Runner:
     """An experiment's compiled program, reusable for configs that differ only in dynamic values.
 
-    ``Runner(exp)`` compiles the init and round-segment programs once (segments of ``checkpoint_every`` rounds, or
-    all rounds); ``runner(exp_i)`` runs any experiment with the same static settings (see
-    :func:`same_program`), e.g. another learning rate or noise multiplier, without recompiling.
+    ``Runner(exp)`` compiles the init and round-segment programs once (see :func:`segment_chunks`);
+    ``runner(exp_i)`` runs any experiment with the same static settings (see :func:`same_program`), e.g. another
+    learning rate or noise multiplier, without recompiling.
     """
 
     def __init__(self, exp: Experiment):
         self.exp = exp
         c = exp.config
-        every = c.checkpoint_every or c.rounds
-        seg_fn = simulation.make_segment(exp.spec, every // c.eval_every)
+        seg_fn = simulation.make_segment(exp.spec, segment_chunks(c))
         self.node_axis = 1 if exp.seeds is not None else 0
 
         def init(key, hyper):
@@ -381,8 +380,11 @@ class Runner:
         return _shard(exp, state, self.node_axis), k_rounds
 
     def __call__(self, exp: Experiment | None = None, checkpoint_dir: str | None = None,
-                 resume: bool = False) -> Result:
-        """Run ``exp`` (default: the compiled one) and return its :class:`Result`."""
+                 resume: bool = False, progress: Callable | None = None) -> Result:
+        """Run ``exp`` (default: the compiled one) and return its :class:`Result`.
+
+        ``progress(rounds_done, rounds)`` is called on the host after every segment.
+        """
         exp = exp or self.exp
         if not same_program(exp.config, self.exp.config):
             raise ValueError("Runner: this config differs from the compiled one in a static setting")
@@ -404,9 +406,12 @@ class Runner:
         while _round(state) < c.rounds:
             history, state = self.segment(state, k_rounds, exp.hyper, self.arrays)
             chunks.append(jax.tree.map(np.asarray, history))
-            if checkpoint_dir is not None:
-                checkpoint.save(Path(checkpoint_dir), _round(state), (state, k_rounds), {"config": c.to_dict()},
-                                joined())
+            done = _round(state)
+            if checkpoint_dir is not None and (done == c.rounds or (c.checkpoint_every
+                                                                    and done % c.checkpoint_every == 0)):
+                checkpoint.save(Path(checkpoint_dir), done, (state, k_rounds), {"config": c.to_dict()}, joined())
+            if progress is not None:
+                progress(done, c.rounds)
             if np.any(chunks[-1]["diverged"] > 0):
                 break  # non-finite honest models: stop, keep the metrics so far
         run_s = time.perf_counter() - t0
@@ -441,15 +446,34 @@ def run(cfg: Config | dict | str, progress: Callable | None = None, checkpoint_d
 
     Args:
       cfg: a Config (see :func:`jaxdfl.load_config`), a config dict tree, or a TOML path.
-      progress: optional ``progress(chunk_index)`` called from inside the program after each evaluation chunk.
+      progress: optional ``progress(rounds_done, rounds)``, called on the host after each segment of rounds.
       checkpoint_dir: where checkpoints go (every ``checkpoint_every`` rounds; 0 = only at the end).
       resume: continue from the newest checkpoint in ``checkpoint_dir`` (same final metrics, bit for bit).
 
-    The rounds run as one compiled segment, or as segments of ``checkpoint_every`` rounds calling the same
-    compiled program; a run whose honest models turn non-finite stops after the segment that diverged.
+    The rounds run as segments (:func:`segment_chunks`) that call the same compiled program; a run whose honest
+    models turn non-finite stops after the segment that diverged.
     """
-    exp = build(cfg, progress=progress)
-    return Runner(exp)(exp, checkpoint_dir=checkpoint_dir, resume=resume)
+    exp = build(cfg)
+    return Runner(exp)(exp, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
+
+
+#: A run without checkpoints is cut into at most this many segments (the progress bar's steps).
+MAX_SEGMENTS = 10
+
+
+def segment_chunks(cfg: Config) -> int:
+    """Evaluation chunks per compiled segment: one segment per checkpoint, or at most :data:`MAX_SEGMENTS`.
+
+    Segments are one compiled program (rounds in ``lax.scan``) called one after another on the host, with the
+    same result as a single call (round keys are folded from the round index). Without checkpoints the segment
+    is the smallest divisor of the chunk count that leaves at most ``MAX_SEGMENTS`` segments (one segment when
+    the count is prime and larger), so that a progress report costs at most ten host round trips and no host
+    callback inside the program (JAX's persistent compilation cache skips programs with host callbacks).
+    """
+    n = cfg.rounds // cfg.eval_every
+    if cfg.checkpoint_every:
+        return cfg.checkpoint_every // cfg.eval_every
+    return next(d for d in range(1, n + 1) if n % d == 0 and n // d <= MAX_SEGMENTS)
 
 
 def _round(state) -> int:

@@ -25,7 +25,7 @@ chunked exchange folds the chunk index into the attack and aggregation keys.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jax
@@ -99,7 +99,6 @@ class Spec:
     message_bytes: int = 0  # bytes of one message (D x 4)
     accuracy_threshold: float = 0.0
     eval_batch: int = 8  # nodes evaluated at once (8 beat 64 by 1.5-3x on CPU: activations stay in cache)
-    progress: Callable | None = field(default=None, compare=False)
 
     @property
     def n_evals(self) -> int:
@@ -404,8 +403,6 @@ def make_segment(spec: Spec, n_chunks: int):
             honest = jnp.sum(~arrays.byzantine)
             metrics["messages_per_node"] = state.messages / honest  # cumulative, honest senders
             metrics["bytes_per_node"] = state.messages / honest * spec.message_bytes
-            if spec.progress is not None:
-                jax.debug.callback(spec.progress, state.round // spec.eval_every - 1)
             return state, metrics
 
         state, history = jax.lax.scan(chunk, state, None, length=n_chunks)

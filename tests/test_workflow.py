@@ -146,37 +146,38 @@ def test_eval_subset_and_peak_bytes(small_cfg):
 
 
 @pytest.mark.parametrize("mode", ["vmap", "map"])
-def test_progress_bar_fills_once_whatever_the_seed_layout(small_cfg, mode):
-    """The program calls the bar once per chunk and seed; it ends at exactly total, with one final newline."""
+def test_progress_reports_rounds_after_each_segment_whatever_the_seed_layout(small_cfg, mode):
+    """The host calls progress(done, rounds) after each segment; the bar ends at rounds, with one final newline."""
     from jaxdfl.cli import ProgressBar
 
-    stream = io.StringIO()
+    calls, stream = [], io.StringIO()
+    bar = ProgressBar(stream=stream, live=True)
     cfg = small_cfg(seeds=2, rounds=6, eval_every=2, **{"parallel.seed_mode": mode})
-    bar = ProgressBar(3, seeds=2, stream=stream, live=True)
-    jaxdfl.run(cfg, progress=bar)
-    assert bar.done == bar.total == 6
-    assert stream.getvalue().count("\n") == 1 and stream.getvalue().rstrip().endswith("s")
-    assert "6/6 seed-chunks" in stream.getvalue()
+    jaxdfl.run(cfg, progress=lambda done, total: (calls.append((done, total)), bar(done, total)))
+    assert calls == [(2, 6), (4, 6), (6, 6)]
+    assert stream.getvalue().count("\n") == 1 and "6/6 rounds" in stream.getvalue()
 
 
-def test_progress_bar_writes_at_most_ten_plain_lines_when_not_on_a_terminal():
+@pytest.mark.parametrize("rounds,every,checkpoint,segments", [(100, 10, 0, 10), (200, 10, 0, 10), (70, 10, 0, 7),
+                                                               (130, 10, 0, 1), (100, 10, 50, 2)])
+def test_segments_are_at_most_ten_or_one_per_checkpoint(small_cfg, rounds, every, checkpoint, segments):
+    from jaxdfl.experiment import segment_chunks
+
+    cfg = small_cfg(rounds=rounds, eval_every=every, checkpoint_every=checkpoint)
+    assert rounds // every // segment_chunks(cfg) == segments
+
+
+def test_progress_bar_writes_at_most_eleven_plain_lines_when_not_on_a_terminal():
     from jaxdfl.cli import ProgressBar
 
     stream = io.StringIO()  # not a terminal: a log file
-    bar = ProgressBar(100, stream=stream)
-    for i in range(100):
-        bar(np.array(i))
+    bar = ProgressBar(stream=stream)
+    for done in range(3, 101, 3):  # a run resumed at round 3, reporting every 3 rounds
+        bar(min(done, 100), 100)
+    bar(100, 100)  # reported twice: written once
     lines = stream.getvalue().splitlines()
     assert "\r" not in stream.getvalue() and stream.getvalue().endswith("\n")
-    assert len(lines) == 10 and lines[0].split()[1] == "10/100" and lines[-1].split()[1] == "100/100"
-
-
-def test_progress_bar_counts_chunks_done_before_a_resume():
-    from jaxdfl.cli import ProgressBar
-
-    bar = ProgressBar(5, seeds=2, stream=io.StringIO())
-    bar(np.array(3))  # the first call of a run resumed after 3 chunks
-    assert bar.done == 7
+    assert len(lines) == 11 and lines[0].split()[1] == "3/100" and lines[-1].split()[1] == "100/100"
 
 
 def test_cli_keeps_compiled_programs_in_its_cache_folder_unless_jax_is_told_otherwise(tmp_path):
