@@ -381,7 +381,7 @@ class Runner:
 
     def __call__(self, exp: Experiment | None = None, checkpoint_dir: str | None = None,
                  resume: bool = False, progress: Callable | None = None) -> Result:
-        """Run ``exp`` (default: the compiled one) and return its :class:`Result`.
+        """Run ``exp`` (default: the compiled one) on its own arrays and return its :class:`Result`.
 
         ``progress(rounds_done, rounds)`` is called on the host after every segment.
         """
@@ -389,6 +389,7 @@ class Runner:
         if not same_program(exp.config, self.exp.config):
             raise ValueError("Runner: this config differs from the compiled one in a static setting")
         c = exp.config
+        arrays = self.arrays if exp is self.exp else _shard(exp, exp.arrays, 0)
         state, k_rounds = self._start(exp)
         chunks: list[dict] = []
         if resume:
@@ -404,7 +405,7 @@ class Runner:
 
         t0 = time.perf_counter()
         while _round(state) < c.rounds:
-            history, state = self.segment(state, k_rounds, exp.hyper, self.arrays)
+            history, state = self.segment(state, k_rounds, exp.hyper, arrays)
             chunks.append(jax.tree.map(np.asarray, history))
             done = _round(state)
             if checkpoint_dir is not None and (done == c.rounds or (c.checkpoint_every
@@ -451,10 +452,19 @@ def run(cfg: Config | dict | str, progress: Callable | None = None, checkpoint_d
       resume: continue from the newest checkpoint in ``checkpoint_dir`` (same final metrics, bit for bit).
 
     The rounds run as segments (:func:`segment_chunks`) that call the same compiled program; a run whose honest
-    models turn non-finite stops after the segment that diverged.
+    models turn non-finite stops after the segment that diverged. The last compiled program is kept: a next run
+    whose config differs only in dynamic values (:data:`DYNAMIC_KEYS`, e.g. the learning rate or the seed) reuses
+    it without tracing or compiling (its summary repeats the program's ``compile_seconds``, as a sweep's rows do).
     """
+    global _last_runner
     exp = build(cfg)
-    return Runner(exp)(exp, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
+    if _last_runner is None or not same_program(exp.config, _last_runner.exp.config):
+        _last_runner = None  # let the previous program's buffers go before compiling the next
+        _last_runner = Runner(exp)
+    return _last_runner(exp, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
+
+
+_last_runner: Runner | None = None
 
 
 #: A run without checkpoints is cut into at most this many segments (the progress bar's steps).

@@ -131,3 +131,31 @@ def test_quickstart_end_to_end(tmp_path):
     assert len(rows) == 1 + summary["rounds"] // 10
     assert (out / "accuracy.png").stat().st_size > 1000 and (out / "config.toml").exists()
     assert "acc=" in proc.stdout
+
+
+def test_run_reuses_the_last_program_for_dynamic_changes_on_the_new_configs_data(small_cfg, tmp_path):
+    """A rerun differing only in dynamic values skips compilation, yet runs on its own arrays: a data file
+    rewritten between two runs (same shapes, same static config) is read again, not taken from the kept program."""
+    from jaxdfl import experiment
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "d.npz"
+
+    def write(labels_seed):
+        r = np.random.default_rng(labels_seed)
+        np.savez(path, x_train=rng.random((64, 4, 4)).astype(np.float32), y_train=r.integers(0, 3, 64),
+                 x_test=rng.random((16, 4, 4)).astype(np.float32), y_test=r.integers(0, 3, 16))
+
+    cfg = small_cfg(**{"data.name": "npz", "data.path": str(path), "topology.n": 4})
+    write(1)
+    jaxdfl.run(cfg)
+    runner = experiment._last_runner
+    write(2)
+    cfg2 = cfg.replace({"train.lr": 0.3})
+    again = jaxdfl.run(cfg2)
+    assert experiment._last_runner is runner
+    fresh = experiment.Runner(experiment.build(cfg2))()
+    for key in ("accuracy_mean", "loss_mean", "consensus_distance"):
+        np.testing.assert_array_equal(again.history[key], fresh.history[key])
+    jaxdfl.run(cfg2.replace({"topology.n": 8}))  # a static change compiles anew
+    assert experiment._last_runner is not runner
