@@ -441,6 +441,10 @@ def same_program(a: Config, b: Config) -> bool:
     return static_part(a) == static_part(b)
 
 
+#: The program :func:`run` compiled last, kept for a next run that differs only in dynamic values.
+_last_runner: Runner | None = None
+
+
 def run(cfg: Config | dict | str, progress: Callable | None = None, checkpoint_dir: str | None = None,
         resume: bool = False) -> Result:
     """Run one experiment end to end and return its :class:`Result`.
@@ -462,9 +466,6 @@ def run(cfg: Config | dict | str, progress: Callable | None = None, checkpoint_d
         _last_runner = None  # let the previous program's buffers go before compiling the next
         _last_runner = Runner(exp)
     return _last_runner(exp, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
-
-
-_last_runner: Runner | None = None
 
 
 #: A run without checkpoints is cut into at most this many segments (the progress bar's steps).
