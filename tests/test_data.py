@@ -12,6 +12,15 @@ def digits():
     return data.load_digits(test_fraction=0.2, seed=0)
 
 
+def test_digits_read_from_the_bundled_file_equal_scikit_learns_loader():
+    from sklearn.datasets import load_digits
+
+    images, target = data.digits_arrays()
+    bunch = load_digits()
+    np.testing.assert_array_equal(images, bunch.images)
+    np.testing.assert_array_equal(target, bunch.target)
+
+
 def test_digits_shapes_and_split(digits):
     assert digits.x_train.shape[1:] == (8, 8, 1)
     assert len(digits.y_train) + len(digits.y_test) == 1797

@@ -64,11 +64,6 @@ import math
 import warnings
 
 import numpy as np
-import dp_accounting
-from dp_accounting.pld import privacy_loss_distribution as _pld
-from dp_accounting.rdp import rdp_privacy_accountant as _rdp
-from scipy import optimize
-from scipy import stats
 
 from jaxdfl.errors import ConfigError
 
@@ -149,6 +144,16 @@ def _quiet_absl():
         logger.setLevel(level)
 
 
+def _dp():
+    """The ``dp_accounting`` package, imported on first use: importing it takes about 2 s (it pulls in
+    ``scipy.signal``), which every command and non-private run would otherwise pay."""
+    import dp_accounting
+    import dp_accounting.pld.privacy_loss_distribution  # noqa: F401
+    import dp_accounting.rdp.rdp_privacy_accountant  # noqa: F401
+
+    return dp_accounting
+
+
 @functools.lru_cache(maxsize=4096)
 def _rdp_per_step(z, q):
     """RDP curve of ONE Poisson-subsampled Gaussian step (default orders).
@@ -156,15 +161,16 @@ def _rdp_per_step(z, q):
     Composition is additive in RDP, so T steps are T times this vector; this is
     exactly what RdpAccountant.compose does with a SelfComposedDpEvent.
     """
-    acc = dp_accounting.rdp.RdpAccountant()
+    dp = _dp()
+    acc = dp.rdp.RdpAccountant()
     with _quiet_absl():
-        acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)))
+        acc.compose(dp.PoissonSampledDpEvent(q, dp.GaussianDpEvent(z)))
     return acc.orders, acc.rdp
 
 
 @functools.lru_cache(maxsize=16)
 def _pld_per_step(z, q):
-    return _pld.from_gaussian_mechanism(
+    return _dp().pld.privacy_loss_distribution.from_gaussian_mechanism(
         standard_deviation=z,
         sampling_prob=q,
         value_discretization_interval=PLD_DISCRETIZATION,
@@ -187,11 +193,12 @@ def _eps_at(z, q, steps, accountant):
         # sqrt(T), whose exact epsilon (Balle & Wang 2018) is what the PLD
         # approximates (they agree to ~7 digits); the PLD itself is slow here.
         sigma = z / math.sqrt(steps)
-        return lambda delta: float(dp_accounting.get_epsilon_gaussian(sigma, delta))
+        return lambda delta: float(_dp().get_epsilon_gaussian(sigma, delta))
     if accountant == "rdp":
         orders, rdp = _rdp_per_step(z, q)
         total = steps * rdp
-        return lambda delta: float(_rdp.compute_epsilon(orders, total, delta)[0])
+        rdp_epsilon = _dp().rdp.rdp_privacy_accountant.compute_epsilon
+        return lambda delta: float(rdp_epsilon(orders, total, delta)[0])
     pld = _pld_composed(z, q, steps)
     return lambda delta: float(pld.get_epsilon_for_delta(delta))
 
@@ -279,6 +286,8 @@ def _bisect_smallest_z(eps_of_z, target, z_start, factor):
     # estimates are piecewise constant on a fine scale, so the root is
     # approximate and feasibility is checked, not assumed.
     xtol = _CALIBRATION_RTOL * hi
+    from scipy import optimize  # imported on use, as dp_accounting: scipy.stats/optimize take ~1 s to import
+
     z = optimize.brentq(lambda x: eps_of_z(x) - target, lo, hi, xtol=xtol)
     while eps_of_z(z) > target:
         z = min(z + xtol, hi)
@@ -537,6 +546,8 @@ def overflow_probability(sizes, rates, buffer, steps):
     Returns:
       float for scalar inputs, else np.ndarray [N].
     """
+    from scipy import stats
+
     m = np.asarray(sizes, dtype=np.int64)
     q = _accounted_rates(rates).reshape(np.shape(rates))
     tail = np.exp(stats.binom.logsf(int(buffer), m + 1, q))
@@ -565,6 +576,8 @@ def buffer_size(sizes, rates, steps, delta, epsilon, fraction=1e-3, eta=None):
     Returns:
       int B >= 1 (at most max(m_i) + 1, where overflow is impossible).
     """
+    from scipy import stats
+
     m = np.atleast_1d(np.asarray(sizes, dtype=np.int64))
     q = np.atleast_1d(_accounted_rates(rates))
     m, q = np.broadcast_arrays(m, q)
