@@ -277,8 +277,8 @@ def compilation_cache() -> str | None:
 
     A rerun of a config, or a sweep's settings in a later process, then skips XLA's compilation (the quickstart
     compiles in about 1 s instead of 6). The folder is ``$XDG_CACHE_HOME/jaxdfl/xla`` (default
-    ``~/.cache/jaxdfl/xla``), kept under :data:`COMPILATION_CACHE_BYTES` where the ``filelock`` package is
-    installed (JAX's LRU eviction needs it; unbounded otherwise). JAX's own settings win:
+    ``~/.cache/jaxdfl/xla``), kept under :data:`COMPILATION_CACHE_BYTES` (JAX's LRU eviction needs the
+    ``filelock`` package, a dependency; without it the cache is unbounded). JAX's own settings win:
     ``JAX_COMPILATION_CACHE_DIR`` picks another folder, ``JAX_ENABLE_COMPILATION_CACHE=false`` turns the cache
     off. An uncreatable folder leaves it off.
     """

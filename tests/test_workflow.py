@@ -187,8 +187,12 @@ def test_cli_keeps_compiled_programs_in_its_cache_folder_unless_jax_is_told_othe
     on = subprocess.run(run, env={**env, "XDG_CACHE_HOME": str(tmp_path / "on")}, capture_output=True, text=True)
     assert on.returncode == 0, on.stderr
     assert list((tmp_path / "on/jaxdfl/xla").glob("jit_segment-*"))
-    ask = [sys.executable, "-c", "from jaxdfl import cli; print(cli.compilation_cache())"]
+    ask = [sys.executable, "-c", "from jaxdfl import cli; import jax; print(cli.compilation_cache(), "
+           "jax.config.jax_compilation_cache_max_size)"]
+    bounded = subprocess.run(ask, env={**env, "XDG_CACHE_HOME": str(tmp_path / "on")}, capture_output=True,
+                             text=True)
+    assert bounded.stdout.split() == [str(tmp_path / "on/jaxdfl/xla"), str(1 << 30)], bounded.stderr
     off = subprocess.run(ask, env={**env, "XDG_CACHE_HOME": str(tmp_path / "off"),
                                    "JAX_ENABLE_COMPILATION_CACHE": "false"}, capture_output=True, text=True)
-    assert off.returncode == 0 and off.stdout.strip() == "None", off.stderr
+    assert off.returncode == 0 and off.stdout.split()[0] == "None", off.stderr
     assert not (tmp_path / "off").exists()
