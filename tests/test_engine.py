@@ -159,3 +159,19 @@ def test_run_reuses_the_last_program_for_dynamic_changes_on_the_new_configs_data
         np.testing.assert_array_equal(again.history[key], fresh.history[key])
     jaxdfl.run(cfg2.replace({"topology.n": 8}))  # a static change compiles anew
     assert experiment._last_runner is not runner
+
+
+def test_a_rule_registered_at_run_time_is_a_config_value_with_checked_hyper_parameters(small_cfg, monkeypatch):
+    from jaxdfl import aggregators
+    from jaxdfl.errors import ConfigError
+
+    def scaled_mean(x, mask, weights=None, *, scale=1.0):
+        return (scale * aggregators.mean(x, mask, weights)).astype(x.dtype)
+
+    monkeypatch.setitem(aggregators.REGISTRY, "scaled_mean", scaled_mean)
+    monkeypatch.setitem(aggregators.DEFAULTS, "scaled_mean", {"scale": 1.0})
+    mine = jaxdfl.run(small_cfg(**{"aggregation.rule": "scaled_mean", "aggregation.scale": 1.0}))
+    gossip = jaxdfl.run(small_cfg())
+    np.testing.assert_allclose(mine.history["loss_mean"], gossip.history["loss_mean"], rtol=1e-5)
+    with pytest.raises(ConfigError, match="aggregation"):
+        jaxdfl.run(small_cfg(**{"aggregation.rule": "scaled_mean", "aggregation.tau": 1.0}))
