@@ -124,12 +124,15 @@ def plan_privacy(cfg: Config, shards: data_mod.Shards, rates: np.ndarray, honest
     return PrivacyPlan(float(z), int(buffer), overflow)
 
 
+def _as_config(cfg: Config | dict | str) -> Config:
+    if isinstance(cfg, str):
+        return load_config(cfg)
+    return cfg if isinstance(cfg, Config) else make_config(cfg)
+
+
 def build(cfg: Config | dict | str) -> Experiment:
     """Build and validate an experiment from a config (a Config, a dict tree or a TOML path)."""
-    if isinstance(cfg, str):
-        cfg = load_config(cfg)
-    elif not isinstance(cfg, Config):
-        cfg = make_config(cfg)
+    cfg = _as_config(cfg)
     t, d, tr = cfg.topology, cfg.data, cfg.train
     topo_params = _listify({k: v for k, v in t.items() if k in topology.PARAMS[t.kind]})
     topo = topology.make(t.kind, t.n, seed=t.seed, weights=_listify(t.weights), **topo_params)
@@ -461,9 +464,11 @@ def run(cfg: Config | dict | str, progress: Callable | None = None, checkpoint_d
     it without tracing or compiling (its summary repeats the program's ``compile_seconds``, as a sweep's rows do).
     """
     global _last_runner
+    cfg = _as_config(cfg)
+    if _last_runner is not None and not same_program(cfg, _last_runner.exp.config):
+        _last_runner = None  # let the previous program and its arrays go before building the next
     exp = build(cfg)
-    if _last_runner is None or not same_program(exp.config, _last_runner.exp.config):
-        _last_runner = None  # let the previous program's buffers go before compiling the next
+    if _last_runner is None:
         _last_runner = Runner(exp)
     return _last_runner(exp, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
 
