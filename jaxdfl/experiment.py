@@ -8,6 +8,7 @@ seeds at once when ``seeds`` is set), computes the privacy spent on the host and
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -481,14 +482,16 @@ def segment_chunks(cfg: Config) -> int:
     """Evaluation chunks per compiled segment: one segment per checkpoint, or at most :data:`MAX_SEGMENTS`.
 
     Segments are one compiled program (rounds in ``lax.scan``) called one after another on the host, with the
-    same result as a single call (round keys are folded from the round index). Without checkpoints the segment
+    same result as a single call (round keys are folded from the round index). With checkpoints a segment ends at
+    every multiple of ``checkpoint_every`` and at ``rounds``: ``gcd(checkpoint_every, rounds)`` rounds, so that a
+    ``checkpoint_every`` that does not divide ``rounds`` never runs past ``rounds``. Without checkpoints the segment
     is the smallest divisor of the chunk count that leaves at most ``MAX_SEGMENTS`` segments (one segment when
     the count is prime and larger), so that a progress report costs at most ten host round trips and no host
     callback inside the program (JAX's persistent compilation cache skips programs with host callbacks).
     """
     n = cfg.rounds // cfg.eval_every
     if cfg.checkpoint_every:
-        return cfg.checkpoint_every // cfg.eval_every
+        return math.gcd(cfg.checkpoint_every, cfg.rounds) // cfg.eval_every
     return next(d for d in range(1, n + 1) if n % d == 0 and n // d <= MAX_SEGMENTS)
 
 

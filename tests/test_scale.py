@@ -53,6 +53,15 @@ def test_segmented_run_equals_single_program(small_cfg, tmp_path):
         np.testing.assert_allclose(a.history[k], b.history[k], rtol=1e-6, atol=1e-7)
 
 
+def test_checkpoint_every_that_does_not_divide_rounds_stops_at_rounds(small_cfg, tmp_path):
+    """rounds = 6, checkpoint_every = 4 once ran a second 4-round segment, to round 8."""
+    a = experiment.run(small_cfg())
+    b = experiment.run(small_cfg(checkpoint_every=4), checkpoint_dir=str(tmp_path))
+    np.testing.assert_array_equal(b.history["round"], [2, 4, 6])
+    np.testing.assert_allclose(a.history["accuracy_mean"], b.history["accuracy_mean"], rtol=1e-6)
+    assert sorted(p.name for p in tmp_path.glob("*.npz")) == ["round_000004.npz", "round_000006.npz"]
+
+
 def test_resume_without_checkpoint_is_an_error(small_cfg, tmp_path):
     with pytest.raises(ConfigError, match="checkpoint"):
         experiment.run(small_cfg(), checkpoint_dir=str(tmp_path), resume=True)

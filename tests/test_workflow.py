@@ -159,7 +159,8 @@ def test_progress_reports_rounds_after_each_segment_whatever_the_seed_layout(sma
 
 
 @pytest.mark.parametrize("rounds,every,checkpoint,segments", [(100, 10, 0, 10), (200, 10, 0, 10), (70, 10, 0, 7),
-                                                               (130, 10, 0, 1), (100, 10, 50, 2)])
+                                                               (130, 10, 0, 1), (100, 10, 50, 2),
+                                                               (100, 10, 30, 10)])
 def test_segments_are_at_most_ten_or_one_per_checkpoint(small_cfg, rounds, every, checkpoint, segments):
     from jaxdfl.experiment import segment_chunks
 
