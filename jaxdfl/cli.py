@@ -62,7 +62,8 @@ def summary_line(summary: dict) -> str:
 
 
 def write_outputs(out: Path, result) -> None:
-    """Resolved config, metrics.csv, consensus.csv, summary.json, accuracy.png, consensus.png (atomic writes)."""
+    """Resolved config, metrics.csv, consensus.csv, nodes.csv, summary.json, accuracy.png, consensus.png (atomic
+    writes). ``nodes.csv``: one row per node with its degree, whether it is Byzantine, and its final accuracy."""
     import numpy as np
 
     from jaxdfl import results
@@ -75,6 +76,10 @@ def write_outputs(out: Path, result) -> None:
     seeds = 1 if cons.ndim == 1 else cons.shape[0]
     header = ["round", "consensus_distance"] if seeds == 1 else ["round"] + [f"seed{s}" for s in range(seeds)]
     results.write_csv(out / "consensus.csv", header, cons_rows)
+    degrees = result.summary["degrees"]
+    results.write_csv(out / "nodes.csv", ["node", "degree", "byzantine", "accuracy"],
+                      [[i, degrees[i], int(i in result.summary["byzantine_ids"]), "" if acc is None else acc]
+                       for i, acc in enumerate(result.summary["accuracy_per_node"])])
     results.write_json(out / "summary.json", result.summary)
     results.plot_accuracy(out / "accuracy.png", result.history)
     results.plot_consensus(out / "consensus.png", result.history)
@@ -116,7 +121,8 @@ def cmd_run(args) -> int:
     print(summary_line(result.summary))
     if out is not None:
         write_outputs(out, result)
-        print(f"wrote {out}/{{config.toml,metrics.csv,consensus.csv,summary.json,accuracy.png,consensus.png}}")
+        print(f"wrote {out}/{{config.toml,metrics.csv,consensus.csv,nodes.csv,summary.json,accuracy.png,"
+              f"consensus.png}}")
     if result.summary.get("diverged"):
         print(f"jaxdfl: honest models became non-finite by round {result.summary['diverged_round']}; "
               f"metrics up to there are kept", file=sys.stderr)

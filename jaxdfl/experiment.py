@@ -514,6 +514,8 @@ def finish(exp: Experiment, history: dict, state, compile_s: float, run_s: float
         "rounds": exp.config.rounds,
         "nodes": exp.topology.n,
         "byzantine": int(exp.byzantine.sum()),
+        "byzantine_ids": np.flatnonzero(exp.byzantine).tolist(),
+        "degrees": np.asarray(exp.topology.degrees).tolist(),
         "parameters": exp.model.dim,
         "spectral_gap": exp.topology.spectral_gap,
         "exchange": exp.spec.exchange,
@@ -522,6 +524,7 @@ def finish(exp: Experiment, history: dict, state, compile_s: float, run_s: float
         "run_seconds": run_s,
         "noise_multiplier": exp.noise_multiplier,
         "epsilon_per_node": None if exp.config.privacy.mode == "none" else eps_rows[-1].tolist(),
+        "accuracy_per_node": accuracy_per_node(exp, history),
         "peak_bytes_estimate": peak_bytes(exp),
         "diverged": bool(np.any(diverged > 0)),
         "diverged_round": None,
@@ -537,6 +540,18 @@ def finish(exp: Experiment, history: dict, state, compile_s: float, run_s: float
         summary["final_std"] = {k: _num(np.std(v)) for k, v in final.items()}
         summary["final_per_seed"] = {k: [_num(x) for x in v] for k, v in final.items()}
     return Result(exp.config, history, summary, state)
+
+
+def accuracy_per_node(exp: Experiment, history: dict) -> list[float | None]:
+    """Each node's final test accuracy (mean over seeds), indexed by node id; None for Byzantine nodes and nodes
+    outside ``eval_nodes``."""
+    last = np.asarray(history["accuracy_per_node"])[..., -1, :]  # [E_nodes] or [S, E_nodes]
+    if last.ndim == 2:
+        last = last.mean(axis=0)
+    out: list[float | None] = [None] * exp.topology.n
+    for node, acc in zip(np.asarray(exp.arrays.eval_ids).tolist(), last.tolist()):
+        out[node] = None if math.isnan(acc) else acc
+    return out
 
 
 def peak_bytes(exp: Experiment) -> int:

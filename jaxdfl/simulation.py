@@ -354,7 +354,8 @@ def consensus_distance(theta, honest):
 
 def evaluate(spec: Spec, arrays: Arrays, theta) -> dict[str, jax.Array]:
     """Test metrics over honest nodes: accuracy mean/min/max, loss mean, consensus distance, the share of honest
-    nodes at or above ``accuracy_threshold``, and the share whose parameters are non-finite."""
+    nodes at or above ``accuracy_threshold``, the share whose parameters are non-finite, and each evaluated node's
+    accuracy (``accuracy_per_node [len(eval_ids)]``, NaN for Byzantine nodes)."""
     honest_all = ~arrays.byzantine
     theta_eval = theta[arrays.eval_ids]  # all nodes, or the configured subset
     honest = honest_all[arrays.eval_ids]
@@ -379,6 +380,7 @@ def evaluate(spec: Spec, arrays: Arrays, theta) -> dict[str, jax.Array]:
         "consensus_distance": consensus_distance(theta, honest_all),
         "above_threshold": jnp.sum(honest & (acc >= spec.accuracy_threshold)) / count,
         "diverged": jnp.sum(honest_all & ~jnp.all(jnp.isfinite(theta), axis=1)) / jnp.sum(honest_all),
+        "accuracy_per_node": jnp.where(honest, acc, jnp.nan),
     }
 
 

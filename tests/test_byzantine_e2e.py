@@ -27,6 +27,26 @@ def test_byzantine_nodes_never_count_in_honest_metrics(small_cfg):
         np.testing.assert_allclose(m1[k], m2[k], rtol=1e-6)
 
 
+def test_per_node_accuracy_agrees_with_the_honest_aggregates_and_leaves_byzantine_nodes_out(small_cfg, tmp_path):
+    import csv
+
+    from jaxdfl.cli import write_outputs
+
+    r = jaxdfl.run(small_cfg(**{"attack.name": "sign_flip", "attack.byzantine": 2, "aggregation.rule": "median"}))
+    per, byz, final = r.summary["accuracy_per_node"], r.summary["byzantine_ids"], r.summary["final"]
+    assert len(per) == 8 and len(byz) == 2 and all(per[i] is None for i in byz)
+    honest = [a for a in per if a is not None]
+    assert len(honest) == 6
+    assert np.mean(honest) == pytest.approx(final["accuracy_mean"], rel=1e-6)
+    assert (min(honest), max(honest)) == pytest.approx((final["accuracy_min"], final["accuracy_max"]))
+    write_outputs(tmp_path, r)
+    with open(tmp_path / "nodes.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(row["byzantine"]) for row in rows] == [int(i in byz) for i in range(8)]
+    assert [int(row["degree"]) for row in rows] == [2] * 8  # a ring
+    assert [row["accuracy"] == "" for row in rows] == [a is None for a in per]
+
+
 @pytest.mark.parametrize("attack", ["sign_flip", "gaussian", "alie", "dissensus"])
 def test_zero_byzantine_changes_nothing(small_cfg, attack):
     base = jaxdfl.run(small_cfg(**{"aggregation.rule": "trimmed_mean"}))

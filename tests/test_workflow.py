@@ -140,6 +140,7 @@ def test_privacy_utility_curve_end_to_end(small_cfg, tmp_path):
 def test_eval_subset_and_peak_bytes(small_cfg):
     r = jaxdfl.run(small_cfg(eval_nodes=3, eval_samples=50))
     assert r.history["accuracy_mean"].shape == (3,)
+    assert [a is not None for a in r.summary["accuracy_per_node"]] == [True] * 3 + [False] * 5
     assert r.summary["peak_bytes_estimate"] > 8 * 650 * 4
     with pytest.raises(ConfigError, match="eval_nodes"):
         jaxdfl.build(small_cfg(eval_nodes=100))
