@@ -364,6 +364,7 @@ class Runner:
     def __init__(self, exp: Experiment):
         self.exp = exp
         c = exp.config
+        self.components = components(c)
         seg_fn = simulation.make_segment(exp.spec, segment_chunks(c))
         self.node_axis = 1 if exp.seeds is not None else 0
 
@@ -441,6 +442,13 @@ def static_part(cfg: Config) -> dict:
     return tree
 
 
+def components(cfg: Config) -> tuple:
+    """The registered functions a config's program is traced from: its rule, pre-aggregators, attack and model."""
+    agg = cfg.aggregation
+    return (aggregators.REGISTRY.get(agg.rule), tuple(aggregators.PRE_REGISTRY.get(p) for p in agg.pre),
+            attacks.REGISTRY.get(cfg.attack.name), models.MODELS.get(cfg.model.name))
+
+
 def same_program(a: Config, b: Config) -> bool:
     return static_part(a) == static_part(b)
 
@@ -461,12 +469,15 @@ def run(cfg: Config | dict | str, progress: Callable | None = None, checkpoint_d
 
     The rounds run as segments (:func:`segment_chunks`) that call the same compiled program; a run whose honest
     models turn non-finite stops after the segment that diverged. The last compiled program is kept: a next run
-    whose config differs only in dynamic values (:data:`DYNAMIC_KEYS`, e.g. the learning rate or the seed) reuses
-    it without tracing or compiling (its summary repeats the program's ``compile_seconds``, as a sweep's rows do).
+    whose config differs only in dynamic values (:data:`DYNAMIC_KEYS`, e.g. the learning rate or the seed), and
+    whose rule, attack and model are still the same registered functions (:func:`components`: a rule edited and
+    registered again under its name compiles anew), reuses it without tracing or compiling (its summary repeats
+    the program's ``compile_seconds``, as a sweep's rows do).
     """
     global _last_runner
     cfg = _as_config(cfg)
-    if _last_runner is not None and not same_program(cfg, _last_runner.exp.config):
+    if _last_runner is not None and (not same_program(cfg, _last_runner.exp.config)
+                                     or _last_runner.components != components(cfg)):
         _last_runner = None  # let the previous program and its arrays go before building the next
     exp = build(cfg)
     if _last_runner is None:

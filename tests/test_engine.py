@@ -170,8 +170,13 @@ def test_a_rule_registered_at_run_time_is_a_config_value_with_checked_hyper_para
 
     monkeypatch.setitem(aggregators.REGISTRY, "scaled_mean", scaled_mean)
     monkeypatch.setitem(aggregators.DEFAULTS, "scaled_mean", {"scale": 1.0})
-    mine = jaxdfl.run(small_cfg(**{"aggregation.rule": "scaled_mean", "aggregation.scale": 1.0}))
     gossip = jaxdfl.run(small_cfg())
+    mine = jaxdfl.run(small_cfg(**{"aggregation.rule": "scaled_mean", "aggregation.scale": 1.0}))
     np.testing.assert_allclose(mine.history["loss_mean"], gossip.history["loss_mean"], rtol=1e-5)
+    # the rule edited and registered again under its name: the kept program is not reused
+    monkeypatch.setitem(aggregators.REGISTRY, "scaled_mean", lambda x, mask, weights=None, *, scale=1.0: (
+        (0.5 * scale * aggregators.mean(x, mask, weights)).astype(x.dtype)))
+    edited = jaxdfl.run(small_cfg(**{"aggregation.rule": "scaled_mean", "aggregation.scale": 1.0}))
+    assert not np.allclose(edited.history["loss_mean"], mine.history["loss_mean"], rtol=1e-3)
     with pytest.raises(ConfigError, match="aggregation"):
         jaxdfl.run(small_cfg(**{"aggregation.rule": "scaled_mean", "aggregation.tau": 1.0}))
