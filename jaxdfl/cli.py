@@ -76,9 +76,9 @@ def write_outputs(out: Path, result) -> None:
     seeds = 1 if cons.ndim == 1 else cons.shape[0]
     header = ["round", "consensus_distance"] if seeds == 1 else ["round"] + [f"seed{s}" for s in range(seeds)]
     results.write_csv(out / "consensus.csv", header, cons_rows)
-    degrees = result.summary["degrees"]
+    degrees, byzantine = result.summary["degrees"], set(result.summary["byzantine_ids"])
     results.write_csv(out / "nodes.csv", ["node", "degree", "byzantine", "accuracy"],
-                      [[i, degrees[i], int(i in result.summary["byzantine_ids"]), "" if acc is None else acc]
+                      [[i, degrees[i], int(i in byzantine), "" if acc is None else acc]
                        for i, acc in enumerate(result.summary["accuracy_per_node"])])
     results.write_json(out / "summary.json", result.summary)
     results.plot_accuracy(out / "accuracy.png", result.history)

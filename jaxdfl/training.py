@@ -97,9 +97,9 @@ def clipped_gradient_sum(spec: LocalSpec, theta, xb, yb, valid, clip):
     Reference: J. Lee, D. Kifer, "Scaling up differentially private deep learning with fast per-example gradient
     clipping", PoPETs 2021.
     """
-    if spec.dp_clipping == "ghost":
-        return ghost_clipped_sum(spec.apply_params, spec.unravel(theta), xb, yb, valid, clip)
     params = spec.unravel(theta)
+    if spec.dp_clipping == "ghost":
+        return ghost_clipped_sum(spec.apply_params, params, xb, yb, valid, clip)
 
     def example_loss(p, xi, yi):
         return loss_fn(spec.apply_params, p, xi[None], yi[None])

@@ -175,7 +175,7 @@ def test_progress_bar_writes_at_most_eleven_plain_lines_when_not_on_a_terminal()
     stream = io.StringIO()  # not a terminal: a log file
     bar = ProgressBar(stream=stream)
     for done in range(3, 101, 3):  # a run resumed at round 3, reporting every 3 rounds
-        bar(min(done, 100), 100)
+        bar(done, 100)
     bar(100, 100)  # reported twice: written once
     lines = stream.getvalue().splitlines()
     assert "\r" not in stream.getvalue() and stream.getvalue().endswith("\n")
