@@ -400,7 +400,12 @@ class Runner:
         if resume:
             if checkpoint_dir is None or checkpoint.latest(checkpoint_dir) is None:
                 raise ConfigError(f"no checkpoint to resume from in {checkpoint_dir!r}")
-            (state, k_rounds), _, history = checkpoint.load(checkpoint.latest(checkpoint_dir), (state, k_rounds))
+            path = checkpoint.latest(checkpoint_dir)
+            (state, k_rounds), _, history = checkpoint.load(path, (state, k_rounds))
+            missing = sorted(set(self.segment.out_info[0]) - set(history))
+            if missing:
+                raise ConfigError(f"checkpoint {path} lacks the metrics {', '.join(missing)} (written by an older "
+                                  "jaxdfl): it cannot be resumed; start the run again")
             state = _shard(exp, state, self.node_axis)
             chunks = [history]
         axis = 0 if exp.seeds is None else 1

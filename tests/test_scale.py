@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdfl import experiment, simulation
+from jaxdfl import checkpoint, experiment, simulation
 from jaxdfl.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +60,18 @@ def test_checkpoint_every_that_does_not_divide_rounds_stops_at_rounds(small_cfg,
     np.testing.assert_array_equal(b.history["round"], [2, 4, 6])
     np.testing.assert_allclose(a.history["accuracy_mean"], b.history["accuracy_mean"], rtol=1e-6)
     assert sorted(p.name for p in tmp_path.glob("*.npz")) == ["round_000004.npz", "round_000006.npz"]
+
+
+def test_resume_of_a_checkpoint_without_current_metrics_is_an_error(small_cfg, tmp_path):
+    """Checkpoints written before `accuracy_per_node` existed ended in a KeyError after the whole resumed run."""
+    cfg = small_cfg(rounds=2, eval_every=2, checkpoint_every=2)
+    experiment.run(cfg, checkpoint_dir=str(tmp_path))
+    path = checkpoint.latest(tmp_path)
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files if k != "history/accuracy_per_node"}
+    np.savez(path, **arrays)
+    with pytest.raises(ConfigError, match="lacks the metrics accuracy_per_node"):
+        experiment.run(cfg.replace({"rounds": 4}), checkpoint_dir=str(tmp_path), resume=True)
 
 
 def test_resume_without_checkpoint_is_an_error(small_cfg, tmp_path):
