@@ -106,6 +106,9 @@ def cmd_run(args) -> int:
         if args.config or args.set:
             raise ConfigError("--resume takes the run's own config.toml; give no CONFIG or --set with it")
         cfg = config_mod.load_config(str(out / "config.toml"))
+        if not cfg.checkpoint_every:
+            raise ConfigError(f"--resume {out}: that run kept no checkpoints (checkpoint_every = 0); run it again "
+                              "with checkpoint_every set")
     else:
         if not args.config:
             raise ConfigError("run needs a CONFIG file (or --resume DIR)")

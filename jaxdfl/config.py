@@ -90,6 +90,7 @@ TYPES: dict[str, type | tuple[type, ...]] = {
     "privacy.noise_multiplier": float,
     "privacy.target_epsilon": float,
     "parallel.devices": (str, int),
+    "topology.weights": (str, list),
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -396,6 +397,10 @@ def validate(cfg: dict) -> None:
         raise ConfigError("topology.inter_every applies to kind = \"hierarchical\" only")
     if topo["drop_prob"] > 0 and topo["dynamic"] != "edge_dropout":
         raise ConfigError("topology.drop_prob needs topology.dynamic = \"edge_dropout\"")
+    changing = topo["dynamic"] != "static" or topo["node_dropout"] > 0 or topo["inter_every"] > 1
+    if not isinstance(topo["weights"], str) and changing:
+        raise ConfigError("topology.weights: a user matrix needs a graph that stays fixed (topology.dynamic = "
+                          "\"static\", no node_dropout, inter_every = 1); use \"metropolis\" or \"max_degree\"")
     if topo["pool"] < 1:
         raise ConfigError(f"topology.pool must be >= 1, got {topo['pool']}")
     _positive(cfg, "eval_nodes", allow_zero=True)

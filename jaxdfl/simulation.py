@@ -92,6 +92,7 @@ class Spec:
     mechanism: str = "gaussian"
     chunk_size: int | None = None  # receivers per robust-exchange chunk (None: automatic; >= n: all at once)
     dynamic: str = "static"  # "static" | "resample" | "matching" | "edge_dropout"
+    weights: str = "metropolis"  # scheme of the weights of a graph that changes per round (WEIGHT_SCHEMES)
     n_edges: int = 0
     node_dropout: bool = False
     stragglers: bool = False
@@ -134,6 +135,20 @@ def metropolis_weights(neighbors, mask):
     return w.at[:, 0].set(1.0 - jnp.sum(w, axis=1)).astype(jnp.float32)
 
 
+def max_degree_weights(neighbors, mask):
+    """Max-degree weights of the graph a mask leaves: W_ij = 1 / (1 + d_max) on its edges, W_ii the rest.
+
+    ``d_max`` is the largest degree of the surviving graph. ``neighbors, mask: [N, K]`` -> ``[N, K]`` float32.
+    """
+    deg = jnp.sum(mask, axis=1) - 1
+    w = jnp.where(mask, 1.0 / (1.0 + jnp.max(deg)), 0.0)
+    return w.at[:, 0].set(1.0 - deg / (1.0 + jnp.max(deg))).astype(jnp.float32)
+
+
+#: Mixing weights of a graph that changes inside the program, by ``topology.weights`` scheme.
+WEIGHT_SCHEMES = {"metropolis": metropolis_weights, "max_degree": max_degree_weights}
+
+
 def random_matching(key, n: int) -> Graph:
     """A uniformly random (near-)perfect matching of the N nodes: one-peer gossip, weights 1/2 each.
 
@@ -156,7 +171,8 @@ def round_graph(spec: Spec, hyper, arrays: Arrays, key, round_index, online):
     ``edge_dropout`` removes each undirected edge independently with ``hyper["drop_prob"]``; ``matching`` uses a
     random matching; ``resample`` picks one of a pool of graphs of the same family drawn on the host; node dropout
     removes offline nodes' links; a hierarchical topology keeps its bridge links only every ``inter_every``
-    rounds. Whenever links change, weights are Metropolis-Hastings weights of the surviving graph.
+    rounds. Whenever links change, the weights are recomputed on the surviving graph with the topology's scheme
+    (``spec.weights``: Metropolis-Hastings or max-degree).
     """
     if spec.dynamic == "matching":
         g = random_matching(key, spec.n)
@@ -179,7 +195,7 @@ def round_graph(spec: Spec, hyper, arrays: Arrays, key, round_index, online):
     mask = mask.at[:, 0].set(True)
     if not changed:
         return Graph(neighbors, mask, arrays.weights)
-    return Graph(neighbors, mask, metropolis_weights(neighbors, mask))
+    return Graph(neighbors, mask, WEIGHT_SCHEMES[spec.weights](neighbors, mask))
 
 
 def _bound_rule(spec: Spec):

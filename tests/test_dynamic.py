@@ -10,16 +10,17 @@ from jaxdfl import experiment, gossip, simulation, topology
 from jaxdfl.training import local_train
 
 
-def test_metropolis_weights_match_host_mixing_on_random_masks():
+@pytest.mark.parametrize("scheme", sorted(simulation.WEIGHT_SCHEMES))
+def test_in_program_weights_match_host_mixing_on_random_masks(scheme):
     topo = topology.make("erdos_renyi", 12, p=0.5, seed=2)
     eid = experiment.edge_ids(topo)
     rng = np.random.default_rng(0)
     alive = rng.random(topo.num_edges) > 0.4
     mask = topo.mask & ((eid < 0) | alive[np.maximum(eid, 0)])
-    w = np.asarray(simulation.metropolis_weights(jnp.asarray(topo.neighbors), jnp.asarray(mask)))
+    w = np.asarray(simulation.WEIGHT_SCHEMES[scheme](jnp.asarray(topo.neighbors), jnp.asarray(mask)))
     g = nx.empty_graph(12)
     g.add_edges_from(e for e, a in zip(topo.edges.tolist(), alive, strict=True) if a)
-    ref = topology.mixing_matrix(g, "metropolis")
+    ref = topology.mixing_matrix(g, scheme)
     dense = np.zeros((12, 12))
     for i in range(12):
         for k in range(topo.neighbors.shape[1]):
@@ -154,3 +155,24 @@ def test_too_few_live_rows_keeps_own_model(small_cfg):
     g = simulation.Graph(exp.arrays.neighbors, exp.arrays.mask.at[:, 1:].set(False), exp.arrays.weights)
     out = simulation.exchange(exp.spec, jax.random.key(1), msg, exp.arrays, g)
     np.testing.assert_array_equal(out, msg)
+
+
+def test_weights_scheme_holds_on_graphs_that_change(small_cfg):
+    """topology.weights = max_degree was silently replaced by Metropolis weights once links changed per round."""
+    er = {"topology.kind": "erdos_renyi", "topology.p": 0.5, "topology.weights": "max_degree"}
+    for dynamic in ({"topology.dynamic": "edge_dropout", "topology.drop_prob": 0.3},
+                    {"topology.dynamic": "resample", "topology.pool": 2}):
+        _, g, _ = _graph(small_cfg(**er, **dynamic))
+        _, mask, w = map(np.asarray, g)
+        deg = mask.sum(1) - 1
+        assert deg.min() < deg.max()  # irregular: Metropolis weights would differ
+        np.testing.assert_allclose(w[:, 1:][mask[:, 1:]], 1 / (1 + deg.max()), rtol=1e-6)
+
+
+def test_user_weight_matrix_from_config_equals_the_named_scheme(small_cfg):
+    topo = topology.make("star", 8, weights="max_degree")
+    named = experiment.run(small_cfg(**{"topology.kind": "star", "topology.weights": "max_degree"}))
+    matrix = experiment.run(small_cfg(**{"topology.kind": "star", "topology.weights": topo.mixing.tolist()}))
+    metropolis = experiment.run(small_cfg(**{"topology.kind": "star"}))
+    np.testing.assert_array_equal(named.history["consensus_distance"], matrix.history["consensus_distance"])
+    assert not np.allclose(named.history["consensus_distance"], metropolis.history["consensus_distance"])

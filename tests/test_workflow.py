@@ -53,6 +53,8 @@ def test_topology_command_prints_stats_and_plots(tmp_path):
     (["--set", "aggregation.rule=\"trimmed_mean\"", "--set", "aggregation.f=2"], "aggregation.f"),
     (["--set", "privacy.mode=\"example\"", "--set", "privacy.delta=2.0"], "privacy.delta"),
     (["--set", "attack.byzantine=20"], "attack.byzantine"),
+    (["--set", "topology.n=2", "--set", "topology.weights=[[0.5,0.5],[0.5,0.5]]", "--set",
+      "topology.node_dropout=0.1"], "topology.weights"),
     (["--set", "data.name=\"mnist\"", "--set", "data.path=\"/nonexistent\""], "data.path"),
 ])
 def test_invalid_configs_exit_2_with_one_line(args, key):
@@ -79,6 +81,12 @@ def test_run_cli_resume_matches_uninterrupted(tmp_path):
     a = json.loads((tmp_path / "full" / "summary.json").read_text())["final"]
     b = json.loads((part / "summary.json").read_text())["final"]
     assert a == b
+
+
+def test_resume_of_a_run_without_checkpoints_says_so(tmp_path, small_cfg):
+    (tmp_path / "config.toml").write_text(small_cfg().to_toml())
+    proc = cli("run", "--resume", str(tmp_path))
+    assert proc.returncode == 2 and "checkpoint_every = 0" in proc.stderr, proc.stderr
 
 
 def test_sweep_shares_programs_and_resumes(tmp_path, small_cfg):
