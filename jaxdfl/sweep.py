@@ -33,9 +33,15 @@ def parse_grid(items: Iterable[str]) -> list[tuple[str, list]]:
             raise ConfigError(f"--grid {item!r} must look like key=v1,v2,...")
         key, text = item.split("=", 1)
         values = [parse_value(v.strip()) for v in _split_top(text)]
+        key = key.strip()
         if not values:
             raise ConfigError(f"--grid {key}: give at least one value")
-        grid.append((key.strip(), values))
+        if key in (k for k, _ in grid):
+            raise ConfigError(f"--grid {key} is given twice; list all its values in one --grid")
+        repeated = [v for i, v in enumerate(values) if v in values[:i]]
+        if repeated:
+            raise ConfigError(f"--grid {key} lists {repeated[0]!r} more than once")
+        grid.append((key, values))
     return grid
 
 

@@ -119,6 +119,15 @@ def test_grid_values_with_lists():
         sweep.parse_grid(["train.lr"])
 
 
+@pytest.mark.parametrize("items, message", [
+    (["train.lr=0.1", "train.lr=0.2"], "given twice"),  # the second --grid silently replaced the first
+    (["train.lr=0.1,0.2,0.1"], "more than once"),
+])
+def test_grid_repeats_are_errors(items, message):
+    with pytest.raises(ConfigError, match=message):
+        sweep.parse_grid(items)
+
+
 def test_privacy_utility_bisection_uses_monotonicity(small_cfg, monkeypatch):
     study = sweep.PrivacyUtility(small_cfg(**{"privacy.mode": "update", "train.share": "update"}))
     calls = []
