@@ -39,7 +39,7 @@ def measure(sp, arrays, graph, msg, reps: int = 2) -> tuple[float, float]:
     """(temporary bytes of one compiled exchange, seconds per exchange in steady state)."""
 
     def call(m, key):
-        return simulation.exchange(sp, key, m, arrays, graph)
+        return simulation.exchange(sp, key, m, arrays, graph)[0]
 
     # The key is an argument, as in the engine's rounds: a constant key would let XLA hoist the attack's noise out
     # of the timed loop.

@@ -55,6 +55,8 @@ def summary_line(summary: dict) -> str:
              f"loss={fmt(f['loss_mean'])}", f"consensus={fmt(f['consensus_distance'], '.3g')}"]
     if f.get("epsilon") is not None:
         parts.append(f"epsilon={f['epsilon']:.3f}")
+    if summary.get("kept_own_share"):
+        parts.append(f"kept_own={summary['kept_own_share']:.3f}")
     parts.append(f"compile={summary['compile_seconds']:.1f}s run={summary['run_seconds']:.1f}s")
     if summary.get("diverged"):
         parts.append(f"DIVERGED at round {summary['diverged_round']}")

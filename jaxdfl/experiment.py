@@ -137,10 +137,10 @@ def build(cfg: Config | dict | str) -> Experiment:
     t, d, tr = cfg.topology, cfg.data, cfg.train
     topo_params = _listify({k: v for k, v in t.items() if k in topology.PARAMS[t.kind]})
     topo = topology.make(t.kind, t.n, seed=t.seed, weights=_listify(t.weights), **topo_params)
+    pool = [topo]  # resample: the configured graph and pool - 1 more of its family
     if t.dynamic == "resample":
-        pool = [topology.make(t.kind, t.n, seed=t.seed + 1 + i, **topo_params) for i in range(t.pool)]
-    else:
-        pool = [topo]
+        pool += [topology.make(t.kind, t.n, seed=t.seed + i, weights=t.weights, **topo_params)
+                 for i in range(1, t.pool)]
     ds = data_mod.load(d, t.n)
     att = cfg.attack
     byz = byzantine.place(t.n, att.byzantine, att.placement, seed=att.seed, degrees=topo.degrees,
@@ -158,7 +158,14 @@ def build(cfg: Config | dict | str) -> Experiment:
     agg = cfg.aggregation
     rule_hyper = {k: agg[k] for k in aggregators.DEFAULTS[agg.rule]}
     pre = tuple((name, dict(agg[name])) for name in agg.pre)
-    aggregators.validate(agg.rule, rule_hyper, topo.sizes, pre)
+    # every graph a round can draw (links lost to dropout fall back at run time: the kept_own_share metric)
+    sizes = np.full(t.n, 2) if t.dynamic == "matching" else np.concatenate([g.sizes for g in pool])
+    try:
+        aggregators.validate(agg.rule, rule_hyper, sizes, pre)
+    except ConfigError as err:
+        if t.dynamic != "matching":
+            raise
+        raise ConfigError(f"{err} (topology.dynamic = \"matching\" gives each node one partner a round)") from None
 
     honest = ~byz
     rates = tr.batch_size / shards.sizes.astype(np.float64)
@@ -188,7 +195,8 @@ def build(cfg: Config | dict | str) -> Experiment:
         rule_hyper=_freeze(rule_hyper), pre=tuple((n, _freeze(h)) for n, h in pre), attack=att.name,
         attack_hyper=_freeze(attack_hyper), privacy=p.mode, mechanism=p.mechanism,
         chunk_size=cfg.parallel.chunk_size or None, dynamic=t.dynamic,
-        weights=t.weights if isinstance(t.weights, str) else "metropolis", n_edges=topo.num_edges,
+        weights=t.weights if isinstance(t.weights, str) else "metropolis", reject_nonfinite=agg.reject_nonfinite,
+        n_edges=topo.num_edges,
         node_dropout=t.node_dropout > 0, stragglers=t.stragglers > 0,
         inter_every=t.inter_every if t.kind == "hierarchical" else 0, message_bytes=4 * model.dim,
         accuracy_threshold=cfg.accuracy_threshold)
@@ -543,6 +551,7 @@ def finish(exp: Experiment, history: dict, state, compile_s: float, run_s: float
         "epsilon_per_node": None if exp.config.privacy.mode == "none" else eps_rows[-1].tolist(),
         "accuracy_per_node": accuracy_per_node(exp, history),
         "peak_bytes_estimate": peak_bytes(exp),
+        "kept_own_share": _num(np.mean(history["kept_own_share"])),
         "diverged": bool(np.any(diverged > 0)),
         "diverged_round": None,
     }

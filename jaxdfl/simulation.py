@@ -93,6 +93,7 @@ class Spec:
     chunk_size: int | None = None  # receivers per robust-exchange chunk (None: automatic; >= n: all at once)
     dynamic: str = "static"  # "static" | "resample" | "matching" | "edge_dropout"
     weights: str = "metropolis"  # scheme of the weights of a graph that changes per round (WEIGHT_SCHEMES)
+    reject_nonfinite: bool = True  # receivers drop messages with a non-finite entry (when an attack runs)
     n_edges: int = 0
     node_dropout: bool = False
     stragglers: bool = False
@@ -254,43 +255,46 @@ def exchange_chunk(spec: Spec, n: int, k: int, d: int, itemsize: int = 4) -> int
 
 
 def _robust_exchange(spec: Spec, k_attack, k_agg, msg, byzantine, neighbors, mask, weights, chunk_size):
-    """Gather, attack, aggregate and fall back for the receivers in ``neighbors, mask, weights: [R, K]`` -> [R, D].
+    """Gather, attack and aggregate for the receivers in ``neighbors, mask, weights: [R, K]``.
 
     ``msg: [N, D]`` and ``byzantine: [N]`` are global: the omniscient attacker sees every message, whichever
-    receivers are being served.
+    receivers are being served. Returns ``(aggregates [R, D], kept_own [R] bool)``: ``kept_own`` marks receivers
+    left with fewer rows than the pre-aggregators and rule need (``aggregators.enough_rows``), which keep their own
+    message.
     """
     block = gossip.gather(msg, neighbors)
     if spec.attack != "none":
         ctx = attacks.AttackContext(messages=msg, block=block, neighbors=neighbors, mask=mask,
                                     weights=weights, byzantine=byzantine, rule=_bound_rule(spec))
         block, mask = attacks.REGISTRY[spec.attack](k_attack, ctx, **dict(spec.attack_hyper))
+        if spec.reject_nonfinite:
+            # A receiver discards a message with a non-finite entry, as a deployed node rejects a malformed model: a
+            # NaN would otherwise pass through every min/max network and distance of the rules.
+            mask = mask & jnp.all(jnp.isfinite(block), axis=-1).at[:, 0].set(True)
     pre = tuple((name, dict(h)) for name, h in spec.pre)
     agg = aggregators.aggregate(k_agg, block, mask, weights, spec.rule, dict(spec.rule_hyper), pre,
                                 chunk_size=chunk_size)
-    # A round can leave a node fewer live rows than its rule needs (crashed senders, dropped links or nodes):
-    # such a node keeps its own message instead of applying the rule out of its domain.
-    need = max([aggregators.min_rows(spec.rule, dict(spec.rule_hyper))]
-               + [aggregators.min_rows(name, h) for name, h in pre])
-    if need > 1:
-        agg = jnp.where((jnp.sum(mask, axis=1) >= need)[:, None], agg, block[:, 0])
-    return agg
+    return agg, ~aggregators.enough_rows(jnp.sum(mask, axis=1), spec.rule, dict(spec.rule_hyper), pre)
 
 
 def exchange(spec: Spec, key, msg, arrays: Arrays, graph: Graph):
-    """Each node's aggregate of its neighbourhood's messages: ``msg [N, D] -> [N, D]``.
+    """Each node's aggregate of its neighbourhood's messages: ``msg [N, D] -> ([N, D], kept_own [N])``.
 
     Linear paths (``dense``, ``sparse``) never build the ``[N, K, D]`` block. The robust path gathers it, lets the
-    attack rewrite the Byzantine rows, aggregates every neighbourhood with the rule, and keeps a node's own message
-    where too few rows survive (``aggregators.min_rows``). When :func:`exchange_chunk` asks for chunks of c
-    receivers, it does the same for c receivers at a time inside one ``fori_loop`` (so the program does not grow
-    with the number of chunks): chunk j serves receivers ``s_j .. s_j + c - 1`` with ``s_j = min(j c, N - c)``,
-    gathers only their ``[c, K, D]`` rows and writes their aggregates in place into the ``[N, D]`` result; when c
-    does not divide N the last chunk overlaps the one before (those receivers are recomputed and overwritten)
-    instead of padding N, which would need one more ``[N, D]`` buffer. The attack sees the chunk's receiver rows
-    and all N messages (every attack is row-wise in the receivers). Attacks (the ``gaussian`` noise is keyed by
-    receiver id and slot) and deterministic rules give the unchunked result up to float rounding. The per-node keys
-    of random pre-aggregators (``bucketing``) come from ``fold_in(key, j)`` instead: a chunked run buckets
-    differently than an unchunked one, but the same seed and chunk size always give the same result.
+    attack rewrite the Byzantine rows, drops rows with non-finite entries (``spec.reject_nonfinite``), aggregates every
+    neighbourhood with the rule, and keeps a node's own message where too few rows survive
+    (``aggregators.enough_rows``; ``kept_own`` marks those nodes, all False on the linear paths).
+
+    When :func:`exchange_chunk` asks for chunks of c receivers, it does the same for c receivers at a time inside
+    one ``fori_loop`` (so the program does not grow with the number of chunks): chunk j serves receivers ``s_j ..
+    s_j + c - 1`` with ``s_j = min(j c, N - c)``, gathers only their ``[c, K, D]`` rows and writes their aggregates
+    in place into the ``[N, D]`` result; when c does not divide N the last chunk overlaps the one before (those
+    receivers are recomputed and overwritten) instead of padding N, which would need one more ``[N, D]`` buffer. The
+    attack sees the chunk's receiver rows and all N messages (every attack is row-wise in the receivers). Attacks
+    (the ``gaussian`` noise is keyed by receiver id and slot) and deterministic rules give the unchunked result up
+    to float rounding. The per-node keys of random pre-aggregators (``bucketing``) come from ``fold_in(key, j)``
+    instead: a chunked run buckets differently than an unchunked one, but the same seed and chunk size always give
+    the same result.
 
     Args:
         spec: the static experiment description (exchange path, rule, attack, chunk_size).
@@ -300,21 +304,21 @@ def exchange(spec: Spec, key, msg, arrays: Arrays, graph: Graph):
         graph: the round's neighbour table (``neighbors, mask, weights``: [N, K]).
 
     Returns:
-        [N, D] in the dtype of ``msg``.
+        ([N, D] in the dtype of ``msg``, [N] bool).
     """
-    if spec.exchange == "dense":
-        return gossip.dense(arrays.mixing, msg)
-    if spec.exchange == "sparse":
-        return gossip.sparse(graph.neighbors, graph.weights, msg)
-    k_attack, k_agg = jax.random.split(key)
     n, k = graph.neighbors.shape
+    if spec.exchange == "dense":
+        return gossip.dense(arrays.mixing, msg), jnp.zeros(n, bool)
+    if spec.exchange == "sparse":
+        return gossip.sparse(graph.neighbors, graph.weights, msg), jnp.zeros(n, bool)
+    k_attack, k_agg = jax.random.split(key)
     c = exchange_chunk(spec, n, k, msg.shape[1], msg.dtype.itemsize)
     if c is None:
         return _robust_exchange(spec, k_attack, k_agg, msg, arrays.byzantine, graph.neighbors, graph.mask,
                                 graph.weights, spec.chunk_size or None)
     n_chunks = -(-n // c)
 
-    def one(i, out):
+    def one(i, carry):
         # The last chunk ends at node N - 1, overlapping its predecessor when c does not divide N: no dummy
         # receivers, and every chunk is written in place into the [N, D] result (padding would cost one more
         # [N_pad, D] buffer to cut the result out of).
@@ -322,15 +326,19 @@ def exchange(spec: Spec, key, msg, arrays: Arrays, graph: Graph):
         rows = [jax.lax.dynamic_slice_in_dim(table, start, c) for table in graph]
         # an automatic chunk fits the budget, so aggregate()'s own automatic chunking (None) is a no-op there; it
         # still splits a user-given chunk whose rule temporaries exceed aggregators.MEMORY_BUDGET_BYTES
-        agg = _robust_exchange(spec, k_attack, jax.random.fold_in(k_agg, i), msg,
-                               arrays.byzantine, *rows, None)
-        return jax.lax.dynamic_update_slice_in_dim(out, agg, start, axis=0)
+        agg, kept = _robust_exchange(spec, k_attack, jax.random.fold_in(k_agg, i), msg,
+                                     arrays.byzantine, *rows, None)
+        return tuple(jax.lax.dynamic_update_slice_in_dim(a, b, start, axis=0) for a, b in zip(carry, (agg, kept)))
 
-    return jax.lax.fori_loop(0, n_chunks, one, jnp.zeros_like(msg))
+    return jax.lax.fori_loop(0, n_chunks, one, (jnp.zeros_like(msg), jnp.zeros(n, bool)))
 
 
-def round_step(spec: Spec, hyper, arrays: Arrays, state: State, key) -> tuple[State, jax.Array]:
-    """One communication round for all nodes. Returns the new state and the honest consensus distance."""
+def round_step(spec: Spec, hyper, arrays: Arrays, state: State, key) -> tuple[State, tuple[jax.Array, jax.Array]]:
+    """One communication round for all nodes.
+
+    Returns the new state and ``(consensus, kept_own)``: the honest consensus distance, and the share of honest
+    nodes that kept their own message because too few rows reached them for the rule (``exchange``).
+    """
     k_train, k_priv, k_exchange, k_graph, k_churn = jax.random.split(key, 5)
     k_online, k_slow, k_steps = jax.random.split(k_churn, 3)
     online = jnp.ones(spec.n, bool)
@@ -351,13 +359,14 @@ def round_step(spec: Spec, hyper, arrays: Arrays, state: State, key) -> tuple[St
         delta = noisy(jax.random.split(k_priv, spec.n), delta)
     msg = delta if spec.share == "update" else state.theta + delta
     graph = round_graph(spec, hyper, arrays, k_graph, state.round, online)
-    agg = exchange(spec, k_exchange, msg, arrays, graph)
+    agg, kept_own = exchange(spec, k_exchange, msg, arrays, graph)
     theta = state.theta + agg if spec.share == "update" else agg
     theta = jnp.where(online[:, None], theta, state.theta)  # an offline node neither trains nor mixes
     honest = ~arrays.byzantine
     sent = jnp.sum(jnp.where(honest[:, None], graph.mask[:, 1:], False))
     new = State(theta, opt_state, state.round + 1, state.messages + sent.astype(jnp.float32))
-    return new, consensus_distance(theta, honest)
+    kept_share = jnp.sum(kept_own & honest & online) / jnp.sum(honest)
+    return new, (consensus_distance(theta, honest), kept_share)
 
 
 def consensus_distance(theta, honest):
@@ -414,10 +423,11 @@ def make_segment(spec: Spec, n_chunks: int):
             return round_step(spec, hyper, arrays, state, key_r)
 
         def chunk(state, _):
-            state, consensus = jax.lax.scan(one_round, state, None, length=spec.eval_every)
+            state, (consensus, kept_own) = jax.lax.scan(one_round, state, None, length=spec.eval_every)
             metrics = evaluate(spec, arrays, state.theta)
             metrics["round"] = state.round
             metrics["consensus_per_round"] = consensus  # [eval_every]
+            metrics["kept_own_share"] = jnp.mean(kept_own)
             honest = jnp.sum(~arrays.byzantine)
             metrics["messages_per_node"] = state.messages / honest  # cumulative, honest senders
             metrics["bytes_per_node"] = state.messages / honest * spec.message_bytes
@@ -452,14 +462,16 @@ def python_loop_program(spec: Spec):
     def program(key, hyper, arrays):
         k_init, k_rounds = jax.random.split(key)
         state = init_state(spec, k_init, hyper)
-        rows, per_round = [], []
+        rows, per_round, kept = [], [], []
         for r in range(spec.rounds):
-            state, cons = step(hyper, arrays, state, jax.random.fold_in(k_rounds, r))
+            state, (cons, kept_share) = step(hyper, arrays, state, jax.random.fold_in(k_rounds, r))
             per_round.append(cons)
+            kept.append(kept_share)
             if (r + 1) % spec.eval_every == 0:
                 m = ev(arrays, state.theta)
                 m["round"] = state.round
                 m["consensus_per_round"] = np.stack(per_round[-spec.eval_every:])
+                m["kept_own_share"] = np.mean(kept[-spec.eval_every:])
                 honest = np.sum(~np.asarray(arrays.byzantine))
                 m["messages_per_node"] = state.messages / honest
                 m["bytes_per_node"] = state.messages / honest * spec.message_bytes

@@ -459,3 +459,32 @@ def test_aggregate_rejects_unknown_hyper_keys():
     x, mask, w = make_batch(160, b=2)
     with pytest.raises(ConfigError, match="aggregation.tau"):
         A.aggregate(jax.random.key(0), x, mask, w, "median", {"tau": 1.0})
+
+
+PIPELINES = [(rule, h, ()) for rule in RULES for h in ({}, {"f": 2}) if "f" in A.DEFAULTS[rule] or not h] + [
+    ("clipped_gossip", {"adaptive": True, "f": 2}, ()),
+    ("trimmed_mean", {"f": 2}, (("bucketing", {"s": 2}),)),
+    ("krum", {"f": 1}, (("nnm", {"f": 2}), ("bucketing", {"s": 3}))),
+]
+
+
+@pytest.mark.parametrize("rule, hyper, pre", PIPELINES)
+def test_enough_rows_is_what_validate_accepts(rule, hyper, pre):
+    """The run-time fallback and the host-side check agree on every neighbourhood size, bucketing included."""
+    for n in range(1, 12):
+        try:
+            A.validate(rule, hyper, [n], pre)
+            accepted = True
+        except ConfigError:
+            accepted = False
+        assert bool(A.enough_rows(np.int32(n), rule, hyper, pre)) == accepted, n
+
+
+def test_aggregate_falls_back_after_bucketing_shrinks_the_rows():
+    """7 rows bucketed in pairs leave 4, too few for trimming 2 per side: trimmed_mean returned exactly 0 there."""
+    x = jnp.asarray(np.random.default_rng(0).normal(10.0, 1.0, size=(2, 9, 5)), jnp.float32)
+    mask = jnp.asarray([[True] * 7 + [False] * 2, [True] * 9])  # 4 buckets, then 5 buckets
+    out = A.aggregate(jax.random.key(0), x, mask, jnp.full((2, 9), 1 / 9), "trimmed_mean", {"f": 2},
+                      pre=(("bucketing", {"s": 2}),))
+    np.testing.assert_array_equal(out[0], x[0, 0])
+    assert np.all(np.abs(np.asarray(out[1]) - 10.0) < 3.0) and not np.allclose(out[1], x[1, 0])

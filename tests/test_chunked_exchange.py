@@ -36,7 +36,7 @@ def _messages(n=N, d=D, seed=0):
 
 
 def _exchange(spec, graph, msg, byzantine=BYZ, key=0):
-    fn = jax.jit(lambda k, m: simulation.exchange(spec, k, m, _arrays(byzantine), graph))
+    fn = jax.jit(lambda k, m: simulation.exchange(spec, k, m, _arrays(byzantine), graph)[0])
     return np.asarray(fn(jax.random.key(key), msg))
 
 
@@ -124,7 +124,7 @@ def test_chunked_exchange_bounds_temporary_memory():
 
     def temp_bytes(chunk):
         spec = _spec("trimmed_mean", (("f", 1),), "sign_flip", chunk=chunk, n=n)
-        fn = jax.jit(lambda k, m: simulation.exchange(spec, k, m, _arrays(byz), graph))
+        fn = jax.jit(lambda k, m: simulation.exchange(spec, k, m, _arrays(byz), graph)[0])
         compiled = fn.lower(jax.random.key(0), msg).compile()
         analysis = compiled.memory_analysis()
         if analysis is None:
@@ -155,3 +155,20 @@ def test_peak_bytes_counts_one_chunk(small_cfg):
     per_receiver = simulation.exchange_temporaries(whole.spec) * k * d * 4
     saved = experiment.peak_bytes(whole) - experiment.peak_bytes(chunked)
     assert saved == pytest.approx((n - 2) * per_receiver, rel=1e-6)
+
+
+@pytest.mark.parametrize("rule, rule_hyper", [("median", ()), ("trimmed_mean", (("f", 1),)), ("krum", (("f", 1),)),
+                                              ("geometric_median", ()), ("ios", (("f", 1),))])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_messages_are_dropped_like_a_crash(rule, rule_hyper, value):
+    """A NaN row passed through every min/max network and distance: honest aggregates became NaN."""
+    graph, msg = _graph(), _messages()
+    spec = _spec(rule, rule_hyper, "inf", (("value", value),))
+    fn = jax.jit(lambda k, m: simulation.exchange(spec, k, m, _arrays(BYZ), graph))
+    out, kept_own = map(np.asarray, fn(jax.random.key(0), msg))
+    crashed = _exchange(_spec(rule, rule_hyper, "crash"), graph, msg)
+    assert np.isfinite(out[~BYZ]).all()
+    np.testing.assert_allclose(out[~BYZ], crashed[~BYZ], rtol=1e-6, atol=1e-6)
+    nbr, mask = np.asarray(graph.neighbors), np.asarray(graph.mask)
+    live = (mask & ~(BYZ[nbr] & (np.arange(mask.shape[1]) > 0))).sum(1)
+    np.testing.assert_array_equal(kept_own, ~np.asarray(aggregators.enough_rows(live, rule, dict(rule_hyper))))

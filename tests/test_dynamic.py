@@ -8,6 +8,7 @@ import pytest
 
 from jaxdfl import experiment, gossip, simulation, topology
 from jaxdfl.training import local_train
+from jaxdfl.errors import ConfigError
 
 
 @pytest.mark.parametrize("scheme", sorted(simulation.WEIGHT_SCHEMES))
@@ -153,8 +154,9 @@ def test_too_few_live_rows_keeps_own_model(small_cfg):
     exp = experiment.build(small_cfg(**{"aggregation.rule": "trimmed_mean", "topology.node_dropout": 0.9}))
     msg = jax.random.normal(jax.random.key(0), (8, exp.model.dim)) + 5.0
     g = simulation.Graph(exp.arrays.neighbors, exp.arrays.mask.at[:, 1:].set(False), exp.arrays.weights)
-    out = simulation.exchange(exp.spec, jax.random.key(1), msg, exp.arrays, g)
+    out, kept_own = simulation.exchange(exp.spec, jax.random.key(1), msg, exp.arrays, g)
     np.testing.assert_array_equal(out, msg)
+    assert np.asarray(kept_own).all()
 
 
 def test_weights_scheme_holds_on_graphs_that_change(small_cfg):
@@ -170,9 +172,32 @@ def test_weights_scheme_holds_on_graphs_that_change(small_cfg):
 
 
 def test_user_weight_matrix_from_config_equals_the_named_scheme(small_cfg):
-    topo = topology.make("star", 8, weights="max_degree")
-    named = experiment.run(small_cfg(**{"topology.kind": "star", "topology.weights": "max_degree"}))
-    matrix = experiment.run(small_cfg(**{"topology.kind": "star", "topology.weights": topo.mixing.tolist()}))
-    metropolis = experiment.run(small_cfg(**{"topology.kind": "star"}))
+    topo = topology.make("two_cliques", 8, weights="max_degree")
+    named = experiment.run(small_cfg(**{"topology.kind": "two_cliques", "topology.weights": "max_degree"}))
+    matrix = experiment.run(small_cfg(**{"topology.kind": "two_cliques", "topology.weights": topo.mixing.tolist()}))
+    metropolis = experiment.run(small_cfg(**{"topology.kind": "two_cliques"}))
     np.testing.assert_array_equal(named.history["consensus_distance"], matrix.history["consensus_distance"])
     assert not np.allclose(named.history["consensus_distance"], metropolis.history["consensus_distance"])
+
+
+def test_kept_own_share_counts_honest_nodes_left_without_enough_rows(small_cfg):
+    """Nodes whose dropped links leave too few rows keep their own model; the history says how often."""
+    base = {"topology.kind": "complete", "aggregation.rule": "trimmed_mean", "aggregation.f": 2}
+    dropped = experiment.run(small_cfg(**base, **{"topology.dynamic": "edge_dropout", "topology.drop_prob": 0.4}))
+    static = experiment.run(small_cfg(**base))
+    share = dropped.history["kept_own_share"]
+    assert share.shape == (3,) and (share > 0).all() and (share < 1).all()
+    np.testing.assert_array_equal(static.history["kept_own_share"], 0.0)
+
+
+def test_rules_are_validated_against_every_graph_a_round_can_draw(small_cfg):
+    with pytest.raises(ConfigError, match="matching"):  # one partner a round: 2 rows, trimming needs 3
+        experiment.build(small_cfg(**{"topology.kind": "complete", "aggregation.rule": "trimmed_mean",
+                                      "topology.dynamic": "matching"}))
+    pool = {"topology.kind": "small_world", "topology.k": 6, "topology.p": 0.3, "topology.n": 16,
+            "aggregation.rule": "trimmed_mean", "aggregation.f": 2, "topology.dynamic": "resample"}
+    sizes = [topology.make("small_world", 16, seed=s, k=6, p=0.3).sizes.min() for s in range(8)]
+    assert sizes[0] >= 5 and min(sizes) < 5  # the configured graph passes, a pool graph does not
+    experiment.build(small_cfg(**{**pool, "topology.pool": 1}))
+    with pytest.raises(ConfigError, match="aggregation.f"):
+        experiment.build(small_cfg(**{**pool, "topology.pool": 8}))

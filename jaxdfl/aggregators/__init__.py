@@ -63,6 +63,7 @@ from jaxdfl.aggregators.network import REGISTRY
 from jaxdfl.aggregators.network import STATIC_HYPER
 from jaxdfl.aggregators.network import aggregate
 from jaxdfl.aggregators.network import auto_chunk
+from jaxdfl.aggregators.network import enough_rows
 from jaxdfl.aggregators.network import min_rows
 from jaxdfl.aggregators.network import validate
 from jaxdfl.aggregators.order_stats import meamed
@@ -82,6 +83,7 @@ __all__ = [
     "STATIC_HYPER",
     "aggregate",
     "auto_chunk",
+    "enough_rows",
     "min_rows",
     "bucketing",
     "bulyan",

@@ -116,22 +116,29 @@ def aggregate(key: jax.Array, block: jax.Array, mask: jax.Array, weights: jax.Ar
         chunk_size: nodes per chunk (None: automatic; 0 or >= N: all at once).
         memory_budget: bytes allowed for temporaries when choosing the chunk automatically.
 
+    A node with fewer valid rows than its pre-aggregators and rule need (:func:`enough_rows`; crashed senders,
+    dropped links) gets its own vector ``block[i, 0]`` back instead of a rule applied out of its domain.
+
     Returns:
         [N, D] in the dtype of ``block``.
     """
     h = _merged(rule, hyper, REGISTRY, "aggregation.rule" if rule not in REGISTRY else "aggregation")
-    steps = []
+    named = []
     for item in pre:
         name, ph = item if not isinstance(item, str) else (item, None)
-        steps.append((PRE_REGISTRY.get(name), _merged(name, ph, PRE_REGISTRY, f"aggregation.{name}")))
+        named.append((name, _merged(name, ph, PRE_REGISTRY, f"aggregation.{name}")))
+    steps = [(PRE_REGISTRY[name], ph) for name, ph in named]
     rule_fn = REGISTRY[rule]
     n, k, d = block.shape
+    always = all(isinstance(r, int) and r <= 1 for r in [min_rows(rule, h)] + [min_rows(*item) for item in named])
 
     def one(node_key, x, m, w):
+        own, ok = x[0], enough_rows(jnp.sum(m.astype(jnp.int32)), rule, h, named)
         subkeys = jax.random.split(node_key, len(steps)) if steps else []
         for (fn, ph), sk in zip(steps, subkeys):
             x, m, w = fn(sk, x, m, w, **ph)
-        return rule_fn(x, m, w, **h)
+        out = rule_fn(x, m, w, **h)
+        return out if always else jnp.where(ok, out, own)
 
     keys = jax.random.split(key, n)
     if chunk_size is None:
@@ -176,16 +183,44 @@ def min_rows(name: str, hyper: Mapping | None = None) -> int:
     The engine keeps a node's own message when a round leaves it fewer (crashed or dropped neighbours).
     """
     h = {**DEFAULTS.get(name, {}), **(hyper or {})}
-    f = int(h.get("f", 0))
+    f = h.get("f", 0)  # a Python int, or a traced scalar inside a program
     if name in ("trimmed_mean", "meamed", "monna", "nnm"):
         return 2 * f + 1
     if name in ("krum", "multi_krum"):
         return f + 3
     if name == "bulyan":
         return 4 * f + 3
-    if name == "ios" or (name == "clipped_gossip" and h.get("adaptive")):
+    if name == "ios":
         return f + 2
+    if name == "clipped_gossip":
+        adaptive = h["adaptive"]
+        return (f + 2 if adaptive else 1) if isinstance(adaptive, bool | np.bool_) else jnp.where(adaptive, f + 2, 1)
     return 1
+
+
+def enough_rows(counts, rule: str, hyper: Mapping | None = None, pre: Sequence = ()):
+    """Whether neighbourhoods of ``counts`` valid rows (self included) are in the domain of ``pre`` then ``rule``.
+
+    Each pre-aggregator and the rule need :func:`min_rows` rows of their input; bucketing turns n rows into
+    ``1 + ceil((n - 1) / s)`` (as :func:`validate` counts). :func:`aggregate` returns a node's own vector where
+    this is False.
+
+    Args:
+        counts: int or [N] ints (NumPy or traced).
+        rule: a name in ``REGISTRY``; hyper: its hyper-parameters (missing ones take the defaults).
+        pre: sequence of ``(name, hyper_dict)`` pre-aggregators, applied in order.
+
+    Returns:
+        bool, the shape of ``counts``.
+    """
+    ok = counts >= 1
+    for item in pre:
+        name, ph = item if not isinstance(item, str) else (item, None)
+        ph = {**DEFAULTS[name], **(ph or {})}
+        ok = ok & (counts >= min_rows(name, ph))
+        if name == "bucketing":
+            counts = 1 + (counts - 1 + ph["s"] - 1) // ph["s"]
+    return ok & (counts >= min_rows(rule, hyper))
 
 
 def _check_sizes(name: str, h: Mapping, n_min: int, where: str) -> None:
