@@ -366,7 +366,7 @@ class Runner:
     """An experiment's compiled program, reusable for configs that differ only in dynamic values.
 
     ``Runner(exp)`` compiles the init and round-segment programs once (see :func:`segment_chunks`);
-    ``runner(exp_i)`` runs any experiment with the same static settings (see :func:`same_program`), e.g. another
+    ``runner(exp_i)`` runs any experiment with the same static settings (see :func:`program_key`), e.g. another
     learning rate or noise multiplier, without recompiling.
     """
 
@@ -400,8 +400,9 @@ class Runner:
         ``progress(rounds_done, rounds)`` is called on the host after every segment.
         """
         exp = exp or self.exp
-        if not same_program(exp.config, self.exp.config):
-            raise ValueError("Runner: this config differs from the compiled one in a static setting")
+        if program_key(exp) != program_key(self.exp):
+            raise ValueError("Runner: this experiment differs from the compiled one in a static setting or in its "
+                             "DP-SGD buffer")
         c = exp.config
         arrays = self.arrays if exp is self.exp else _shard(exp, exp.arrays, 0)
         state, k_rounds = self._start(exp)
@@ -467,6 +468,27 @@ def same_program(a: Config, b: Config) -> bool:
     return static_part(a) == static_part(b)
 
 
+def program_key(exp: Experiment) -> tuple:
+    """What fixes an experiment's compiled program: its static config and its DP-SGD buffer.
+
+    The buffer is a shape sized from the run's privacy target (:func:`plan_privacy`), so two configs that differ
+    only in the noise multiplier or the target epsilon can need different programs; a program run with another
+    experiment's buffer would not have the overflow probability its epsilon is accounted with.
+    """
+    return static_part(exp.config), exp.privacy.buffer
+
+
+def runner_for(exp: Experiment, runners: list) -> Runner:
+    """The Runner in ``runners`` (``(program_key, Runner)`` pairs) whose program fits ``exp``; compiled and added
+    to the list when there is none."""
+    key = program_key(exp)
+    runner = next((r for k, r in runners if k == key), None)
+    if runner is None:
+        runner = Runner(exp)
+        runners.append((key, runner))
+    return runner
+
+
 #: The program :func:`run` compiled last, kept for a next run that differs only in dynamic values.
 _last_runner: Runner | None = None
 
@@ -485,8 +507,9 @@ def run(cfg: Config | dict | str, progress: Callable | None = None, checkpoint_d
     models turn non-finite stops after the segment that diverged. The last compiled program is kept: a next run
     whose config differs only in dynamic values (:data:`DYNAMIC_KEYS`, e.g. the learning rate or the seed), and
     whose rule, attack and model are still the same registered functions (:func:`components`: a rule edited and
-    registered again under its name compiles anew), reuses it without tracing or compiling (its summary repeats
-    the program's ``compile_seconds``, as a sweep's rows do).
+    registered again under its name compiles anew), and whose DP-SGD buffer is the same (:func:`program_key`),
+    reuses it without tracing or compiling (its summary repeats the program's ``compile_seconds``, as a sweep's rows
+    do).
     """
     global _last_runner
     cfg = _as_config(cfg)
@@ -494,7 +517,8 @@ def run(cfg: Config | dict | str, progress: Callable | None = None, checkpoint_d
                                      or _last_runner.components != components(cfg)):
         _last_runner = None  # let the previous program and its arrays go before building the next
     exp = build(cfg)
-    if _last_runner is None:
+    if _last_runner is None or program_key(exp) != program_key(_last_runner.exp):
+        _last_runner = None
         _last_runner = Runner(exp)
     return _last_runner(exp, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
 

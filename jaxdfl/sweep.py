@@ -116,7 +116,7 @@ def run_grid(base: Config, grid: Sequence[tuple[str, list]], out: str | Path | N
     settings = expand(base, grid)
     out = Path(out) if out is not None else None
     rows, done = _read_done(out / "sweep.csv") if out else ([], set())
-    runners: list[tuple[dict, experiment.Runner]] = []
+    runners: list[tuple[tuple, experiment.Runner]] = []
     for index, (overrides, cfg) in enumerate(settings):
         sid = setting_id(overrides)
         if sid in done:
@@ -124,12 +124,7 @@ def run_grid(base: Config, grid: Sequence[tuple[str, list]], out: str | Path | N
                 log(f"[{index + 1}/{len(settings)}] {sid}: done earlier, skipped")
             continue
         exp = experiment.build(cfg)
-        static = experiment.static_part(cfg)
-        runner = next((r for s, r in runners if s == static), None)
-        if runner is None:
-            runner = experiment.Runner(exp)
-            runners.append((static, runner))
-        result = runner(exp)
+        result = experiment.runner_for(exp, runners)(exp)
         rows += _rows_for(sid, overrides, result)
         if out:
             header, hist_rows = results.history_rows(result.history)
@@ -199,7 +194,7 @@ class PrivacyUtility:
             raise ConfigError("privacy.mode must be \"example\" or \"update\" for a privacy-utility study")
         self.base = base
         self.log = log
-        self.runner: experiment.Runner | None = None
+        self.runners: list[tuple[tuple, experiment.Runner]] = []
         self.cache: dict[float, float] = {}
 
     def accuracy(self, eps: float) -> float:
@@ -207,9 +202,7 @@ class PrivacyUtility:
         if eps not in self.cache:
             cfg = self.base.replace({"privacy.target_epsilon": eps, "privacy.noise_multiplier": None})
             exp = experiment.build(cfg)
-            if self.runner is None:
-                self.runner = experiment.Runner(exp)
-            result = self.runner(exp)
+            result = experiment.runner_for(exp, self.runners)(exp)
             self.cache[eps] = float(np.mean(result.summary["final"]["accuracy_mean"]))
             if self.log:
                 self.log(f"epsilon {eps:.4g} (z = {exp.noise_multiplier:.4f}): accuracy {self.cache[eps]:.4f}")

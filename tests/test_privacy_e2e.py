@@ -64,3 +64,22 @@ def test_target_epsilon_8_on_digits_trains_and_stays_within_budget():
     assert r.summary["final"]["epsilon"] <= 8.0
     assert r.summary["final"]["epsilon"] > 7.5  # calibration spends (nearly) the whole budget
     assert r.summary["final"]["accuracy_mean"] > 0.8
+
+
+def test_a_kept_program_is_reused_only_with_the_same_dp_buffer(small_cfg):
+    """Targets 1 and 16 size different Poisson buffers; the second run once reused the first's program and buffer,
+    while its epsilon was accounted with its own buffer's overflow probability (at 16: really infinite)."""
+    cfgs = [small_cfg(**{"privacy.mode": "example", "privacy.target_epsilon": eps}) for eps in (1.0, 16.0)]
+    exps = [experiment.build(c) for c in cfgs]
+    assert exps[0].privacy.buffer != exps[1].privacy.buffer
+    assert experiment.same_program(cfgs[0], cfgs[1])  # the config alone would allow reuse
+    runner = experiment.Runner(exps[0])
+    with pytest.raises(ValueError, match="DP-SGD buffer"):
+        runner(exps[1])
+    runners = [(experiment.program_key(exps[0]), runner)]
+    assert experiment.runner_for(exps[0], runners) is runner
+    assert experiment.runner_for(exps[1], runners) is not runner and len(runners) == 2
+    experiment._last_runner = runner
+    jaxdfl.run(cfgs[1])
+    assert experiment._last_runner is not runner
+    assert experiment._last_runner.exp.privacy.buffer == exps[1].privacy.buffer
