@@ -2,8 +2,10 @@
 
 Both give the same numbers bit for bit (``tests/test_rng.py``); ``jaxdfl.rng`` hashes with Threefry unrolled so
 XLA fuses the whole draw into one loop. For each shape it reports ns per element for ``normal`` and ``laplace``
-from both, next to the machine's limit for producing the array: writing it once at the copy bandwidth measured in
-the same run. The per-node baseline is the per-node loop a peer simulator runs: one jitted ``[D]`` draw per node.
+from both, and for the DP noise the engine draws (``rng.dp_normal``, ``rng.dp_laplace``: two hashes per element
+and far tails), next to the machine's limit for producing the array: writing it once at the copy bandwidth
+measured in the same run. The per-node baseline is the per-node loop a peer simulator runs: one jitted ``[D]``
+draw per node.
 
 Usage: ``python benchmarks/noise.py [--shapes 1024x4810,64x9x100000] [--loop-nodes 64]``
 """
@@ -52,8 +54,8 @@ def main(argv=None) -> list[dict]:
     bw = bandwidth_gbs()
     print(f"# {machine()}; copy bandwidth {bw:.1f} GB/s")
     print("| shape | draw | jax.random ns/elem | jaxdfl.rng ns/elem | speed-up | write limit ns/elem | x limit "
-          "| per-node loop ns/elem |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+          "| per-node loop ns/elem | DP draw ns/elem |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for text in args.shapes.split(","):
         shape = tuple(int(s) for s in text.split("x"))
@@ -62,10 +64,12 @@ def main(argv=None) -> list[dict]:
         for name in ("normal", "laplace"):
             t = {src: draw_time(mod, name, shape, args.reps) / n * 1e9 for src, mod in SOURCES.items()}
             loop = loop_time(name, shape, min(args.loop_nodes, shape[0]), args.reps) / n * 1e9
-            row = dict(shape=text, draw=name, jax=t["jax.random"], rng=t["jaxdfl.rng"], limit=limit, loop=loop)
+            dp = draw_time(rng, f"dp_{name}", shape, args.reps) / n * 1e9
+            row = dict(shape=text, draw=name, jax=t["jax.random"], rng=t["jaxdfl.rng"], limit=limit, loop=loop,
+                       dp=dp)
             rows.append(row)
             print(f"| {text} | {name} | {row['jax']:.2f} | {row['rng']:.2f} | {row['jax'] / row['rng']:.1f}x | "
-                  f"{limit:.2f} | {row['rng'] / limit:.1f} | {loop:.2f} |", flush=True)
+                  f"{limit:.2f} | {row['rng'] / limit:.1f} | {loop:.2f} | {dp:.2f} |", flush=True)
     return rows
 
 

@@ -151,7 +151,7 @@ def noisy_mean(key, total, clip, noise_multiplier, expected_batch):
     """
     dtype = total.dtype
     std = _noise_std(noise_multiplier, clip, dtype)
-    noise = std * rng.normal(key, total.shape, dtype)
+    noise = std * rng.dp_normal(key, total.shape, dtype)
     return (total + noise) / jnp.asarray(expected_batch, dtype)
 
 
@@ -284,7 +284,7 @@ def privatize_update(key, delta, clip, noise_multiplier, mechanism):
     dtype = delta.dtype
     std = _noise_std(noise_multiplier, clip, dtype)
     if mechanism == "gaussian":
-        return clip_l2(delta, clip) + std * rng.normal(key, delta.shape, dtype)
+        return clip_l2(delta, clip) + std * rng.dp_normal(key, delta.shape, dtype)
     if mechanism == "laplace":
-        return clip_l1(delta, clip) + std * rng.laplace(key, delta.shape, dtype)
+        return clip_l1(delta, clip) + std * rng.dp_laplace(key, delta.shape, dtype)
     raise ValueError(f"privacy.mechanism must be one of {MECHANISMS}, got {mechanism!r}")
