@@ -92,13 +92,23 @@ class PrivacyPlan:
     overflow: np.ndarray | None = None  # [N] probability each node's buffer ever overflows (charged to delta)
 
 
+def _float32_up(z: float) -> float:
+    """The float32 noise multiplier the program uses for z: rounded up, plus one ulp for the rounding of the noise
+    std ``z * C`` in float32, so the noise is never below what epsilon is accounted for."""
+    f = np.float32(z)
+    if f < z:
+        f = np.nextafter(f, np.float32(np.inf))
+    return float(np.nextafter(f, np.float32(np.inf))) if z > 0 else float(z)
+
+
 def plan_privacy(cfg: Config, shards: data_mod.Shards, rates: np.ndarray, honest: np.ndarray) -> PrivacyPlan:
     """Validate the privacy settings, size the DP-SGD buffer, and calibrate z to a target epsilon if asked.
 
     ``example`` mode: steps = rounds x local_steps Poisson-subsampled Gaussian steps per node with q_i = b/m_i;
     the static buffer B is chosen so that the chance a node's batch ever overflows it (eta_i) is a 1e-3 share of
     delta, and eta_i is charged to delta in the accounting. ``update`` mode: one Gaussian (or Laplace)
-    release per round, node-level adjacency (see :mod:`jaxdfl.privacy.accounting`).
+    release per round, node-level adjacency (see :mod:`jaxdfl.privacy.accounting`). z is the float32 value the
+    program runs with (:func:`_float32_up`), and epsilon is accounted for that value.
     """
     p = cfg.privacy
     accounting.validate(p.mode, p.mechanism, p.clip_norm, p.noise_multiplier, p.target_epsilon, p.delta,
@@ -109,7 +119,7 @@ def plan_privacy(cfg: Config, shards: data_mod.Shards, rates: np.ndarray, honest
         z = p.noise_multiplier
         if z is None:
             z = accounting.calibrate_update_noise(p.target_epsilon, cfg.rounds, p.delta, p.mechanism, p.accountant)
-        return PrivacyPlan(float(z))
+        return PrivacyPlan(_float32_up(z))
     steps = cfg.rounds * cfg.train.local_steps
     if p.target_epsilon is not None:
         eps_end = p.target_epsilon
@@ -122,7 +132,7 @@ def plan_privacy(cfg: Config, shards: data_mod.Shards, rates: np.ndarray, honest
     if z is None:
         z = accounting.calibrate_example_noise(p.target_epsilon, rates[honest], steps, p.delta, p.accountant,
                                                overflow[honest])
-    return PrivacyPlan(float(z), int(buffer), overflow)
+    return PrivacyPlan(_float32_up(z), int(buffer), overflow)
 
 
 def _as_config(cfg: Config | dict | str) -> Config:

@@ -83,3 +83,16 @@ def test_a_kept_program_is_reused_only_with_the_same_dp_buffer(small_cfg):
     jaxdfl.run(cfgs[1])
     assert experiment._last_runner is not runner
     assert experiment._last_runner.exp.privacy.buffer == exps[1].privacy.buffer
+
+
+@pytest.mark.parametrize("mode", ["example", "update"])
+def test_the_program_runs_with_the_noise_multiplier_epsilon_is_accounted_for(small_cfg, mode):
+    """The calibrated float64 z was rounded to float32 for the program, sometimes down: epsilon above target."""
+    cfg = small_cfg(**{"privacy.mode": mode, "privacy.target_epsilon": 8.0, "train.share": "update"})
+    exp = experiment.build(cfg)
+    z_used = np.float64(np.asarray(exp.hyper["noise_multiplier"]))
+    assert z_used == exp.noise_multiplier  # accounted with exactly the value the program runs with
+    assert exp.epsilons(cfg.rounds)[~exp.byzantine].max() <= 8.0
+    given = experiment.build(small_cfg(**{"privacy.mode": mode, "privacy.noise_multiplier": 0.7}))
+    z_given = np.float64(np.asarray(given.hyper["noise_multiplier"]))
+    assert float(np.float32(0.7)) < 0.7 <= given.noise_multiplier == z_given
