@@ -88,7 +88,9 @@ def clipped_gradient_sum(spec: LocalSpec, theta, xb, yb, valid, clip):
         backward pass, see :func:`ghost_clipped_sum`; per-example gradients are formed for no dense layer;
       - ``"two_pass"``: pass 1 reduces each per-example gradient to its squared norm at once, which XLA fuses so the
         per-example gradients are never stored; pass 2 is one batched backward pass, since ``sum_i s_i g_i`` is the
-        gradient of ``sum_i s_i l_i`` with ``s`` held constant (Lee & Kifer 2021);
+        gradient of ``sum_i s_i l_i`` with ``s`` held constant (Lee & Kifer 2021). Its bound needs both passes to
+        compute the same gradients: in bfloat16 they round differently and a contribution exceeded C by 0.4%, so
+        the engine (``models.dp_clipping``) never picks it; it stays for the benchmark;
       - ``"stored"`` (models ghost does not cover: GroupNorm, XLA's convolution): ``sum_i s_i g_i`` from the
         stored per-layer per-example gradients, which saves pass 2's backward pass.
     Examples with a factor 0 (invalid, or a non-finite squared norm) are excluded by select (two-pass: they enter
