@@ -165,7 +165,13 @@ def build(cfg: Config | dict | str) -> Experiment:
     if att.name in attacks.POISONING:
         y = np.where(byz[:, None], attacks.flip_labels(y, ds.num_classes), y)
 
+    if att.name == "mimic" and att.get("target") is not None and (att.target >= t.n or byz[att.target]):
+        raise ConfigError(f"attack.target={att.target}: mimic copies an honest node; allowed: the honest ids "
+                          f"below {t.n} (Byzantine: {np.flatnonzero(byz).tolist()})")
     agg = cfg.aggregation
+    if "clip" in agg.pre and not agg.clip.self_centered and tr.share == "model":
+        raise ConfigError("aggregation.clip.self_centered = false clips whole models to norm tau (train.share = "
+                          "\"model\"); set self_centered = true, or train.share = \"update\"")
     rule_hyper = {k: agg[k] for k in aggregators.DEFAULTS[agg.rule]}
     pre = tuple((name, dict(agg[name])) for name in agg.pre)
     # every graph a round can draw (links lost to dropout fall back at run time: the kept_own_share metric)

@@ -199,10 +199,19 @@ def round_graph(spec: Spec, hyper, arrays: Arrays, key, round_index, online):
     return Graph(neighbors, mask, WEIGHT_SCHEMES[spec.weights](neighbors, mask))
 
 
-def _bound_rule(spec: Spec):
+def _bound_rule(spec: Spec, key):
+    """The receivers' pipeline as one-node ``rule(x, mask, weights) -> [D]`` for the adaptive attacks' search: the
+    pre-aggregators, then the rule (a random pre-aggregator draws from the attacker's ``key``, not the receiver's)."""
     rule = aggregators.REGISTRY[spec.rule]
     hyper = dict(spec.rule_hyper)
-    return lambda x, mask, weights: rule(x, mask, weights, **hyper)
+    pre = [(aggregators.PRE_REGISTRY[name], dict(h)) for name, h in spec.pre]
+
+    def bound(x, mask, weights):
+        for fn, h in pre:
+            x, mask, weights = fn(key, x, mask, weights, **h)
+        return rule(x, mask, weights, **hyper)
+
+    return bound
 
 
 #: Bytes the robust exchange may hold at once for the gathered neighbourhood block and its temporaries (the attacked
@@ -265,7 +274,7 @@ def _robust_exchange(spec: Spec, k_attack, k_agg, msg, byzantine, neighbors, mas
     block = gossip.gather(msg, neighbors)
     if spec.attack != "none":
         ctx = attacks.AttackContext(messages=msg, block=block, neighbors=neighbors, mask=mask,
-                                    weights=weights, byzantine=byzantine, rule=_bound_rule(spec))
+                                    weights=weights, byzantine=byzantine, rule=_bound_rule(spec, k_attack))
         block, mask = attacks.REGISTRY[spec.attack](k_attack, ctx, **dict(spec.attack_hyper))
         if spec.reject_nonfinite:
             # A receiver discards a message with a non-finite entry, as a deployed node rejects a malformed model: a

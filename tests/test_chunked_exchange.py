@@ -172,3 +172,14 @@ def test_non_finite_messages_are_dropped_like_a_crash(rule, rule_hyper, value):
     nbr, mask = np.asarray(graph.neighbors), np.asarray(graph.mask)
     live = (mask & ~(BYZ[nbr] & (np.arange(mask.shape[1]) > 0))).sum(1)
     np.testing.assert_array_equal(kept_own, ~np.asarray(aggregators.enough_rows(live, rule, dict(rule_hyper))))
+
+
+def test_adaptive_attacks_search_against_the_pre_aggregators_too():
+    """The adaptive ALIE / IPM search once optimised against the bare rule, without nnm / bucketing / clip."""
+    spec = _spec("mean", (), "alie", (("adaptive", True),), pre=(("clip", (("self_centered", False), ("tau", 0.5))),))
+    x = jnp.asarray(np.random.default_rng(1).normal(5.0, 1.0, size=(4, D)), jnp.float32)
+    mask, w = jnp.ones(4, bool), jnp.full(4, 0.25)
+    out = simulation._bound_rule(spec, jax.random.key(0))(x, mask, w)
+    clipped, _, _ = aggregators.PRE_REGISTRY["clip"](jax.random.key(0), x, mask, w, tau=0.5)
+    np.testing.assert_allclose(out, aggregators.mean(clipped, mask, w), rtol=1e-6)
+    assert float(jnp.linalg.norm(out)) <= 0.5 + 1e-5 < float(jnp.linalg.norm(aggregators.mean(x, mask, w)))

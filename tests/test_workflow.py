@@ -55,6 +55,11 @@ def test_topology_command_prints_stats_and_plots(tmp_path):
     (["--set", "attack.byzantine=20"], "attack.byzantine"),
     (["--set", "topology.n=2", "--set", "topology.weights=[[0.5,0.5],[0.5,0.5]]", "--set",
       "topology.node_dropout=0.1"], "topology.weights"),
+    (["--set", "aggregation.pre=[\"clip\"]"], "aggregation.clip.self_centered"),  # clipped whole models to tau
+    (["--set", "attack.name=\"mimic\"", "--set", "attack.byzantine=2", "--set", "attack.placement=\"ids\"",
+      "--set", "attack.ids=[0,4]", "--set", "attack.target=4"], "attack.target"),
+    (["--set", "attack.name=\"mimic\"", "--set", "attack.byzantine=1", "--set", "attack.target=99"],
+     "attack.target"),
     (["--set", "data.name=\"mnist\"", "--set", "data.path=\"/nonexistent\""], "data.path"),
 ])
 def test_invalid_configs_exit_2_with_one_line(args, key):
