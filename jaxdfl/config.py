@@ -70,7 +70,7 @@ DEFAULTS: dict[str, Any] = {
         "local_steps": 1,
         "share": "model",
     },
-    "aggregation": {"rule": "mean", "pre": [], "gossip": "auto", "reject_nonfinite": True},
+    "aggregation": {"rule": "mean", "pre": [], "gossip": "auto"},
     "attack": {"name": "none", "byzantine": 0, "placement": "random", "ids": [], "seed": 0},
     "privacy": {
         "mode": "none",

@@ -211,8 +211,7 @@ def build(cfg: Config | dict | str) -> Experiment:
         rule_hyper=_freeze(rule_hyper), pre=tuple((n, _freeze(h)) for n, h in pre), attack=att.name,
         attack_hyper=_freeze(attack_hyper), privacy=p.mode, mechanism=p.mechanism,
         chunk_size=cfg.parallel.chunk_size or None, dynamic=t.dynamic,
-        weights=t.weights if isinstance(t.weights, str) else "metropolis", reject_nonfinite=agg.reject_nonfinite,
-        n_edges=topo.num_edges,
+        weights=t.weights if isinstance(t.weights, str) else "metropolis", n_edges=topo.num_edges,
         node_dropout=t.node_dropout > 0, stragglers=t.stragglers > 0,
         inter_every=t.inter_every if t.kind == "hierarchical" else 0, message_bytes=4 * model.dim,
         accuracy_threshold=cfg.accuracy_threshold)

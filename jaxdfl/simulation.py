@@ -93,7 +93,6 @@ class Spec:
     chunk_size: int | None = None  # receivers per robust-exchange chunk (None: automatic; >= n: all at once)
     dynamic: str = "static"  # "static" | "resample" | "matching" | "edge_dropout"
     weights: str = "metropolis"  # scheme of the weights of a graph that changes per round (WEIGHT_SCHEMES)
-    reject_nonfinite: bool = True  # receivers drop messages with a non-finite entry (when an attack runs)
     n_edges: int = 0
     node_dropout: bool = False
     stragglers: bool = False
@@ -276,10 +275,6 @@ def _robust_exchange(spec: Spec, k_attack, k_agg, msg, byzantine, neighbors, mas
         ctx = attacks.AttackContext(messages=msg, block=block, neighbors=neighbors, mask=mask,
                                     weights=weights, byzantine=byzantine, rule=_bound_rule(spec, k_attack))
         block, mask = attacks.REGISTRY[spec.attack](k_attack, ctx, **dict(spec.attack_hyper))
-        if spec.reject_nonfinite:
-            # A receiver discards a message with a non-finite entry, as a deployed node rejects a malformed model: a
-            # NaN would otherwise pass through every min/max network and distance of the rules.
-            mask = mask & jnp.all(jnp.isfinite(block), axis=-1).at[:, 0].set(True)
     pre = tuple((name, dict(h)) for name, h in spec.pre)
     agg = aggregators.aggregate(k_agg, block, mask, weights, spec.rule, dict(spec.rule_hyper), pre,
                                 chunk_size=chunk_size)
@@ -290,8 +285,8 @@ def exchange(spec: Spec, key, msg, arrays: Arrays, graph: Graph):
     """Each node's aggregate of its neighbourhood's messages: ``msg [N, D] -> ([N, D], kept_own [N])``.
 
     Linear paths (``dense``, ``sparse``) never build the ``[N, K, D]`` block. The robust path gathers it, lets the
-    attack rewrite the Byzantine rows, drops rows with non-finite entries (``spec.reject_nonfinite``), aggregates every
-    neighbourhood with the rule, and keeps a node's own message where too few rows survive
+    attack rewrite the Byzantine rows, aggregates every neighbourhood with the rule, and keeps a node's own message
+    where too few rows survive
     (``aggregators.enough_rows``; ``kept_own`` marks those nodes, all False on the linear paths).
 
     When :func:`exchange_chunk` asks for chunks of c receivers, it does the same for c receivers at a time inside

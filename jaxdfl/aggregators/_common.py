@@ -18,9 +18,21 @@ def compute_dtype(dtype) -> jnp.dtype:
 
 
 def rows(x: jax.Array, mask: jax.Array, fill) -> list[jax.Array]:
-    """The K rows of ``x [K, D]`` in the compute dtype, masked rows replaced by ``fill`` (a select: no 0 * garbage)."""
+    """The K rows of ``x [K, D]`` in the compute dtype, masked rows replaced by ``fill`` (a select: no 0 * garbage)
+    and NaN entries of valid rows by ``+inf`` (an outlier like any other, where min/max would spread the NaN)."""
     dt = compute_dtype(x.dtype)
-    return [jnp.where(mask[k], x[k].astype(dt), jnp.asarray(fill, dt)) for k in range(x.shape[0])]
+    return [jnp.where(mask[k], nan_to_inf(x[k].astype(dt)), jnp.asarray(fill, dt)) for k in range(x.shape[0])]
+
+
+def nan_to_inf(v: jax.Array) -> jax.Array:
+    """``v`` with NaN entries replaced by ``+inf``."""
+    return jnp.where(jnp.isnan(v), jnp.asarray(jnp.inf, v.dtype), v)
+
+
+def finite_rows(d2: jax.Array, mask: jax.Array) -> jax.Array:
+    """``mask`` without the rows holding a non-finite entry (or too far to measure), found from the squared distances
+    to row 0 (``d2 [K, K]``, :func:`sq_distances`): what the coefficient-space rules can combine. Row 0 stays."""
+    return mask & (jnp.isfinite(d2[0]) | (jnp.arange(mask.shape[0]) == 0))
 
 
 def count(mask: jax.Array) -> jax.Array:
@@ -123,9 +135,13 @@ def gram_from_sq_distances(d2: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.where(mask[:, None] & mask[None, :], g, 0.0)
 
 
-def centred_gram(x: jax.Array, mask: jax.Array) -> jax.Array:
-    """:func:`gram_from_sq_distances` of :func:`sq_distances`: ``[K, D] -> [K, K]``."""
-    return gram_from_sq_distances(sq_distances(x, mask), mask)
+def centred_gram(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(gram [K, K], mask [K])``: :func:`gram_from_sq_distances` of :func:`sq_distances` over the rows that are
+    valid and finite (:func:`finite_rows`), and that mask. A non-finite row has no place in the coefficient space,
+    so the iterative rules leave it out as if it had not arrived."""
+    d2 = sq_distances(x, mask)
+    mask = finite_rows(d2, mask)
+    return gram_from_sq_distances(d2, mask), mask
 
 
 def sq_dist_to(gram: jax.Array, coef: jax.Array) -> jax.Array:
@@ -138,10 +154,11 @@ def ranks(values: jax.Array, valid: jax.Array) -> jax.Array:
     """Ascending rank of each entry among the valid entries of the last axis, ties broken by index.
 
     ``values, valid: [..., K] -> [..., K] int32``; invalid entries get ranks >= the number of valid entries. O(K^2)
-    comparisons, no sort: K is small and XLA's CPU sort is slow on short axes.
+    comparisons, no sort: K is small and XLA's CPU sort is slow on short axes. NaN values rank as ``+inf``.
     """
     k = values.shape[-1]
     idx = jnp.arange(k)
+    values = nan_to_inf(values)  # a NaN distance or score ranks last, as +inf
     vi = values[..., :, None]
     vj = values[..., None, :]
     before = (vj < vi) | ((vj == vi) & (idx[None, :] < idx[:, None]))

@@ -16,6 +16,7 @@ from jaxdfl.aggregators import order_stats
 from jaxdfl.aggregators._common import centred_gram
 from jaxdfl.aggregators._common import combine
 from jaxdfl.aggregators._common import count
+from jaxdfl.aggregators._common import nan_to_inf
 from jaxdfl.aggregators._common import ranks
 from jaxdfl.aggregators._common import sq_dist_to
 from jaxdfl.aggregators._common import sq_dist_to_self
@@ -69,7 +70,7 @@ def _krum_scores(d2: jax.Array, mask: jax.Array, f, all_when_degenerate: bool = 
     if all_when_degenerate:
         closest = jnp.where(closest < 1, n - 1, closest)
     score = jnp.sum(jnp.where(other & (r < closest), d2, 0.0), axis=1)
-    return jnp.where(mask, score, jnp.inf)
+    return jnp.where(mask, nan_to_inf(score), jnp.inf)
 
 
 def krum(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None, *, f=1) -> jax.Array:
@@ -196,7 +197,7 @@ def geometric_median(x: jax.Array, mask: jax.Array, weights: jax.Array | None = 
     References: K. Pillutla, S. M. Kakade, Z. Harchaoui, "Robust aggregation for federated learning" (RFA), IEEE TSP
     2022; E. Weiszfeld, 1937.
     """
-    gram = centred_gram(x, mask)
+    gram, mask = centred_gram(x, mask)
     alpha = _uniform(mask)
     nu = jnp.asarray(nu, jnp.float32)
 
@@ -250,7 +251,7 @@ def centered_clip(x: jax.Array, mask: jax.Array, weights: jax.Array | None = Non
     References: S. P. Karimireddy, L. He, M. Jaggi, "Learning from history for Byzantine robust optimization",
     ICML 2021.
     """
-    gram = centred_gram(x, mask)
+    gram, mask = centred_gram(x, mask)
     alpha = _uniform(mask)
     k = mask.shape[0]
     eye = jnp.eye(k, dtype=jnp.float32)
@@ -319,7 +320,7 @@ def clipped_gossip(x: jax.Array, mask: jax.Array, weights: jax.Array | None = No
     """
     k = mask.shape[0]
     w = _uniform(mask) if weights is None else jnp.where(mask, weights.astype(jnp.float32), 0.0)
-    dist = jnp.sqrt(sq_dist_to_self(x, mask))
+    dist = nan_to_inf(jnp.sqrt(sq_dist_to_self(x, mask)))  # a non-finite row is infinitely far: coefficient 0
     nbr = mask & (jnp.arange(k) > 0)
     m = count(nbr)
     r = ranks(dist, nbr)
@@ -356,7 +357,7 @@ def ios(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None, *, f=1)
     """
     k = mask.shape[0]
     w = _uniform(mask) if weights is None else jnp.where(mask, weights.astype(jnp.float32), 0.0)
-    gram = centred_gram(x, mask)
+    gram, mask = centred_gram(x, mask)
     idx = jnp.arange(k)
 
     def coef(active):

@@ -3,9 +3,10 @@
 XLA's CPU sort is very slow on a short axis (``jnp.median`` over K=9 rows for 100 x 100,000 coordinates takes
 seconds). A sorting network is a fixed list of compare-exchange pairs ``(i, j)``: ``(x_i, x_j) <- (min, max)``.
 Applied to the K rows as whole ``[D]`` vectors it becomes one fused elementwise loop over D with ~2 x #pairs min/max
-instructions per coordinate, which runs at memory speed. Masked rows are pushed to ``+inf`` so the ``n`` valid values
-end up in positions ``0..n-1``; the per-node count ``n`` then picks the order statistic with a short select chain, so
-nodes with different degrees share one program. XLA drops the comparators whose outputs are never used.
+instructions per coordinate, which runs at memory speed. NaN entries of valid rows count as ``+inf`` (outliers
+within the breakdown point, where min/max would spread them). Masked rows are pushed to ``+inf`` so the ``n`` valid
+values end up in positions ``0..n-1``; the per-node count ``n`` then picks the order statistic with a short select
+chain, so nodes with different degrees share one program. XLA drops the comparators whose outputs are never used.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 
 from jaxdfl.aggregators._common import compute_dtype
 from jaxdfl.aggregators._common import count
+from jaxdfl.aggregators._common import nan_to_inf
 from jaxdfl.aggregators._common import rows
 
 
@@ -104,7 +106,7 @@ def median(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None) -> j
     rank_masked = jnp.cumsum(~mask) - 1
     fill = jnp.where(rank_masked < below, -jnp.inf, jnp.inf)
     dt = compute_dtype(x.dtype)
-    s = sort_rows([jnp.where(mask[j], x[j].astype(dt), fill[j].astype(dt)) for j in range(k)])
+    s = sort_rows([jnp.where(mask[j], nan_to_inf(x[j].astype(dt)), fill[j].astype(dt)) for j in range(k)])
     p = (k - 1) // 2
     upper = jnp.where(n % 2 == 1, s[p], s[p + 1]) if p + 1 < k else s[p]
     return (0.5 * s[p] + 0.5 * upper).astype(x.dtype)
