@@ -9,8 +9,11 @@ Row 0 of ``x`` is the receiving node's own vector and is always valid; ``weights
 multiplying with 0. Every rule accepts ``weights``; the server-style rules (median, trimmed mean, Krum, multi-Krum,
 Bulyan, geometric median, centred clipping, MeaMed, MoNNA) ignore them and weigh the valid rows equally, as in
 their papers; ``mean``, ``clipped_gossip`` and ``ios`` use them. The output keeps the input dtype (arithmetic in
-float32, or wider for wider inputs). Distance-based rules assume finite valid rows; the coordinate-wise ones also
-tolerate infinite attacker values within their breakdown point.
+float32, or wider for wider inputs). Non-finite valid rows (an attacker's inf or NaN) count as outliers: the
+order statistics rank NaN as +inf, the distance rules rank a non-finite distance last, and the iterative rules
+(geometric median, centred clipping, IOS) and clipped gossip leave such a row out, so every robust rule keeps its
+output finite within its breakdown point. A node with fewer valid rows than the rule (after its pre-aggregators)
+needs gets its own vector back (:func:`enough_rows`).
 
 :func:`aggregate` lifts a rule over the gathered ``[N, K, D]`` block with ``jax.vmap``, in chunks of nodes when
 its temporaries would exceed a memory budget. Pre-aggregators (``PRE_REGISTRY``) transform the neighbourhood
