@@ -286,8 +286,8 @@ def exchange(spec: Spec, key, msg, arrays: Arrays, graph: Graph):
 
     Linear paths (``dense``, ``sparse``) never build the ``[N, K, D]`` block. The robust path gathers it, lets the
     attack rewrite the Byzantine rows, aggregates every neighbourhood with the rule, and keeps a node's own message
-    where too few rows survive
-    (``aggregators.enough_rows``; ``kept_own`` marks those nodes, all False on the linear paths).
+    where too few rows survive (``aggregators.enough_rows``; ``kept_own`` marks those nodes, all False on the
+    linear paths).
 
     When :func:`exchange_chunk` asks for chunks of c receivers, it does the same for c receivers at a time inside
     one ``fori_loop`` (so the program does not grow with the number of chunks): chunk j serves receivers ``s_j ..

@@ -77,6 +77,15 @@ def _merged(name: str, hyper: Mapping | None, registry: Mapping, where: str) -> 
     return {**DEFAULTS[name], **hyper}
 
 
+def _named_pre(pre: Sequence) -> list[tuple[str, dict]]:
+    """Pre-aggregators given as names or ``(name, hyper)`` pairs -> ``(name, hyper with defaults)`` pairs."""
+    out = []
+    for item in pre:
+        name, ph = item if not isinstance(item, str) else (item, None)
+        out.append((name, _merged(name, ph, PRE_REGISTRY, f"aggregation.{name}")))
+    return out
+
+
 def auto_chunk(n: int, k: int, d: int, itemsize: int = 4, budget: int = MEMORY_BUDGET_BYTES,
                temporaries: float = 0.5) -> int | None:
     """Nodes per chunk so that the rule's temporaries stay under ``budget`` bytes; None when all nodes fit at once.
@@ -123,10 +132,7 @@ def aggregate(key: jax.Array, block: jax.Array, mask: jax.Array, weights: jax.Ar
         [N, D] in the dtype of ``block``.
     """
     h = _merged(rule, hyper, REGISTRY, "aggregation.rule" if rule not in REGISTRY else "aggregation")
-    named = []
-    for item in pre:
-        name, ph = item if not isinstance(item, str) else (item, None)
-        named.append((name, _merged(name, ph, PRE_REGISTRY, f"aggregation.{name}")))
+    named = _named_pre(pre)
     steps = [(PRE_REGISTRY[name], ph) for name, ph in named]
     rule_fn = REGISTRY[rule]
     n, k, d = block.shape
@@ -214,9 +220,7 @@ def enough_rows(counts, rule: str, hyper: Mapping | None = None, pre: Sequence =
         bool, the shape of ``counts``.
     """
     ok = counts >= 1
-    for item in pre:
-        name, ph = item if not isinstance(item, str) else (item, None)
-        ph = {**DEFAULTS[name], **(ph or {})}
+    for name, ph in _named_pre(pre):
         ok = ok & (counts >= min_rows(name, ph))
         if name == "bucketing":
             counts = 1 + (counts - 1 + ph["s"] - 1) // ph["s"]
