@@ -141,6 +141,25 @@ def _as_config(cfg: Config | dict | str) -> Config:
     return cfg if isinstance(cfg, Config) else make_config(cfg)
 
 
+def _check_exchange(cfg: Config, pool: list[topology.Topology], byz: np.ndarray, rule_hyper: dict, pre: tuple):
+    """Host-side checks of the robust exchange that need the graphs and the Byzantine placement."""
+    t, att, agg = cfg.topology, cfg.attack, cfg.aggregation
+    if att.name == "mimic" and att.get("target") is not None and (att.target >= t.n or byz[att.target]):
+        raise ConfigError(f"attack.target={att.target}: mimic copies an honest node; allowed: the honest ids "
+                          f"below {t.n} (Byzantine: {np.flatnonzero(byz).tolist()})")
+    if "clip" in agg.pre and not agg.clip.self_centered and cfg.train.share == "model":
+        raise ConfigError("aggregation.clip.self_centered = false clips whole models to norm tau (train.share = "
+                          "\"model\"); set self_centered = true, or train.share = \"update\"")
+    # every graph a round can draw (links lost to dropout fall back at run time: the kept_own_share metric)
+    sizes = np.full(t.n, 2) if t.dynamic == "matching" else np.concatenate([g.sizes for g in pool])
+    try:
+        aggregators.validate(agg.rule, rule_hyper, sizes, pre)
+    except ConfigError as err:
+        if t.dynamic != "matching":
+            raise
+        raise ConfigError(f"{err} (topology.dynamic = \"matching\" gives each node one partner a round)") from None
+
+
 def build(cfg: Config | dict | str) -> Experiment:
     """Build and validate an experiment from a config (a Config, a dict tree or a TOML path)."""
     cfg = _as_config(cfg)
@@ -165,23 +184,10 @@ def build(cfg: Config | dict | str) -> Experiment:
     if att.name in attacks.POISONING:
         y = np.where(byz[:, None], attacks.flip_labels(y, ds.num_classes), y)
 
-    if att.name == "mimic" and att.get("target") is not None and (att.target >= t.n or byz[att.target]):
-        raise ConfigError(f"attack.target={att.target}: mimic copies an honest node; allowed: the honest ids "
-                          f"below {t.n} (Byzantine: {np.flatnonzero(byz).tolist()})")
     agg = cfg.aggregation
-    if "clip" in agg.pre and not agg.clip.self_centered and tr.share == "model":
-        raise ConfigError("aggregation.clip.self_centered = false clips whole models to norm tau (train.share = "
-                          "\"model\"); set self_centered = true, or train.share = \"update\"")
     rule_hyper = {k: agg[k] for k in aggregators.DEFAULTS[agg.rule]}
     pre = tuple((name, dict(agg[name])) for name in agg.pre)
-    # every graph a round can draw (links lost to dropout fall back at run time: the kept_own_share metric)
-    sizes = np.full(t.n, 2) if t.dynamic == "matching" else np.concatenate([g.sizes for g in pool])
-    try:
-        aggregators.validate(agg.rule, rule_hyper, sizes, pre)
-    except ConfigError as err:
-        if t.dynamic != "matching":
-            raise
-        raise ConfigError(f"{err} (topology.dynamic = \"matching\" gives each node one partner a round)") from None
+    _check_exchange(cfg, pool, byz, rule_hyper, pre)
 
     honest = ~byz
     rates = tr.batch_size / shards.sizes.astype(np.float64)
