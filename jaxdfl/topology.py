@@ -326,11 +326,20 @@ def _star(n: int, seed: int) -> nx.Graph:
     return nx.star_graph(n - 1)  # node 0 is the hub
 
 
+def _try_seed(seed: int, t: int) -> int:
+    """Seed of draw t of a family redrawn until connected: ``seed`` first, then seeds derived from (seed, t).
+
+    ``seed + t`` made the retries of one seed the first draws of the next: two seeds (or a resample pool's graphs)
+    could give the same graph.
+    """
+    return seed if t == 0 else int(np.random.SeedSequence([seed, t]).generate_state(1)[0])
+
+
 def _erdos_renyi(n: int, seed: int, p: float = 0.3) -> nx.Graph:
     if not 0.0 < p <= 1.0:
         raise ConfigError(f"topology.p: edge probability must be in (0, 1], got {p}")
     for t in range(MAX_TRIES):
-        g = nx.gnp_random_graph(n, p, seed=seed + t)
+        g = nx.gnp_random_graph(n, p, seed=_try_seed(seed, t))
         if nx.is_connected(g):
             return g
     raise ConfigError(
@@ -345,7 +354,7 @@ def _random_regular(n: int, seed: int, degree: int = 4) -> nx.Graph:
     if (n * degree) % 2:
         raise ConfigError(f"topology.degree: n * degree must be even (n = {n}), got degree {degree}")
     for t in range(MAX_TRIES):
-        g = nx.random_regular_graph(degree, n, seed=seed + t)
+        g = nx.random_regular_graph(degree, n, seed=_try_seed(seed, t))
         if nx.is_connected(g):
             return g
     raise ConfigError(

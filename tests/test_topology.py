@@ -484,3 +484,11 @@ def test_large_sparse_spectral_gap_matches_closed_form():
     ring = topo_mod.make("ring", n)
     expected = 1.0 - (1.0 / 3.0 + 2.0 / 3.0 * np.cos(2 * np.pi / n))
     assert ring.spectral_gap == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("kind, params", [("erdos_renyi", {"p": 0.1}), ("random_regular", {"degree": 2})])
+def test_seeds_give_distinct_graphs_when_draws_are_retried(kind, params):
+    """A disconnected draw was retried with seed + 1, the next seed's first draw: seeds 0 and 1 gave one graph."""
+    n = 30 if kind == "erdos_renyi" else 12
+    edges = [frozenset(map(tuple, T.make(kind, n, seed=s, **params).edges.tolist())) for s in range(6)]
+    assert len(set(edges)) == len(edges)
