@@ -415,6 +415,12 @@ def validate(cfg: dict) -> None:
     _positive(cfg, "data.alpha")
     _positive(cfg, "data.shards_per_node", integer=True)
     _positive(cfg, "data.quantity_alpha")
+    for key in ("synthetic_alpha", "synthetic_beta"):
+        _positive(cfg, f"data.{key}", allow_zero=True)
+    n_syn = data["synthetic_samples"]
+    if n_syn < 0 or 0 < n_syn and n_syn - max(1, round(n_syn * data["test_fraction"])) < 1:
+        raise ConfigError(f"data.synthetic_samples must be 0 (lognormal sizes) or leave at least one training "
+                          f"example per node after the test_fraction split, got {n_syn}")
     if data["mnist1d_samples"] < 10:
         raise ConfigError(f"data.mnist1d_samples must be >= 10, got {data['mnist1d_samples']}")
     if not 0 < data["test_fraction"] < 1:

@@ -113,8 +113,10 @@ def synthetic_fedprox(n_nodes: int, alpha: float = 1.0, beta: float = 1.0, seed:
 
     Per node k: u_k ~ N(0, alpha), B_k ~ N(0, beta) (alpha, beta used as standard deviations as in the reference
     generator); W_k [10, 60], b_k [10] ~ N(u_k, 1); v_k [60] elementwise ~ N(B_k, 1); x ~ N(v_k, Sigma) with
-    Sigma_jj = j^-1.2; y = argmax(softmax(W_k x + b_k)). Node sizes are lognormal(4, 2) + 50 (power law), or
-    ``samples`` each when ``samples > 0``. A ``test_fraction`` of every node's samples forms the pooled test set.
+    Sigma_jj = j^-1.2; y = argmax(softmax(W_k x + b_k)). Node sizes are lognormal(4, 2) + 50 (power law) capped at
+    5000 (so the padded ``[N, M]`` shards stay small; about 1% of nodes hit the cap), or ``samples`` each when
+    ``samples > 0``. A ``test_fraction`` of every node's samples forms the pooled test set, shuffled so that any
+    prefix of it (``eval_samples``) mixes all clients.
 
     References: Li et al., "Federated Optimization in Heterogeneous Networks" (FedProx), MLSys 2020.
     """
@@ -140,8 +142,10 @@ def synthetic_fedprox(n_nodes: int, alpha: float = 1.0, beta: float = 1.0, seed:
         ys_tr.append(y[n_test:])
         groups.append(np.full(sizes[k] - n_test, k))
     cat = np.concatenate
+    order = rng.permutation(sum(len(t) for t in ys_te))
     return Dataset("synthetic", cat(xs_tr).astype(np.float32), cat(ys_tr).astype(np.int32),
-                   cat(xs_te).astype(np.float32), cat(ys_te).astype(np.int32), classes, groups=cat(groups))
+                   cat(xs_te)[order].astype(np.float32), cat(ys_te)[order].astype(np.int32), classes,
+                   groups=cat(groups))
 
 
 def _from_split(name: str, split) -> Dataset:
@@ -277,7 +281,7 @@ def partition_dirichlet(y: np.ndarray, n: int, rng: np.random.Generator, alpha: 
         if min(len(p) for p in parts) >= min_size:
             return [rng.permutation(np.asarray(p, dtype=np.int64)) for p in parts]
     raise ConfigError(f"data.alpha={alpha} leaves some node with fewer than {min_size} examples after 100 draws; "
-                      f"raise data.alpha or lower topology.n / train.batch_size")
+                      f"raise data.alpha or lower topology.n")
 
 
 def _dirichlet_fixed_sizes(y, classes, sizes, rng, alpha) -> list[np.ndarray]:
@@ -367,6 +371,9 @@ def partition(ds: Dataset, n: int, kind: str = "iid", seed: int = 0, alpha: floa
       :class:`Shards` with ``x: [n, M, ...]``, ``y: [n, M]``, ``sizes: [n]``.
     """
     if ds.groups is not None:
+        if kind != "iid":
+            raise ConfigError(f"data.partition={kind!r} does not apply to {ds.name}, whose natural clients are the "
+                              f"nodes; use \"iid\"")
         if quantity_skew != "none":
             raise ConfigError(f"data.quantity_skew={quantity_skew!r} does not apply to {ds.name}, whose natural "
                               f"clients already have their own sizes; use \"none\"")

@@ -377,13 +377,16 @@ def load_npz(path: str | Path) -> Split:
     if xs[0].shape[1:] != xs[1].shape[1:]:
         raise ConfigError(f"{p}: x_train rows are {xs[0].shape[1:]} but x_test rows are {xs[1].shape[1:]}")
     y_tr, y_te = arrays["y_train"].astype(np.int32), arrays["y_test"].astype(np.int32)
-    if len(y_tr) == 0:
-        raise ConfigError(f"{p}: x_train is empty")
+    if len(y_tr) == 0 or len(y_te) == 0:
+        raise ConfigError(f"{p}: x_{'train' if len(y_tr) == 0 else 'test'} is empty")
     top = int(max(y_tr.max(), y_te.max() if len(y_te) else 0)) + 1
     if num_classes is None:
         classes = top
     else:
-        classes = int(np.asarray(num_classes).reshape(()))
+        nc = np.asarray(num_classes)
+        if nc.shape != () or not np.issubdtype(nc.dtype, np.integer):
+            raise ConfigError(f"{p}: num_classes must be one integer, got {nc!r}")
+        classes = int(nc)
         if classes < top:
             raise ConfigError(f"{p}: num_classes={classes} but labels go up to {top - 1}")
     return Split(xs[0], y_tr, xs[1], y_te, classes)

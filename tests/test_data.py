@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from jaxdfl import data
+from jaxdfl.config import make_config
 from jaxdfl.errors import ConfigError
 
 
@@ -70,6 +71,24 @@ def test_synthetic_follows_fedprox_shapes():
     # each node's labels come from its own (W_k, b_k): label histograms differ between nodes
     h = sh.label_histogram(10)
     assert not np.all(h[0] == h[1])
+
+
+def test_synthetic_test_set_mixes_all_clients():
+    """The pooled test set was in node order, so eval_samples = 100 tested only the first few clients."""
+    ds = data.synthetic_fedprox(20, seed=0, samples=60)
+    means = np.stack([ds.x_train[ds.groups == k].mean(0) for k in range(20)])
+    first = ds.x_test[:100]
+    owner = np.argmin(((first[:, None, :] - means[None]) ** 2).sum(-1), axis=1)
+    assert len(set(owner.tolist())) >= 15
+    with pytest.raises(ConfigError, match="data.partition"):  # natural clients: no other partition applies
+        data.partition(ds, 20, "dirichlet")
+
+
+@pytest.mark.parametrize("key, value", [("synthetic_alpha", -1.0), ("synthetic_samples", -3),
+                                        ("synthetic_samples", 1)])
+def test_synthetic_settings_are_checked(key, value):
+    with pytest.raises(ConfigError, match=f"data.{key}"):
+        make_config({"data": {"name": "synthetic", key: value}})
 
 
 def test_errors():

@@ -265,6 +265,14 @@ def test_npz_errors(tmp_path):
     f.write_bytes(b"not a zip")
     with pytest.raises(ConfigError, match=r"d\.npz: not a readable \.npz file"):
         data.load(section("npz", f), 2)
+    # an empty test set evaluated on 0 examples; a fractional num_classes was truncated
+    np.savez(f, x_train=np.zeros((4, 2)), y_train=[0, 1, 1, 0], x_test=np.zeros((0, 2)), y_test=np.zeros(0, int))
+    with pytest.raises(ConfigError, match=r"d\.npz: x_test is empty"):
+        data.load(section("npz", f), 2)
+    np.savez(f, x_train=np.zeros((4, 2)), y_train=[0, 1, 1, 0], x_test=np.zeros((2, 2)), y_test=[0, 1],
+             num_classes=2.7)
+    with pytest.raises(ConfigError, match=r"d\.npz: num_classes must be one integer"):
+        data.load(section("npz", f), 2)
 
 
 # --------------------------------------------------------------------------------------------- MNIST-1D
