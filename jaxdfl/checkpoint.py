@@ -45,6 +45,25 @@ def save(directory: str | Path, round_: int, tree, meta: dict, history: dict | N
     return path
 
 
+def clear(directory: str | Path) -> None:
+    """Remove the checkpoints in ``directory`` (a fresh run replaces an earlier run's series)."""
+    for old in Path(directory).glob("round_*.npz"):
+        old.unlink(missing_ok=True)
+
+
+def config_differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config trees (as JSON would store them)."""
+    stored, current = json.loads(json.dumps(stored)), json.loads(json.dumps(current))
+    out = []
+    for key in sorted(set(stored) | set(current)):
+        a, b = stored.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
+
+
 def latest(directory: str | Path) -> Path | None:
     """The newest checkpoint file in ``directory``, or None."""
     files = sorted(Path(directory).glob("round_*.npz"))

@@ -432,13 +432,21 @@ class Runner:
             if checkpoint_dir is None or checkpoint.latest(checkpoint_dir) is None:
                 raise ConfigError(f"no checkpoint to resume from in {checkpoint_dir!r}")
             path = checkpoint.latest(checkpoint_dir)
-            (state, k_rounds), _, history = checkpoint.load(path, (state, k_rounds))
+            (state, k_rounds), meta, history = checkpoint.load(path, (state, k_rounds))
+            differ = checkpoint.config_differences(meta.get("config", {}), c.to_dict())
+            if c.privacy.mode == "none" and meta["round"] <= c.rounds:  # extending a run is fine; with DP, rounds
+                differ = [key for key in differ if key != "rounds"]  # set z, the buffer and epsilon
+            if differ:
+                raise ConfigError(f"checkpoint {path} was written by a run with another config (differs in "
+                                  f"{', '.join(differ[:5])}): it cannot be resumed with this one")
             missing = sorted(set(self.segment.out_info[0]) - set(history))
             if missing:
                 raise ConfigError(f"checkpoint {path} lacks the metrics {', '.join(missing)} (written by an older "
                                   "jaxdfl): it cannot be resumed; start the run again")
             state = _shard(exp, state, self.node_axis)
             chunks = [history]
+        elif checkpoint_dir is not None:
+            checkpoint.clear(checkpoint_dir)  # an earlier run's checkpoints in this folder must not be resumed
         axis = 0 if exp.seeds is None else 1
 
         def joined():
@@ -521,8 +529,10 @@ def run(cfg: Config | dict | str, progress: Callable | None = None, checkpoint_d
     Args:
       cfg: a Config (see :func:`jaxdfl.load_config`), a config dict tree, or a TOML path.
       progress: optional ``progress(rounds_done, rounds)``, called on the host after each segment of rounds.
-      checkpoint_dir: where checkpoints go (every ``checkpoint_every`` rounds; 0 = only at the end).
-      resume: continue from the newest checkpoint in ``checkpoint_dir`` (same final metrics, bit for bit).
+      checkpoint_dir: where checkpoints go (every ``checkpoint_every`` rounds; 0 = only at the end). A fresh run
+        first removes the checkpoints already there.
+      resume: continue from the newest checkpoint in ``checkpoint_dir`` (same final metrics, bit for bit); it must
+        come from a run with the same config (without privacy, ``rounds`` may grow: the run is extended).
 
     The rounds run as segments (:func:`segment_chunks`) that call the same compiled program; a run whose honest
     models turn non-finite stops after the segment that diverged. The last compiled program is kept: a next run

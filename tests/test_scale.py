@@ -74,6 +74,18 @@ def test_resume_of_a_checkpoint_without_current_metrics_is_an_error(small_cfg, t
         experiment.run(cfg.replace({"rounds": 4}), checkpoint_dir=str(tmp_path), resume=True)
 
 
+def test_checkpoints_of_another_run_are_never_resumed(small_cfg, tmp_path):
+    """A second run into the same folder kept the first run's checkpoints (and pruned its own by name); a resume
+    then returned the first run's results under the second run's config."""
+    cfg = small_cfg(checkpoint_every=2)
+    experiment.run(cfg, checkpoint_dir=str(tmp_path))
+    short = cfg.replace({"rounds": 2, "eval_every": 2, "train.lr": 0.5})
+    experiment.run(short, checkpoint_dir=str(tmp_path))
+    assert [p.name for p in tmp_path.glob("*.npz")] == ["round_000002.npz"]  # only this run's checkpoint
+    with pytest.raises(ConfigError, match="another config.*train.lr"):
+        experiment.run(cfg, checkpoint_dir=str(tmp_path), resume=True)
+
+
 def test_resume_without_checkpoint_is_an_error(small_cfg, tmp_path):
     with pytest.raises(ConfigError, match="checkpoint"):
         experiment.run(small_cfg(), checkpoint_dir=str(tmp_path), resume=True)
