@@ -8,6 +8,7 @@ clipping norm, noise multiplier / target epsilon, seed) share one compiled progr
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import itertools
 import json
@@ -75,9 +76,17 @@ def setting_id(overrides: Mapping[str, Any]) -> str:
     return ",".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in overrides.items()) or "base"
 
 
+def config_id(cfg: Config) -> str:
+    """Short hash of a whole resolved config: names a setting's folder and marks it done in ``sweep.csv``, so a
+    changed grid, ``--set`` or ``--seeds`` never mistakes another run's results for this one's."""
+    text = json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def _rows_for(sid: str, overrides: Mapping[str, Any], result: experiment.Result) -> list[dict[str, Any]]:
     s = result.summary
-    base = {"setting": sid, **{k: json.dumps(v) if isinstance(v, list) else v for k, v in overrides.items()},
+    base = {"setting": sid, "config": config_id(result.config),
+            **{k: json.dumps(v) if isinstance(v, list) else v for k, v in overrides.items()},
             "spectral_gap": s["spectral_gap"], "compile_seconds": s["compile_seconds"],
             "run_seconds": s["run_seconds"], "diverged": s["diverged"]}
     if "final_per_seed" in s:
@@ -91,7 +100,7 @@ def _read_done(path: Path) -> tuple[list[dict], set[str]]:
         return [], set()
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    return rows, {r["setting"] for r in rows}
+    return rows, {r.get("config") for r in rows}
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
@@ -110,8 +119,9 @@ def run_grid(base: Config, grid: Sequence[tuple[str, list]], out: str | Path | N
     """Run every setting of ``grid`` (each with all of ``base.seeds``), reusing compiled programs.
 
     With ``out``: rows go to ``out/sweep.csv`` (rewritten atomically after every setting), each setting's
-    history to ``out/settings/<n>/metrics.csv``, and settings already in sweep.csv are skipped, so an interrupted
-    sweep restarted with the same command continues where it stopped. Returns all rows.
+    resolved config, history and summary to ``out/settings/<config_id>/``, and settings whose whole config is
+    already in sweep.csv (:func:`config_id`) are skipped, so an interrupted sweep restarted with the same command
+    continues where it stopped, and a changed grid, ``--set`` or ``--seeds`` runs what changed. Returns all rows.
     """
     settings = expand(base, grid)
     out = Path(out) if out is not None else None
@@ -119,7 +129,7 @@ def run_grid(base: Config, grid: Sequence[tuple[str, list]], out: str | Path | N
     runners: list[tuple[tuple, experiment.Runner]] = []
     for index, (overrides, cfg) in enumerate(settings):
         sid = setting_id(overrides)
-        if sid in done:
+        if config_id(cfg) in done:
             if log:
                 log(f"[{index + 1}/{len(settings)}] {sid}: done earlier, skipped")
             continue
@@ -127,10 +137,11 @@ def run_grid(base: Config, grid: Sequence[tuple[str, list]], out: str | Path | N
         result = experiment.runner_for(exp, runners)(exp)
         rows += _rows_for(sid, overrides, result)
         if out:
+            folder = out / "settings" / config_id(cfg)
+            results.atomic_write(folder / "config.toml", cfg.to_toml())
             header, hist_rows = results.history_rows(result.history)
-            results.write_csv(out / "settings" / f"{index:04d}" / "metrics.csv", header, hist_rows)
-            results.write_json(out / "settings" / f"{index:04d}" / "summary.json",
-                               {"setting": sid, **result.summary})
+            results.write_csv(folder / "metrics.csv", header, hist_rows)
+            results.write_json(folder / "summary.json", {"setting": sid, **result.summary})
             _write_rows(out / "sweep.csv", rows)
         if log:
             f = result.summary["final"]
@@ -149,8 +160,8 @@ def plot_sweep(out: Path, settings) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     finals = []
-    for index, (overrides, _) in enumerate(settings):
-        path = out / "settings" / f"{index:04d}" / "metrics.csv"
+    for overrides, cfg in settings:
+        path = out / "settings" / config_id(cfg) / "metrics.csv"
         if not path.exists():
             continue
         with open(path, newline="") as fh:

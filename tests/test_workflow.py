@@ -112,6 +112,18 @@ def test_sweep_shares_programs_and_resumes(tmp_path, small_cfg):
     logs.clear()
     rows2 = sweep.run_grid(base, grid, out=tmp_path, log=logs.append)
     assert all("skipped" in line for line in logs) and len(rows2) == 4
+    # settings were keyed by position and grid values: a grown grid overwrote folders, a changed base was skipped
+    logs.clear()
+    sweep.run_grid(base, sweep.parse_grid(["train.lr=0.05,0.1,0.3", "topology.kind=ring,complete"]), out=tmp_path,
+                   log=logs.append)
+    assert sum("skipped" not in line for line in logs) == 2  # only lr = 0.05 runs
+    logs.clear()
+    sweep.run_grid(base.replace({"rounds": 4}), grid, out=tmp_path, log=logs.append)
+    assert not any("skipped" in line for line in logs)
+    for overrides, cfg in sweep.expand(base, grid):
+        folder = tmp_path / "settings" / sweep.config_id(cfg)
+        assert jaxdfl.load_config(str(folder / "config.toml")) == cfg
+        assert json.loads((folder / "summary.json").read_text())["setting"] == sweep.setting_id(overrides)
     # a single run of one setting matches its sweep row
     single = jaxdfl.run(base.replace({"train.lr": 0.3, "topology.kind": "complete"}))
     row = next(r for r in table if r["train.lr"] == "0.3" and r["topology.kind"] == "complete")
