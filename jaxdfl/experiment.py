@@ -471,18 +471,23 @@ class Runner:
 
 #: Config keys whose values reach the program as traced hyper-parameters (no recompilation when they change).
 DYNAMIC_KEYS = ("train.lr", "train.momentum", "privacy.clip_norm", "privacy.noise_multiplier",
-                "privacy.target_epsilon", "seed")
+                "privacy.target_epsilon", "seed", "topology.drop_prob")
+
+#: Traced values too, but whether they are 0 is static (it removes the code path): only that part is static.
+FLAG_KEYS = ("topology.node_dropout", "topology.stragglers")
 
 
 def static_part(cfg: Config) -> dict:
     """The config without its dynamic values: two configs with equal static parts share one program."""
     tree = cfg.to_dict()
-    for key in DYNAMIC_KEYS:
+    for key in DYNAMIC_KEYS + FLAG_KEYS:
         node = tree
         *path, leaf = key.split(".")
         for part in path:
             node = node[part]
-        node.pop(leaf, None)
+        value = node.pop(leaf, None)
+        if key in FLAG_KEYS:
+            node[leaf] = bool(value)
     return tree
 
 

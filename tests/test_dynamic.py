@@ -201,3 +201,16 @@ def test_rules_are_validated_against_every_graph_a_round_can_draw(small_cfg):
     experiment.build(small_cfg(**{**pool, "topology.pool": 1}))
     with pytest.raises(ConfigError, match="aggregation.f"):
         experiment.build(small_cfg(**{**pool, "topology.pool": 8}))
+
+
+def test_churn_rates_reuse_the_compiled_program(small_cfg):
+    """drop_prob, node_dropout and stragglers are traced, yet changing them recompiled: they were static keys."""
+    base = small_cfg(**{"topology.dynamic": "edge_dropout", "topology.drop_prob": 0.1,
+                        "topology.node_dropout": 0.1, "topology.stragglers": 0.1})
+    first = experiment.run(base)
+    runner = experiment._last_runner
+    other = base.replace({"topology.drop_prob": 0.4, "topology.node_dropout": 0.3, "topology.stragglers": 0.5})
+    second = experiment.run(other)
+    assert experiment._last_runner is runner
+    assert not np.allclose(first.history["consensus_distance"], second.history["consensus_distance"])
+    assert not experiment.same_program(base, base.replace({"topology.node_dropout": 0.0}))  # 0 drops a code path
