@@ -641,23 +641,25 @@ def accuracy_per_node(exp: Experiment, history: dict) -> list[float | None]:
 
 
 def peak_bytes(exp: Experiment) -> int:
-    """Estimated peak device memory of a round, in bytes (float32).
+    """Estimated peak memory of a round, in bytes (float32), summed over the devices the node axis is split over.
 
-    Node state (parameters, round-start copy, message, aggregate, optimizer moments: about 6 x N x D), the data
-    shards and test set, the robust exchange's working set (``simulation.exchange_temporaries`` neighbourhood
-    blocks of K x D per receiver, for the receivers of one chunk: see ``simulation.exchange_chunk``), and DP-SGD's
-    per-example gradients (N x buffer x D).
+    Node state (parameters, round-start copy, message, aggregate, optimizer moments: about 6 x N x D) once per
+    seed, the data shards and test set, and a working set: the robust exchange's (``simulation.
+    exchange_temporaries`` neighbourhood blocks of K x D per receiver, for the receivers of one chunk: see
+    ``simulation.exchange_chunk``) and DP-SGD's per-example gradients (N x buffer x D, an upper bound), once per
+    seed when the seeds are batched (``seed_mode = "vmap"``), once when they run one after another.
     """
     n, d = exp.spec.n, exp.model.dim
     k = int(exp.arrays.neighbors.shape[1])
-    total = 6 * n * d * 4
-    total += sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in (exp.arrays.x, exp.arrays.x_test))
+    seeds = len(exp.seeds) if exp.seeds is not None else 1
+    data = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in (exp.arrays.x, exp.arrays.x_test))
+    work = 0
     if exp.spec.exchange == "robust":
         receivers = simulation.exchange_chunk(exp.spec, n, k, d) or n
-        total += int(receivers * simulation.exchange_temporaries(exp.spec) * k * d * 4)
+        work += int(receivers * simulation.exchange_temporaries(exp.spec) * k * d * 4)
     if exp.spec.local.dp_example:
-        total += n * exp.spec.local.dp_buffer * d * 4
-    return int(total)
+        work += n * exp.spec.local.dp_buffer * d * 4
+    return int(seeds * 6 * n * d * 4 + data + (seeds if exp.seed_mode == "vmap" else 1) * work)
 
 
 def _num(x) -> float | None:

@@ -155,6 +155,12 @@ def test_peak_bytes_counts_one_chunk(small_cfg):
     per_receiver = simulation.exchange_temporaries(whole.spec) * k * d * 4
     saved = experiment.peak_bytes(whole) - experiment.peak_bytes(chunked)
     assert saved == pytest.approx((n - 2) * per_receiver, rel=1e-6)
+    # seeds: the state once per seed; the working set once per seed only when they are batched (it ignored seeds)
+    state = 6 * n * d * 4
+    for mode, work_copies in (("vmap", 3), ("map", 1)):
+        three = experiment.build(small_cfg(**over, **{"seeds": 3, "parallel.seed_mode": mode}))
+        extra = experiment.peak_bytes(three) - experiment.peak_bytes(whole)
+        assert extra == pytest.approx(2 * state + (work_copies - 1) * n * per_receiver, rel=1e-6)
 
 
 @pytest.mark.parametrize("rule, rule_hyper", [("median", ()), ("krum", (("f", 1),)), ("ios", (("f", 1),))])
