@@ -71,12 +71,12 @@ def write_outputs(out: Path, result) -> None:
     from jaxdfl import results
 
     results.atomic_write(out / "config.toml", result.config.to_toml())
-    header, rows = results.history_rows(result.history)
+    seeds = result.summary.get("seeds")
+    header, rows = results.history_rows(result.history, seeds)
     results.write_csv(out / "metrics.csv", header, rows)
     rounds, cons = results.per_round_consensus(result.history)
     cons_rows = [[r, *np.atleast_1d(cons[..., i]).tolist()] for i, r in enumerate(rounds)]
-    seeds = 1 if cons.ndim == 1 else cons.shape[0]
-    header = ["round", "consensus_distance"] if seeds == 1 else ["round"] + [f"seed{s}" for s in range(seeds)]
+    header = ["round", "consensus_distance"] if seeds is None else ["round"] + [f"seed{s}" for s in seeds]
     results.write_csv(out / "consensus.csv", header, cons_rows)
     degrees, byzantine = result.summary["degrees"], set(result.summary["byzantine_ids"])
     results.write_csv(out / "nodes.csv", ["node", "degree", "byzantine", "accuracy"],

@@ -57,16 +57,18 @@ def write_json(path, obj) -> None:
     atomic_write(path, json.dumps(to_jsonable(obj), indent=2) + "\n")
 
 
-def history_rows(history: Mapping[str, np.ndarray]) -> tuple[list[str], list[list]]:
-    """Flatten a history (``[E]`` or ``[S, E]`` per metric) into CSV rows (a ``seed`` column for ``[S, E]``)."""
+def history_rows(history: Mapping[str, np.ndarray], seeds=None) -> tuple[list[str], list[list]]:
+    """Flatten a history (``[E]`` or ``[S, E]`` per metric) into CSV rows (a ``seed`` column for ``[S, E]``: the
+    seed values ``seeds``, or the positions 0..S-1 when not given)."""
     first = np.asarray(history["round"])
     keys = ["round"] + [k for k in history if k != "round" and np.ndim(history[k]) == first.ndim]
     if first.ndim == 1:
         return keys, [[np.asarray(history[k])[e].item() for k in keys] for e in range(first.shape[0])]
+    seeds = list(range(first.shape[0])) if seeds is None else list(seeds)
     rows = []
     for s in range(first.shape[0]):
         for e in range(first.shape[1]):
-            rows.append([s] + [np.asarray(history[k])[s, e].item() for k in keys])
+            rows.append([seeds[s]] + [np.asarray(history[k])[s, e].item() for k in keys])
     return ["seed"] + keys, rows
 
 

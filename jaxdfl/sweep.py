@@ -139,7 +139,7 @@ def run_grid(base: Config, grid: Sequence[tuple[str, list]], out: str | Path | N
         if out:
             folder = out / "settings" / config_id(cfg)
             results.atomic_write(folder / "config.toml", cfg.to_toml())
-            header, hist_rows = results.history_rows(result.history)
+            header, hist_rows = results.history_rows(result.history, result.summary.get("seeds"))
             results.write_csv(folder / "metrics.csv", header, hist_rows)
             results.write_json(folder / "summary.json", {"setting": sid, **result.summary})
             _write_rows(out / "sweep.csv", rows)

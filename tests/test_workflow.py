@@ -232,3 +232,14 @@ def test_cli_keeps_compiled_programs_in_its_cache_folder_unless_jax_is_told_othe
                                    "JAX_ENABLE_COMPILATION_CACHE": "false"}, capture_output=True, text=True)
     assert off.returncode == 0 and off.stdout.split()[0] == "None", off.stderr
     assert not (tmp_path / "off").exists()
+
+
+def test_result_files_name_seeds_by_value(tmp_path):
+    """metrics.csv's seed column and consensus.csv's header held positions 0, 1, while sweep.csv held the seeds."""
+    proc = cli("run", str(ROOT / "configs/quickstart.toml"), "--set", "seed=5", "--seeds", "2", "--set", "rounds=4",
+               "--set", "eval_every=2", "--set", "topology.n=4", "--set", "model.name=\"logreg\"", "--quiet",
+               "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "metrics.csv", newline="") as fh:
+        assert {r["seed"] for r in csv.DictReader(fh)} == {"5", "6"}
+    assert (tmp_path / "consensus.csv").read_text().splitlines()[0] == "round,seed5,seed6"
