@@ -105,8 +105,9 @@ def cmd_run(args) -> int:
         out = Path(args.resume)
         if not (out / "config.toml").exists():
             raise ConfigError(f"--resume {out}: no config.toml there (give the --out folder of an earlier run)")
-        if args.config or args.set:
-            raise ConfigError("--resume takes the run's own config.toml; give no CONFIG or --set with it")
+        if args.config or args.set or args.seeds is not None or args.out:
+            raise ConfigError("--resume takes the run's own config.toml and folder; give no CONFIG, --set, --seeds "
+                              "or --out with it")
         cfg = config_mod.load_config(str(out / "config.toml"))
         if not cfg.checkpoint_every:
             raise ConfigError(f"--resume {out}: that run kept no checkpoints (checkpoint_every = 0); run it again "

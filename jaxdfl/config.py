@@ -370,6 +370,8 @@ def validate(cfg: dict) -> None:
     for key in ("seed", "rounds", "eval_every", "checkpoint_every", "eval_nodes", "eval_samples"):
         cfg[key] = _check_type(key, cfg[key], int)
     cfg["accuracy_threshold"] = _check_type("accuracy_threshold", cfg["accuracy_threshold"], float)
+    if not 0 <= cfg["seed"] < 2**32:
+        raise ConfigError(f"seed must be in [0, 2^32), got {cfg['seed']}")
     if cfg["seeds"] is not None:
         seeds = cfg["seeds"]
         if isinstance(seeds, int) and not isinstance(seeds, bool):
@@ -377,6 +379,9 @@ def validate(cfg: dict) -> None:
                 raise ConfigError(f"seeds must be >= 1 or a list of ints, got {seeds!r}")
         elif not (isinstance(seeds, list | tuple) and seeds and all(isinstance(s, int) for s in seeds)):
             raise ConfigError(f"seeds must be a positive count or a non-empty list of ints, got {seeds!r}")
+        listed = range(cfg["seed"], cfg["seed"] + seeds) if isinstance(seeds, int) else seeds
+        if not all(0 <= s < 2**32 for s in listed):
+            raise ConfigError(f"seeds must lie in [0, 2^32), got {seeds!r} (from seed {cfg['seed']})")
     _positive(cfg, "rounds", integer=True)
     _positive(cfg, "eval_every", integer=True)
     if cfg["rounds"] % cfg["eval_every"]:

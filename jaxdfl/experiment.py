@@ -225,6 +225,9 @@ def build(cfg: Config | dict | str) -> Experiment:
     if cfg.eval_nodes and cfg.eval_nodes > honest.sum():
         raise ConfigError(f"eval_nodes={cfg.eval_nodes} exceeds the {int(honest.sum())} honest nodes")
     eval_ids = np.flatnonzero(honest)[: cfg.eval_nodes] if cfg.eval_nodes else np.arange(t.n)
+    if cfg.eval_samples > len(ds.y_test):
+        raise ConfigError(f"eval_samples={cfg.eval_samples} exceeds the {len(ds.y_test)} test examples of "
+                          f"{ds.name}; allowed: 0 (all) to {len(ds.y_test)}")
     n_test = cfg.eval_samples or len(ds.y_test)
     pool_nbr, pool_mask = stack_tables(pool)
     arrays = simulation.Arrays(
@@ -597,6 +600,7 @@ def finish(exp: Experiment, history: dict, state, compile_s: float, run_s: float
     first_bad = np.argmax(diverged > 0, axis=-1)
     summary: dict[str, Any] = {
         "rounds": exp.config.rounds,
+        "rounds_done": _round(state),
         "nodes": exp.topology.n,
         "byzantine": int(exp.byzantine.sum()),
         "byzantine_ids": np.flatnonzero(exp.byzantine).tolist(),
@@ -623,7 +627,7 @@ def finish(exp: Experiment, history: dict, state, compile_s: float, run_s: float
     else:
         summary["seeds"] = exp.seeds
         summary["final"] = {k: _num(np.mean(v)) for k, v in final.items()}
-        summary["final_std"] = {k: _num(np.std(v)) for k, v in final.items()}
+        summary["final_std"] = {k: _num(np.std(v, ddof=1)) for k, v in final.items()}  # sample std over seeds
         summary["final_per_seed"] = {k: [_num(x) for x in v] for k, v in final.items()}
     return Result(exp.config, history, summary, state)
 

@@ -91,6 +91,9 @@ def test_seeds_in_one_program(small_cfg, mode):
     for k in ("accuracy_mean", "loss_mean", "consensus_distance"):
         np.testing.assert_allclose(r.history[k][1], single.history[k], rtol=1e-5, atol=1e-6)
     assert set(r.summary["final_std"]) == set(r.summary["final"])
+    per_seed = r.summary["final_per_seed"]["accuracy_mean"]
+    assert r.summary["final_std"]["accuracy_mean"] == pytest.approx(np.std(per_seed, ddof=1))  # sample std
+    assert r.summary["rounds_done"] == r.summary["rounds"] == 6
 
 
 @pytest.mark.parametrize("mode", ["vmap", "map"])

@@ -56,6 +56,9 @@ def test_topology_command_prints_stats_and_plots(tmp_path):
     (["--set", "topology.n=2", "--set", "topology.weights=[[0.5,0.5],[0.5,0.5]]", "--set",
       "topology.node_dropout=0.1"], "topology.weights"),
     (["--set", "aggregation.pre=[\"clip\"]"], "aggregation.clip.self_centered"),  # clipped whole models to tau
+    (["--set", "seeds=[-1]"], "seeds"),  # an OverflowError traceback
+    (["--set", "seed=-1"], "seed"),  # silently the run of seed 2^32 - 1
+    (["--set", "eval_samples=1000000"], "eval_samples"),  # silently cut to the test set
     (["--set", "attack.name=\"mimic\"", "--set", "attack.byzantine=2", "--set", "attack.placement=\"ids\"",
       "--set", "attack.ids=[0,4]", "--set", "attack.target=4"], "attack.target"),
     (["--set", "attack.name=\"mimic\"", "--set", "attack.byzantine=1", "--set", "attack.target=99"],
@@ -92,6 +95,8 @@ def test_resume_of_a_run_without_checkpoints_says_so(tmp_path, small_cfg):
     (tmp_path / "config.toml").write_text(small_cfg().to_toml())
     proc = cli("run", "--resume", str(tmp_path))
     assert proc.returncode == 2 and "checkpoint_every = 0" in proc.stderr, proc.stderr
+    proc = cli("run", "--resume", str(tmp_path), "--seeds", "3")  # was silently ignored
+    assert proc.returncode == 2 and "--seeds" in proc.stderr, proc.stderr
 
 
 def test_sweep_shares_programs_and_resumes(tmp_path, small_cfg):
