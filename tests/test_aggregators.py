@@ -311,7 +311,8 @@ def test_robust_rules_tolerate_non_finite_rows(rule, bad_values):
 @pytest.mark.parametrize("bad_values", NON_FINITE)
 def test_pre_aggregators_keep_non_finite_rows_containable(pre, bad_values):
     x, mask, w, honest = _non_finite_neighbourhood(bad_values)
-    out = np.asarray(A.aggregate(jax.random.key(0), x[None], mask[None], w[None], "median", pre=pre))[0]
+    call = jax.jit(lambda *a: A.aggregate(jax.random.key(0), *a, "median", pre=pre))  # eager: op by op, slow
+    out = np.asarray(call(x[None], mask[None], w[None]))[0]
     assert np.isfinite(out).all() and np.abs(out).max() < 10.0
 
 
@@ -512,7 +513,7 @@ def test_aggregate_falls_back_after_bucketing_shrinks_the_rows():
     """7 rows bucketed in pairs leave 4, too few for trimming 2 per side: trimmed_mean returned exactly 0 there."""
     x = jnp.asarray(np.random.default_rng(0).normal(10.0, 1.0, size=(2, 9, 5)), jnp.float32)
     mask = jnp.asarray([[True] * 7 + [False] * 2, [True] * 9])  # 4 buckets, then 5 buckets
-    out = A.aggregate(jax.random.key(0), x, mask, jnp.full((2, 9), 1 / 9), "trimmed_mean", {"f": 2},
-                      pre=(("bucketing", {"s": 2}),))
+    out = jax.jit(lambda *a: A.aggregate(jax.random.key(0), *a, "trimmed_mean", {"f": 2},
+                                         pre=(("bucketing", {"s": 2}),)))(x, mask, jnp.full((2, 9), 1 / 9))
     np.testing.assert_array_equal(out[0], x[0, 0])
     assert np.all(np.abs(np.asarray(out[1]) - 10.0) < 3.0) and not np.allclose(out[1], x[1, 0])
