@@ -191,28 +191,13 @@ def _dp_draw(transform, key: jax.Array, shape) -> jax.Array:
 
 
 def dp_normal(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
-    """Standard normal draws for differential privacy: tails to 9.2 sigma (see the module docstring).
+    """Standard normal draws for differential privacy, with tails to 9.2 sigma (see the module docstring).
 
-    Args:
-        key: a typed threefry2x32 PRNG key (scalar).
-        shape: output shape.
-        dtype: output dtype (drawn in float32).
-
-    Returns:
-        ``shape`` array of ``dtype``.
+    ``key``: a typed threefry2x32 key (scalar); drawn in float32, returned as ``dtype`` with shape ``shape``.
     """
     return _dp_draw(normal_from_words, key, shape).astype(dtype)
 
 
 def dp_laplace(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
-    """Standard Laplace draws (scale 1) for differential privacy: tails to 45 scales (see the module docstring).
-
-    Args:
-        key: a typed threefry2x32 PRNG key (scalar).
-        shape: output shape.
-        dtype: output dtype (drawn in float32).
-
-    Returns:
-        ``shape`` array of ``dtype``.
-    """
+    """Standard Laplace draws (scale 1) for differential privacy, with tails to 45 scales (see :func:`dp_normal`)."""
     return _dp_draw(laplace_from_words, key, shape).astype(dtype)
