@@ -491,6 +491,10 @@ def validate(cfg: dict) -> None:
     priv = cfg["privacy"]
     _check_section(priv, DEFAULTS["privacy"], "privacy", {})
 
+    for section in ("topology", "data", "attack"):
+        if not 0 <= cfg[section]["seed"] < 2**32:
+            raise ConfigError(f"{section}.seed must be in [0, 2^32), got {cfg[section]['seed']}")
+
     par = cfg["parallel"]
     _check_section(par, DEFAULTS["parallel"], "parallel", {})
     dev = par["devices"]

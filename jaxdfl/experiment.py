@@ -437,8 +437,11 @@ class Runner:
             path = checkpoint.latest(checkpoint_dir)
             (state, k_rounds), meta, history = checkpoint.load(path, (state, k_rounds))
             differ = checkpoint.config_differences(meta.get("config", {}), c.to_dict())
-            if c.privacy.mode == "none" and meta["round"] <= c.rounds:  # extending a run is fine; with DP, rounds
-                differ = [key for key in differ if key != "rounds"]  # set z, the buffer and epsilon
+            # Without privacy a run may be extended (with DP, rounds set z, the buffer and epsilon), from a round
+            # where this config's segments start.
+            segment_rounds = segment_chunks(c) * c.eval_every
+            if c.privacy.mode == "none" and meta["round"] <= c.rounds and meta["round"] % segment_rounds == 0:
+                differ = [key for key in differ if key != "rounds"]
             if differ:
                 raise ConfigError(f"checkpoint {path} was written by a run with another config (differs in "
                                   f"{', '.join(differ[:5])}): it cannot be resumed with this one")
@@ -627,7 +630,8 @@ def finish(exp: Experiment, history: dict, state, compile_s: float, run_s: float
     else:
         summary["seeds"] = exp.seeds
         summary["final"] = {k: _num(np.mean(v)) for k, v in final.items()}
-        summary["final_std"] = {k: _num(np.std(v, ddof=1)) for k, v in final.items()}  # sample std over seeds
+        ddof = 1 if len(exp.seeds) > 1 else 0  # the sample std over seeds (0 for a single one)
+        summary["final_std"] = {k: _num(np.std(v, ddof=ddof)) for k, v in final.items()}
         summary["final_per_seed"] = {k: [_num(x) for x in v] for k, v in final.items()}
     return Result(exp.config, history, summary, state)
 

@@ -52,7 +52,7 @@ TOL = 1e-8
 #: Above this N a sparse mixing matrix's spectral gap comes from Lanczos (scipy eigsh), not a dense solve.
 DENSE_EIG_MAX = 1024
 
-#: How many successive seeds a random family may draw before giving up on a connected graph.
+#: How many draws (seeds from :func:`_try_seed`) a random family may make before giving up on a connected graph.
 MAX_TRIES = 100
 
 
@@ -522,7 +522,7 @@ def make(kind: str, n: int, *, seed: int = 0, weights: Any = "metropolis", **par
         ring; complete; star (hub 0);
         torus(rows, cols): 2-D grid with wrap-around, rows * cols = n (0 = automatic: the most square
             factorisation, which for prime n is 1 x n, i.e. a ring);
-        erdos_renyi(p): G(n, p), redrawn with seeds seed, seed+1, ... until connected (at most 100 draws);
+        erdos_renyi(p): G(n, p), redrawn until connected (at most 100 draws; seeds from ``_try_seed``);
         random_regular(degree): uniform random degree-regular graph, n * degree even, degree < n, redrawn until
             connected;
         small_world(k, p): connected Watts-Strogatz, ring lattice of even degree k, rewiring probability p;

@@ -492,6 +492,7 @@ def test_aggregate_rejects_unknown_hyper_keys():
 
 PIPELINES = [(rule, h, ()) for rule in RULES for h in ({}, {"f": 2}) if "f" in A.DEFAULTS[rule] or not h] + [
     ("clipped_gossip", {"adaptive": True, "f": 2}, ()),
+    ("multi_krum", {"f": 1, "m": 5}, ()),  # m rows to average: 4 rows once passed the run-time check
     ("trimmed_mean", {"f": 2}, (("bucketing", {"s": 2}),)),
     ("krum", {"f": 1}, (("nnm", {"f": 2}), ("bucketing", {"s": 3}))),
 ]

@@ -86,6 +86,17 @@ def test_checkpoints_of_another_run_are_never_resumed(small_cfg, tmp_path):
         experiment.run(cfg, checkpoint_dir=str(tmp_path), resume=True)
 
 
+def test_a_run_is_extended_only_from_a_segment_boundary(small_cfg, tmp_path):
+    """Extending rounds 6 -> 8 with 4-round segments resumed at round 6 and ran to 10, past rounds."""
+    experiment.run(small_cfg(checkpoint_every=4), checkpoint_dir=str(tmp_path))  # checkpoints at 4 and 6
+    with pytest.raises(ConfigError, match="another config .differs in rounds"):
+        experiment.run(small_cfg(rounds=8, checkpoint_every=4), checkpoint_dir=str(tmp_path), resume=True)
+    longer = experiment.run(small_cfg(rounds=10, checkpoint_every=4), checkpoint_dir=str(tmp_path), resume=True)
+    np.testing.assert_array_equal(longer.history["round"], [2, 4, 6, 8, 10])
+    fresh = experiment.run(small_cfg(rounds=10, checkpoint_every=4))
+    np.testing.assert_array_equal(longer.history["accuracy_mean"], fresh.history["accuracy_mean"])
+
+
 def test_resume_without_checkpoint_is_an_error(small_cfg, tmp_path):
     with pytest.raises(ConfigError, match="checkpoint"):
         experiment.run(small_cfg(), checkpoint_dir=str(tmp_path), resume=True)

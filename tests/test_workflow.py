@@ -58,6 +58,7 @@ def test_topology_command_prints_stats_and_plots(tmp_path):
     (["--set", "aggregation.pre=[\"clip\"]"], "aggregation.clip.self_centered"),  # clipped whole models to tau
     (["--set", "seeds=[-1]"], "seeds"),  # an OverflowError traceback
     (["--set", "seed=-1"], "seed"),  # silently the run of seed 2^32 - 1
+    (["--set", "topology.seed=-1"], "topology.seed"),  # a SeedSequence traceback
     (["--set", "eval_samples=1000000"], "eval_samples"),  # silently cut to the test set
     (["--set", "attack.name=\"mimic\"", "--set", "attack.byzantine=2", "--set", "attack.placement=\"ids\"",
       "--set", "attack.ids=[0,4]", "--set", "attack.target=4"], "attack.target"),

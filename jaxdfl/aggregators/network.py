@@ -192,8 +192,11 @@ def min_rows(name: str, hyper: Mapping | None = None) -> int:
     f = h.get("f", 0)  # a Python int, or a traced scalar inside a program
     if name in ("trimmed_mean", "meamed", "monna", "nnm"):
         return 2 * f + 1
-    if name in ("krum", "multi_krum"):
+    if name == "krum":
         return f + 3
+    if name == "multi_krum":  # and at least m rows to average (m = 0: n - f)
+        m = h.get("m", 0)
+        return max(f + 3, m) if isinstance(f, int) and isinstance(m, int) else jnp.maximum(f + 3, m)
     if name == "bulyan":
         return 4 * f + 3
     if name == "ios":
@@ -223,8 +226,13 @@ def enough_rows(counts, rule: str, hyper: Mapping | None = None, pre: Sequence =
     for name, ph in _named_pre(pre):
         ok = ok & (counts >= min_rows(name, ph))
         if name == "bucketing":
-            counts = 1 + (counts - 1 + ph["s"] - 1) // ph["s"]
+            counts = bucketed(counts, ph["s"])
     return ok & (counts >= min_rows(rule, hyper))
+
+
+def bucketed(counts, s):
+    """Rows left by bucketing ``counts`` rows (self + n - 1 neighbours) in buckets of ``s``: ``1 + ceil((n-1)/s)``."""
+    return 1 + (counts - 1 + s - 1) // s
 
 
 def _check_sizes(name: str, h: Mapping, n_min: int, where: str) -> None:
@@ -275,7 +283,7 @@ def validate(rule: str, hyper: Mapping | None, sizes, pre: Sequence = ()) -> Non
         _check_hyper(name, ph, f"aggregation.{name}")
         _check_sizes(name, ph, int(sizes.min()), f"aggregation.{name}")
         if name == "bucketing":
-            sizes = 1 + -(-(sizes - 1) // ph["s"])
+            sizes = bucketed(sizes, ph["s"])
     h = _merged(rule, hyper, REGISTRY, "aggregation")
     _check_hyper(rule, h, "aggregation")
     _check_sizes(rule, h, int(sizes.min()), "aggregation")
