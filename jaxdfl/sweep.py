@@ -121,11 +121,14 @@ def run_grid(base: Config, grid: Sequence[tuple[str, list]], out: str | Path | N
     With ``out``: rows go to ``out/sweep.csv`` (rewritten atomically after every setting), each setting's
     resolved config, history and summary to ``out/settings/<config_id>/``, and settings whose whole config is
     already in sweep.csv (:func:`config_id`) are skipped, so an interrupted sweep restarted with the same command
-    continues where it stopped, and a changed grid, ``--set`` or ``--seeds`` runs what changed. Returns all rows.
+    continues where it stopped, and a changed grid, ``--set`` or ``--seeds`` runs what changed. sweep.csv holds the
+    current grid's rows only. Returns them.
     """
     settings = expand(base, grid)
     out = Path(out) if out is not None else None
     rows, done = _read_done(out / "sweep.csv") if out else ([], set())
+    current = {config_id(cfg) for _, cfg in settings}  # sweep.csv keeps this grid's rows only; other configs'
+    rows = [r for r in rows if r.get("config") in current]  # results stay in their settings/<hash>/ folders
     runners: list[tuple[tuple, experiment.Runner]] = []
     for index, (overrides, cfg) in enumerate(settings):
         sid = setting_id(overrides)

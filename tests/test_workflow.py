@@ -126,6 +126,9 @@ def test_sweep_shares_programs_and_resumes(tmp_path, small_cfg):
     logs.clear()
     sweep.run_grid(base.replace({"rounds": 4}), grid, out=tmp_path, log=logs.append)
     assert not any("skipped" in line for line in logs)
+    with open(tmp_path / "sweep.csv", newline="") as fh:  # only this grid's rows, not the earlier base's
+        assert {r["config"] for r in csv.DictReader(fh)} == {sweep.config_id(c) for _, c in
+                                                             sweep.expand(base.replace({"rounds": 4}), grid)}
     for overrides, cfg in sweep.expand(base, grid):
         folder = tmp_path / "settings" / sweep.config_id(cfg)
         assert jaxdfl.load_config(str(folder / "config.toml")) == cfg
