@@ -200,7 +200,8 @@ def round_graph(spec: Spec, hyper, arrays: Arrays, key, round_index, online):
 
 def _bound_rule(spec: Spec, key):
     """The receivers' pipeline as one-node ``rule(x, mask, weights) -> [D]`` for the adaptive attacks' search: the
-    pre-aggregators, then the rule (a random pre-aggregator draws from the attacker's ``key``, not the receiver's)."""
+    pre-aggregators, then the rule. A random pre-aggregator (bucketing) draws from ``key``, a subkey the attacker
+    keeps for this model of the receivers: one guess of the buckets, the same for every receiver."""
     rule = aggregators.REGISTRY[spec.rule]
     hyper = dict(spec.rule_hyper)
     pre = [(aggregators.PRE_REGISTRY[name], dict(h)) for name, h in spec.pre]
@@ -272,8 +273,11 @@ def _robust_exchange(spec: Spec, k_attack, k_agg, msg, byzantine, neighbors, mas
     """
     block = gossip.gather(msg, neighbors)
     if spec.attack != "none":
+        k_model = None
+        if spec.pre:  # only then does the attacker's model of the receivers draw anything
+            k_attack, k_model = jax.random.split(k_attack)
         ctx = attacks.AttackContext(messages=msg, block=block, neighbors=neighbors, mask=mask,
-                                    weights=weights, byzantine=byzantine, rule=_bound_rule(spec, k_attack))
+                                    weights=weights, byzantine=byzantine, rule=_bound_rule(spec, k_model))
         block, mask = attacks.REGISTRY[spec.attack](k_attack, ctx, **dict(spec.attack_hyper))
     pre = tuple((name, dict(h)) for name, h in spec.pre)
     agg = aggregators.aggregate(k_agg, block, mask, weights, spec.rule, dict(spec.rule_hyper), pre,
