@@ -92,6 +92,10 @@ class PrivacyPlan:
     overflow: np.ndarray | None = None  # [N] probability each node's buffer ever overflows (charged to delta)
 
 
+#: DP-SGD's Poisson buffer is a multiple of this many rows (see :func:`plan_privacy`).
+BUFFER_STEP = 8
+
+
 def _float32_up(z: float) -> float:
     """The float32 noise multiplier the program uses for z: rounded up, plus one ulp for the rounding of the noise
     std ``z * C`` in float32, so the noise is never below what epsilon is accounted for."""
@@ -127,6 +131,9 @@ def plan_privacy(cfg: Config, shards: data_mod.Shards, rates: np.ndarray, honest
         eps_end = float(accounting.example_epsilons(p.noise_multiplier, rates[honest], steps, p.delta,
                                                     p.accountant).max())
     buffer = accounting.buffer_size(shards.sizes, rates, steps, p.delta, eps_end)
+    # Rounded up to a multiple of BUFFER_STEP (never past the largest shard + 1, where overflow is impossible): a
+    # larger buffer only lowers the overflow charged to delta, and nearby noise levels then share one program.
+    buffer = min(-(-buffer // BUFFER_STEP) * BUFFER_STEP, int(shards.sizes.max()) + 1)
     overflow = np.asarray(accounting.overflow_probability(shards.sizes, rates, buffer, steps), np.float64)
     z = p.noise_multiplier
     if z is None:

@@ -96,3 +96,13 @@ def test_the_program_runs_with_the_noise_multiplier_epsilon_is_accounted_for(sma
     given = experiment.build(small_cfg(**{"privacy.mode": mode, "privacy.noise_multiplier": 0.7}))
     z_given = np.float64(np.asarray(given.hyper["noise_multiplier"]))
     assert float(np.float32(0.7)) < 0.7 <= given.noise_multiplier == z_given
+
+
+def test_nearby_privacy_targets_share_one_buffer_and_program(small_cfg):
+    """The buffer is rounded up to a multiple of BUFFER_STEP, so a privacy-utility sweep compiles a few programs."""
+    exps = [experiment.build(small_cfg(**{"privacy.mode": "example", "privacy.target_epsilon": eps}))
+            for eps in (1.0, 2.0, 4.0)]
+    assert len({experiment.program_key(e)[1] for e in exps}) == 1
+    assert exps[0].privacy.buffer % experiment.BUFFER_STEP == 0
+    # epsilon is accounted with the rounded buffer's (smaller) overflow probability and stays within the target
+    assert exps[0].epsilons(6)[~exps[0].byzantine].max() <= 1.0
