@@ -362,6 +362,11 @@ def _positive(cfg, name, *, integer=False, allow_zero=False, upper=None):
         raise ConfigError(f"{name} must be {rng}, got {value!r}")
 
 
+def _check_seed(name: str, value: int) -> None:
+    if not 0 <= value < 2**32:
+        raise ConfigError(f"{name} must be in [0, 2^32) (a uint32 key), got {value}")
+
+
 def validate(cfg: dict) -> None:
     """Validate a merged config in place (types coerced, family keys checked). Raises ConfigError."""
     from jaxdfl import aggregators, attacks, models, topology
@@ -370,8 +375,7 @@ def validate(cfg: dict) -> None:
     for key in ("seed", "rounds", "eval_every", "checkpoint_every", "eval_nodes", "eval_samples"):
         cfg[key] = _check_type(key, cfg[key], int)
     cfg["accuracy_threshold"] = _check_type("accuracy_threshold", cfg["accuracy_threshold"], float)
-    if not 0 <= cfg["seed"] < 2**32:
-        raise ConfigError(f"seed must be in [0, 2^32), got {cfg['seed']}")
+    _check_seed("seed", cfg["seed"])
     if cfg["seeds"] is not None:
         seeds = cfg["seeds"]
         if isinstance(seeds, int) and not isinstance(seeds, bool):
@@ -379,9 +383,8 @@ def validate(cfg: dict) -> None:
                 raise ConfigError(f"seeds must be >= 1 or a list of ints, got {seeds!r}")
         elif not (isinstance(seeds, list | tuple) and seeds and all(isinstance(s, int) for s in seeds)):
             raise ConfigError(f"seeds must be a positive count or a non-empty list of ints, got {seeds!r}")
-        listed = range(cfg["seed"], cfg["seed"] + seeds) if isinstance(seeds, int) else seeds
-        if not all(0 <= s < 2**32 for s in listed):
-            raise ConfigError(f"seeds must lie in [0, 2^32), got {seeds!r} (from seed {cfg['seed']})")
+        for s in ([cfg["seed"] + seeds - 1] if isinstance(seeds, int) else seeds):
+            _check_seed("seeds", s)
     _positive(cfg, "rounds", integer=True)
     _positive(cfg, "eval_every", integer=True)
     if cfg["rounds"] % cfg["eval_every"]:
@@ -492,8 +495,7 @@ def validate(cfg: dict) -> None:
     _check_section(priv, DEFAULTS["privacy"], "privacy", {})
 
     for section in ("topology", "data", "attack"):
-        if not 0 <= cfg[section]["seed"] < 2**32:
-            raise ConfigError(f"{section}.seed must be in [0, 2^32), got {cfg[section]['seed']}")
+        _check_seed(f"{section}.seed", cfg[section]["seed"])
 
     par = cfg["parallel"]
     _check_section(par, DEFAULTS["parallel"], "parallel", {})
