@@ -439,9 +439,9 @@ class Runner:
         state, k_rounds = self._start(exp)
         chunks: list[dict] = []
         if resume:
-            if checkpoint_dir is None or checkpoint.latest(checkpoint_dir) is None:
+            path = checkpoint.latest(checkpoint_dir) if checkpoint_dir is not None else None
+            if path is None:
                 raise ConfigError(f"no checkpoint to resume from in {checkpoint_dir!r}")
-            path = checkpoint.latest(checkpoint_dir)
             (state, k_rounds), meta, history = checkpoint.load(path, (state, k_rounds))
             differ = checkpoint.config_differences(meta.get("config", {}), c.to_dict())
             # Without privacy a run may be extended (with DP, rounds set z, the buffer and epsilon), from a round

@@ -131,8 +131,8 @@ def run_grid(base: Config, grid: Sequence[tuple[str, list]], out: str | Path | N
     rows = [r for r in rows if r.get("config") in current]  # results stay in their settings/<hash>/ folders
     runners: list[tuple[tuple, experiment.Runner]] = []
     for index, (overrides, cfg) in enumerate(settings):
-        sid = setting_id(overrides)
-        if config_id(cfg) in done:
+        sid, cid = setting_id(overrides), config_id(cfg)
+        if cid in done:
             if log:
                 log(f"[{index + 1}/{len(settings)}] {sid}: done earlier, skipped")
             continue
@@ -140,7 +140,7 @@ def run_grid(base: Config, grid: Sequence[tuple[str, list]], out: str | Path | N
         result = experiment.runner_for(exp, runners)(exp)
         rows += _rows_for(sid, overrides, result)
         if out:
-            folder = out / "settings" / config_id(cfg)
+            folder = out / "settings" / cid
             results.atomic_write(folder / "config.toml", cfg.to_toml())
             header, hist_rows = results.history_rows(result.history, result.summary.get("seeds"))
             results.write_csv(folder / "metrics.csv", header, hist_rows)

@@ -82,6 +82,8 @@ def _named_pre(pre: Sequence) -> list[tuple[str, dict]]:
     out = []
     for item in pre:
         name, ph = item if not isinstance(item, str) else (item, None)
+        if name not in PRE_REGISTRY:
+            raise ConfigError(f"aggregation.pre: unknown pre-aggregator {name!r}; allowed: {', '.join(PRE_REGISTRY)}")
         out.append((name, _merged(name, ph, PRE_REGISTRY, f"aggregation.{name}")))
     return out
 
@@ -275,11 +277,7 @@ def validate(rule: str, hyper: Mapping | None, sizes, pre: Sequence = ()) -> Non
     sizes = np.asarray(sizes)
     if sizes.ndim != 1 or sizes.size == 0 or sizes.min() < 1:
         raise ConfigError("aggregation: every node needs at least one valid row (itself)")
-    for item in pre:
-        name, ph = item if not isinstance(item, str) else (item, None)
-        if name not in PRE_REGISTRY:
-            raise ConfigError(f"aggregation.pre: unknown pre-aggregator {name!r}; allowed: {', '.join(PRE_REGISTRY)}")
-        ph = _merged(name, ph, PRE_REGISTRY, f"aggregation.{name}")
+    for name, ph in _named_pre(pre):
         _check_hyper(name, ph, f"aggregation.{name}")
         _check_sizes(name, ph, int(sizes.min()), f"aggregation.{name}")
         if name == "bucketing":
