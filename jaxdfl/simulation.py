@@ -149,35 +149,64 @@ def max_degree_weights(neighbors, mask):
 WEIGHT_SCHEMES = {"metropolis": metropolis_weights, "max_degree": max_degree_weights}
 
 
-def random_matching(key, n: int) -> Graph:
-    """A uniformly random (near-)perfect matching of the N nodes: one-peer gossip, weights 1/2 each.
+def random_matching(key, neighbors, mask, edge_id, n_edges: int) -> Graph:
+    """A random maximal matching of the graph's live edges: one-peer gossip, weights 1/2 on each matched pair.
 
-    With N odd one node is left unmatched for the round (it keeps its own model).
+    Definition: draw a uniformly random order of the undirected edges and scan it greedily, keeping an edge when
+    neither end is matched yet (randomised gossip over a matching of the graph; Boyd et al. 2006). Computed in
+    parallel: with distinct priorities the greedy matching is the one of "locally dominant" edges (an edge whose
+    priority is the largest among the free edges at both ends; Preis 1999), so each step matches every such edge
+    and a ``while_loop`` repeats until no free node has a free neighbour (O(log N) steps on random priorities).
+    On the complete graph this is a uniformly random (near-)perfect matching. A node left without a partner keeps
+    its own model for the round.
+
+    Args:
+        key: the round's graph key.
+        neighbors, mask: [N, K] the round's neighbour table (column 0 = self).
+        edge_id: [N, K] undirected edge index of each entry (-1 on self and padding).
+        n_edges: the number of undirected edges.
+
+    Returns:
+        :class:`Graph` with ``[N, 2]`` tables: self and partner.
     """
-    perm = jax.random.permutation(key, n)
-    pairs = n // 2
-    a, b = perm[: 2 * pairs : 2], perm[1 : 2 * pairs : 2]
-    partner = jnp.arange(n).at[a].set(b).at[b].set(a)
-    matched = partner != jnp.arange(n)
-    neighbors = jnp.stack([jnp.arange(n), partner], axis=1).astype(jnp.int32)
-    mask = jnp.stack([jnp.ones(n, bool), matched], axis=1)
+    n = neighbors.shape[0]
+    live = mask & (edge_id >= 0)
+    eid = jnp.maximum(edge_id, 0)
+    # priority = (random word, edge id) in lexicographic order: distinct, so the global best free edge is always
+    # locally dominant and every step matches at least one pair.
+    word = jax.random.bits(key, (max(n_edges, 1),), jnp.uint32)[eid]
+    ids = jnp.arange(n)
+
+    def step(carry):
+        partner, _ = carry
+        free = partner < 0
+        avail = live & free[:, None] & free[neighbors]
+        top = jnp.max(jnp.where(avail, word, 0), axis=1, keepdims=True)
+        best = jnp.argmax(jnp.where(avail & (word == top), eid, -1), axis=1)
+        has = jnp.any(avail, axis=1)
+        choice = jnp.where(has, neighbors[ids, best], -1)
+        mutual = has & (choice[jnp.maximum(choice, 0)] == ids)
+        return jnp.where(mutual, choice, partner), jnp.any(has)
+
+    partner, _ = jax.lax.while_loop(lambda c: c[1], step, (jnp.full(n, -1, jnp.int32), jnp.bool_(True)))
+    matched = partner >= 0
+    partner = jnp.where(matched, partner, ids)
     weights = jnp.stack([jnp.where(matched, 0.5, 1.0), jnp.where(matched, 0.5, 0.0)], axis=1)
-    return Graph(neighbors, mask, weights.astype(jnp.float32))
+    return Graph(jnp.stack([ids, partner], axis=1).astype(jnp.int32), jnp.stack([jnp.ones(n, bool), matched], 1),
+                 weights.astype(jnp.float32))
 
 
 def round_graph(spec: Spec, hyper, arrays: Arrays, key, round_index, online):
     """This round's graph: the static table, or one drawn from the round key (inside the compiled program).
 
-    ``edge_dropout`` removes each undirected edge independently with ``hyper["drop_prob"]``; ``matching`` uses a
-    random matching; ``resample`` picks one of a pool of graphs of the same family drawn on the host; node dropout
-    removes offline nodes' links; a hierarchical topology keeps its bridge links only every ``inter_every``
-    rounds. Whenever links change, the weights are recomputed on the surviving graph with the topology's scheme
-    (``spec.weights``: Metropolis-Hastings or max-degree).
+    ``edge_dropout`` removes each undirected edge independently with ``hyper["drop_prob"]``; ``resample`` picks one
+    of a pool of graphs of the same family drawn on the host; a hierarchical topology keeps its bridge links only
+    every ``inter_every`` rounds; node dropout removes offline nodes' links; ``matching`` then draws a random
+    maximal matching of the links left (:func:`random_matching`). Whenever links change, the weights are
+    recomputed on the surviving graph with the topology's scheme (``spec.weights``: Metropolis-Hastings or
+    max-degree).
     """
-    if spec.dynamic == "matching":
-        g = random_matching(key, spec.n)
-        neighbors, mask = g.neighbors, g.mask
-    elif spec.dynamic == "resample":
+    if spec.dynamic == "resample":
         pick = jax.random.randint(key, (), 0, arrays.pool_neighbors.shape[0])
         neighbors, mask = arrays.pool_neighbors[pick], arrays.pool_mask[pick]
     else:
@@ -193,6 +222,8 @@ def round_graph(spec: Spec, hyper, arrays: Arrays, key, round_index, online):
         mask = mask & online[neighbors] & online[:, None]
         changed = True
     mask = mask.at[:, 0].set(True)
+    if spec.dynamic == "matching":
+        return random_matching(key, neighbors, mask, arrays.edge_id, spec.n_edges)
     if not changed:
         return Graph(neighbors, mask, arrays.weights)
     return Graph(neighbors, mask, WEIGHT_SCHEMES[spec.weights](neighbors, mask))

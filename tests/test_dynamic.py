@@ -42,17 +42,81 @@ def test_edge_ids_are_symmetric():
     assert (eid[:, 0] == -1).all()
 
 
+def _matching(topo, key):
+    eid = experiment.edge_ids(topo)
+    g = simulation.random_matching(key, jnp.asarray(topo.neighbors), jnp.asarray(topo.mask), jnp.asarray(eid),
+                                   topo.num_edges)
+    return g, eid
+
+
+def _greedy_matching_reference(topo, key):
+    """The definition: scan the edges in a random order (here the kernel's priorities: its random word per edge,
+    ties broken by edge id, largest first) and keep each edge whose two ends are still free."""
+    word = np.asarray(jax.random.bits(key, (topo.num_edges,), jnp.uint32)).astype(np.int64)
+    partner = np.full(topo.n, -1)
+    for e in sorted(range(topo.num_edges), key=lambda e: (word[e], e), reverse=True):
+        i, j = topo.edges[e]
+        if partner[i] < 0 and partner[j] < 0:
+            partner[i], partner[j] = j, i
+    return partner
+
+
+@pytest.mark.parametrize("kind,params", [("ring", {}), ("erdos_renyi", {"p": 0.3}), ("complete", {}),
+                                         ("random_regular", {"degree": 4})])
+def test_matching_is_the_greedy_matching_of_a_random_edge_order(kind, params):
+    for seed in range(4):
+        topo = topology.make(kind, 11, seed=seed, **params)
+        key = jax.random.key(seed)
+        g, _ = _matching(topo, key)
+        partner = np.where(np.asarray(g.mask[:, 1]), np.asarray(g.neighbors[:, 1]), -1)
+        np.testing.assert_array_equal(partner, _greedy_matching_reference(topo, key))
+        edges = {tuple(e) for e in topo.edges.tolist()}
+        free = partner < 0
+        assert all((min(i, j), max(i, j)) in edges for i, j in enumerate(partner) if j >= 0)  # graph edges only
+        assert not any(free[i] and free[j] for i, j in edges)  # maximal
+
+
 @pytest.mark.parametrize("n", [8, 9])
 def test_matching_gossip_preserves_the_average(n):
-    g = simulation.random_matching(jax.random.key(3), n)
+    g, _ = _matching(topology.make("complete", n), jax.random.key(3))
     x = jax.random.normal(jax.random.key(0), (n, 5))
     y = gossip.sparse(g.neighbors, g.weights, x)
     np.testing.assert_allclose(y.mean(0), x.mean(0), atol=1e-6)
     partner = np.asarray(g.neighbors[:, 1])
     matched = np.asarray(g.mask[:, 1])
-    assert matched.sum() == 2 * (n // 2)
+    assert matched.sum() == 2 * (n // 2)  # perfect on the complete graph
     assert all(partner[partner[i]] == i for i in range(n))
     np.testing.assert_allclose(y[matched], 0.5 * (x[matched] + x[partner[matched]]), atol=1e-6)
+
+
+def test_matching_on_the_complete_graph_is_uniform():
+    topo = topology.make("complete", 4)
+    keys = jax.random.split(jax.random.key(0), 3000)
+    partners = np.asarray(jax.vmap(lambda k: _matching(topo, k)[0].neighbors[0, 1])(keys))
+    counts = np.bincount(partners, minlength=4)[1:]  # node 0's partner names one of the 3 perfect matchings
+    assert counts.sum() == 3000 and np.abs(counts / 3000 - 1 / 3).max() < 0.03
+
+
+def test_matching_uses_only_the_links_left_this_round(small_cfg):
+    # regression: matching with a hierarchical topology's periodic bridges crashed on mismatched shapes
+    cfg = small_cfg(**{"topology.kind": "hierarchical", "topology.n": 12, "topology.cluster_size": 4,
+                       "topology.inter_every": 3, "topology.dynamic": "matching"})
+    exp = experiment.build(cfg)
+    cluster = topology.clusters(exp.topology, 4)
+    graph = jax.jit(lambda key, r: simulation.round_graph(exp.spec, exp.hyper, exp.arrays, key, r,
+                                                          jnp.ones(12, bool)))
+    crossings = []
+    for r in range(12):  # bridges live in rounds 0, 3, 6, 9
+        g = graph(jax.random.key(r), jnp.int32(r))
+        nbr, mask = np.asarray(g.neighbors), np.asarray(g.mask)
+        crossings.append((mask[:, 1] & (cluster[nbr[:, 1]] != cluster)).any())
+    assert not any(c for r, c in enumerate(crossings) if r % 3) and any(crossings[::3])
+    exp, g, online = _graph(small_cfg(**{"topology.kind": "complete", "topology.dynamic": "matching",
+                                         "topology.node_dropout": 0.4}), key=5)
+    online, nbr, mask = np.asarray(online), np.asarray(g.neighbors), np.asarray(g.mask)
+    assert not mask[~online, 1].any()  # offline nodes are not matched ...
+    assert mask[online, 1].sum() == 2 * (online.sum() // 2)  # ... and the online ones pair among themselves
+    assert online[nbr[mask[:, 1], 1]].all()
 
 
 def test_edge_dropout_zero_equals_static(small_cfg):
