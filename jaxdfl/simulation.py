@@ -190,9 +190,30 @@ def random_matching(key, neighbors, mask, edge_id, n_edges: int) -> Graph:
 
     partner, _ = jax.lax.while_loop(lambda c: c[1], step, (jnp.full(n, -1, jnp.int32), jnp.bool_(True)))
     matched = partner >= 0
-    partner = jnp.where(matched, partner, ids)
+    return _pairs(jnp.where(matched, partner, ids), matched)
+
+
+def complete_matching(key, online) -> Graph:
+    """A uniformly random (near-)perfect matching of the online nodes of a complete graph, in O(N log N).
+
+    The online nodes in a random order are paired off two by two: the same distribution as
+    :func:`random_matching` on the complete graph (which costs O(N^2) per step there). ``online: [N]`` bool.
+    """
+    n = online.shape[0]
+    order = jnp.argsort(jnp.where(online, 0, n) + jax.random.permutation(key, n))  # online first, shuffled
+    ids = jnp.arange(n)
+    slot = jnp.zeros(n, jnp.int32).at[order].set(ids)
+    other = jnp.minimum(slot ^ 1, n - 1)
+    partner = order[other]
+    matched = online & online[partner] & (partner != ids)
+    return _pairs(jnp.where(matched, partner, ids), matched)
+
+
+def _pairs(partner, matched) -> Graph:
+    """``[N, 2]`` tables of a matching: self and partner, weights 1/2 each (1 on self when unmatched)."""
+    ids = jnp.arange(partner.shape[0])
     weights = jnp.stack([jnp.where(matched, 0.5, 1.0), jnp.where(matched, 0.5, 0.0)], axis=1)
-    return Graph(jnp.stack([ids, partner], axis=1).astype(jnp.int32), jnp.stack([jnp.ones(n, bool), matched], 1),
+    return Graph(jnp.stack([ids, partner], axis=1).astype(jnp.int32), jnp.stack([jnp.ones_like(matched), matched], 1),
                  weights.astype(jnp.float32))
 
 
@@ -202,7 +223,8 @@ def round_graph(spec: Spec, hyper, arrays: Arrays, key, round_index, online):
     ``edge_dropout`` removes each undirected edge independently with ``hyper["drop_prob"]``; ``resample`` picks one
     of a pool of graphs of the same family drawn on the host; a hierarchical topology keeps its bridge links only
     every ``inter_every`` rounds; node dropout removes offline nodes' links; ``matching`` then draws a random
-    maximal matching of the links left (:func:`random_matching`). Whenever links change, the weights are
+    maximal matching of the links left (:func:`random_matching`; on the complete graph the equivalent
+    :func:`complete_matching`). Whenever links change, the weights are
     recomputed on the surviving graph with the topology's scheme (``spec.weights``: Metropolis-Hastings or
     max-degree).
     """
@@ -223,6 +245,8 @@ def round_graph(spec: Spec, hyper, arrays: Arrays, key, round_index, online):
         changed = True
     mask = mask.at[:, 0].set(True)
     if spec.dynamic == "matching":
+        if spec.n_edges == spec.n * (spec.n - 1) // 2:
+            return complete_matching(key, online if spec.node_dropout else jnp.ones(spec.n, bool))
         return random_matching(key, neighbors, mask, arrays.edge_id, spec.n_edges)
     if not changed:
         return Graph(neighbors, mask, arrays.weights)

@@ -89,12 +89,17 @@ def test_matching_gossip_preserves_the_average(n):
     np.testing.assert_allclose(y[matched], 0.5 * (x[matched] + x[partner[matched]]), atol=1e-6)
 
 
-def test_matching_on_the_complete_graph_is_uniform():
+@pytest.mark.parametrize("path", ["graph", "complete"])
+def test_matching_on_the_complete_graph_is_uniform(path):
     topo = topology.make("complete", 4)
     keys = jax.random.split(jax.random.key(0), 3000)
-    partners = np.asarray(jax.vmap(lambda k: _matching(topo, k)[0].neighbors[0, 1])(keys))
+    if path == "graph":
+        draw = jax.vmap(lambda k: _matching(topo, k)[0])(keys)
+    else:  # the O(N log N) path the engine takes on a complete graph: the same distribution
+        draw = jax.vmap(lambda k: simulation.complete_matching(k, jnp.ones(4, bool)))(keys)
+    partners = np.asarray(draw.neighbors[:, 0, 1])
     counts = np.bincount(partners, minlength=4)[1:]  # node 0's partner names one of the 3 perfect matchings
-    assert counts.sum() == 3000 and np.abs(counts / 3000 - 1 / 3).max() < 0.03
+    assert np.asarray(draw.mask).all() and np.abs(counts / 3000 - 1 / 3).max() < 0.03
 
 
 def test_matching_uses_only_the_links_left_this_round(small_cfg):
