@@ -712,7 +712,7 @@ def validate(name: str, hyper: dict | None = None) -> None:
     if name not in REGISTRY:
         raise ConfigError(f"attack.name: unknown attack {name!r}; allowed: {', '.join(sorted(REGISTRY))}")
     hyper = dict(hyper or {})
-    allowed = DEFAULTS[name]
+    allowed = DEFAULTS.get(name, {})  # an attack without settings needs no DEFAULTS entry
     for key in hyper:
         if key not in allowed:
             names = ", ".join(sorted(allowed)) or "none"
@@ -749,4 +749,4 @@ def resolve(name: str, hyper: dict | None = None) -> dict[str, object]:
         dict with every key of DEFAULTS[name].
     """
     validate(name, hyper)
-    return {**DEFAULTS[name], **(hyper or {})}
+    return {**DEFAULTS.get(name, {}), **(hyper or {})}

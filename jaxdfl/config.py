@@ -153,16 +153,20 @@ class Config(Mapping):
         """A new validated config with dotted overrides, e.g. ``{"topology.n": 64}`` or ``["topology.n=64"]``.
 
         Changing a family (``topology.kind``, ``aggregation.rule``, ``attack.name``) drops the old family's settings
-        that the new one does not take (a sweep over rules must not trip over the previous rule's ``tau``); settings
-        both take carry over.
+        that the new one does not take (a sweep over rules must not trip over the previous rule's ``tau``), and the
+        ones still at the old family's default: the new family starts from its own defaults (``large_norm``'s
+        ``scale`` is 1e6, not ``sign_flip``'s 1). A setting both take that was set to another value carries over
+        (``aggregation.f`` across rules).
         """
         changes = _parse_overrides(overrides)
         tree = self.to_dict()
         for key, value in changes:
             section, _, field = key.partition(".")
             if (section, field) in FAMILY_SELECTORS and tree[section].get(field) != value:
-                allowed = set(DEFAULTS[section]) | set(_family_keys(section, value))
-                tree[section] = {k: v for k, v in tree[section].items() if k in allowed}
+                old = _family_defaults(section, tree[section].get(field))
+                new = _family_defaults(section, value)
+                tree[section] = {k: v for k, v in tree[section].items()
+                                 if k in DEFAULTS[section] or (k in new and (k not in old or old[k] != v))}
         return make_config(tree, dict(changes))
 
     def to_toml(self) -> str:
@@ -205,15 +209,22 @@ def _thaw(x):
 FAMILY_SELECTORS = {("topology", "kind"), ("aggregation", "rule"), ("attack", "name")}
 
 
-def _family_keys(section: str, name: str) -> Iterable[str]:
-    """The settings family ``name`` of ``section`` takes (beyond the section's fixed keys)."""
+def _family_defaults(section: str, name: str) -> dict[str, Any]:
+    """The settings family ``name`` of ``section`` takes (beyond the section's fixed keys), with their defaults.
+
+    The pre-aggregators' tables (``aggregation.nnm``, ...) go with every rule: their default is ``_ANY_RULE``, which
+    no value equals.
+    """
     from jaxdfl import aggregators, attacks, topology
 
     if section == "topology":
         return topology.PARAMS.get(name, {})
     if section == "aggregation":
-        return [*aggregators.DEFAULTS.get(name, {}), *aggregators.PRE_REGISTRY]
+        return {**aggregators.DEFAULTS.get(name, {}), **dict.fromkeys(aggregators.PRE_REGISTRY, _ANY_RULE)}
     return attacks.DEFAULTS.get(name, {})
+
+
+_ANY_RULE = object()
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -462,7 +473,7 @@ def validate(cfg: dict) -> None:
             raise ConfigError(f"aggregation.pre: unknown pre-aggregator {p!r}; allowed: "
                               f"{', '.join(aggregators.PRE_REGISTRY)}")
     sub = {p: {} for p in aggregators.PRE_REGISTRY}
-    _check_section(agg, DEFAULTS["aggregation"], "aggregation", {**aggregators.DEFAULTS[rule], **sub})
+    _check_section(agg, DEFAULTS["aggregation"], "aggregation", {**aggregators.DEFAULTS.get(rule, {}), **sub})
     for p in aggregators.PRE_REGISTRY:
         if p in agg:
             if not isinstance(agg[p], Mapping):
@@ -474,7 +485,7 @@ def validate(cfg: dict) -> None:
             agg[p] = merged
     for p in pre:
         agg.setdefault(p, dict(aggregators.DEFAULTS[p]))
-    for key, value in aggregators.DEFAULTS[rule].items():
+    for key, value in aggregators.DEFAULTS.get(rule, {}).items():
         agg.setdefault(key, value)
 
     att = cfg["attack"]

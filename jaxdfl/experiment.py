@@ -192,7 +192,7 @@ def build(cfg: Config | dict | str) -> Experiment:
         y = np.where(byz[:, None], attacks.flip_labels(y, ds.num_classes), y)
 
     agg = cfg.aggregation
-    rule_hyper = {k: agg[k] for k in aggregators.DEFAULTS[agg.rule]}
+    rule_hyper = {k: agg[k] for k in aggregators.DEFAULTS.get(agg.rule, {})}
     pre = tuple((name, dict(agg[name])) for name in agg.pre)
     _check_exchange(cfg, pool, byz, rule_hyper, pre)
 

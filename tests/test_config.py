@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from jaxdfl import sweep
 from jaxdfl.config import DEFAULTS, dumps_toml, load_config, make_config, parse_value
 from jaxdfl.errors import ConfigError
 
@@ -96,6 +97,34 @@ def test_replace_switching_family_drops_settings_the_new_one_does_not_take():
     assert "z" not in ipm.attack and ipm.attack.byzantine == 1
     with pytest.raises(ConfigError, match="topology.degre"):
         cfg.replace({"topology.degre": 3})  # typos are still errors
+
+
+
+def test_switching_family_starts_from_the_new_familys_defaults():
+    # regression: shared keys at the old family's default carried over (large_norm ran with sign_flip's scale 1)
+    from jaxdfl import attacks
+
+    cfg = make_config({"topology": {"kind": "small_world", "n": 12}, "attack": {"name": "sign_flip", "byzantine": 1}})
+    assert cfg.replace({"attack.name": "large_norm"}).attack.scale == attacks.DEFAULTS["large_norm"]["scale"] != 1.0
+    assert cfg.replace({"attack.name": "mimic"}).attack.target is None  # not sign_flip's "mean"
+    ipm = cfg.replace({"attack.name": "ipm"})
+    assert ipm.replace({"attack.name": "dissensus"}).attack.eps == attacks.DEFAULTS["dissensus"]["eps"]
+    assert "p" not in cfg.replace({"topology.p": 0.1}).replace({"topology.kind": "erdos_renyi"}).topology
+    chosen = cfg.replace({"attack.scale": 3.0}).replace({"attack.name": "large_norm"})
+    assert chosen.attack.scale == 3.0  # a value the user chose carries over
+    assert sweep.expand(cfg, [("attack.name", ["large_norm"])])[0][1].attack.scale == 1e6
+
+
+def test_a_rule_or_attack_registered_without_settings_needs_no_defaults(monkeypatch):
+    from jaxdfl import aggregators, attacks, experiment
+
+    monkeypatch.setitem(aggregators.REGISTRY, "own", lambda x, mask, weights=None: x[0])
+    monkeypatch.setitem(attacks.REGISTRY, "same", lambda key, ctx: (ctx.block, ctx.mask))
+    cfg = make_config({"topology": {"n": 6}, "aggregation": {"rule": "own"}, "attack": {"name": "same",
+                                                                                      "byzantine": 1}})
+    assert experiment.build(cfg).spec.rule == "own"
+    with pytest.raises(ConfigError, match="attack.scale"):
+        cfg.replace({"attack.scale": 2.0})
 
 
 BUNDLED = ("digits", "synthetic")  # datasets that need no files

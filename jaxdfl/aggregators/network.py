@@ -70,11 +70,12 @@ def _merged(name: str, hyper: Mapping | None, registry: Mapping, where: str) -> 
     if name not in registry:
         raise ConfigError(f"{where}: unknown name {name!r}; allowed: {', '.join(registry)}")
     hyper = dict(hyper or {})
-    unknown = sorted(set(hyper) - set(DEFAULTS[name]))
+    defaults = DEFAULTS.get(name, {})  # a rule without hyper-parameters needs no DEFAULTS entry
+    unknown = sorted(set(hyper) - set(defaults))
     if unknown:
-        allowed = ", ".join(DEFAULTS[name]) or "none"
+        allowed = ", ".join(defaults) or "none"
         raise ConfigError(f"{where}.{unknown[0]}: unknown hyper-parameter for {name!r}; allowed: {allowed}")
-    return {**DEFAULTS[name], **hyper}
+    return {**defaults, **hyper}
 
 
 def _named_pre(pre: Sequence) -> list[tuple[str, dict]]:
