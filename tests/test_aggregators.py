@@ -269,6 +269,29 @@ def test_robust_rules_stay_near_the_honest_vectors(rule):
             assert np.linalg.norm(out - hx.mean(0)) < 10.0, rule
 
 
+
+def test_geometric_median_with_default_settings_converges_past_far_outliers():
+    """Regression: the objective-based stop ended after one step when far rows dominated the objective, so the rule
+    returned about the node's own vector (3.9 away from the geometric median on rows of unit spread)."""
+    data = [outlier_neighbourhood(seed) for seed in range(3)]
+    outs = np.asarray(_jit_vmap("geometric_median", ())(*(np.stack([d[i] for d in data]) for i in range(3))))
+    for (x, mask, w, _), out in zip(data, outs):
+        ref = R.geometric_median(x, mask, w, nu=0.1, iters=5000, tol=0.0)
+        assert np.linalg.norm(out - ref) < 0.02 * np.linalg.norm(ref - x[0])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value")
+def test_bulyan_selects_theta_distinct_rows_when_the_last_scores_are_infinite():
+    """Regression: with an inf row the last Krum steps scored every remaining row +inf, argmin returned an already
+    selected row, and the second stage averaged beta - 1 values. The oracle picks among the remaining rows."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 7, 5)).astype(np.float32)
+    x[:, 3] = np.inf
+    mask = np.ones((5, 7), bool)
+    outs = np.asarray(batched("bulyan", f=1)(x, mask, np.full((5, 7), 1 / 7, np.float32)))
+    for xi, out in zip(x, outs):
+        np.testing.assert_allclose(out, R.bulyan(xi, mask[0], f=1), rtol=1e-5, atol=1e-6)
+
 def test_bulyan_stays_in_the_honest_bounding_box():
     data = [outlier_neighbourhood(seed, k=11, f=2) for seed in range(3)]
     outs = np.asarray(batched("bulyan", f=2)(*(np.stack([d[i] for d in data]) for i in range(3))))
@@ -351,6 +374,27 @@ def test_clip_against_reference(self_centered):
         expect = R.clip(x[i], mask[i], w[i], tau=1.2, self_centered=self_centered)
         np.testing.assert_allclose(np.asarray(out[i])[mask[i]], expect, rtol=1e-5, atol=1e-5)
 
+
+
+def test_bucketing_keeps_the_weighted_sum_so_gossip_after_it_is_gossip():
+    """Regression: a bucket was the plain mean of its members but carried their summed weight, so ``mean`` after
+    bucketing was not gossip when the mixing weights differ (Metropolis weights on an irregular graph)."""
+    x, mask, w = make_batch(130)
+    rng = np.random.default_rng(1)
+    w = np.where(mask, rng.uniform(0.05, 1.0, mask.shape), 0.0).astype(np.float32)
+    w /= w.sum(1, keepdims=True)
+    keys = jax.random.split(jax.random.key(0), len(x))
+    out, m2, w2 = jit_pre("bucketing", (("s", 2),))(keys, x, mask, w)
+    gossip = np.asarray(batched("mean")(out, m2, w2))
+    np.testing.assert_allclose(gossip, np.einsum("bk,bkd->bd", w, x), rtol=1e-5, atol=1e-5)
+
+
+def test_bucketing_takes_a_numpy_integer_bucket_size():
+    x, mask, w = make_batch(131, b=1)
+    bucketing = jax.jit(A.PRE_REGISTRY["bucketing"], static_argnames="s")  # jit_pre's cache would equate 2 and int64
+    a = bucketing(jax.random.key(0), x[0], mask[0], w[0], s=np.int64(2))
+    b = bucketing(jax.random.key(0), x[0], mask[0], w[0], s=2)
+    np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
 
 @pytest.mark.parametrize("s", [1, 2, 3])
 def test_bucketing_partitions_the_neighbours(s):
@@ -468,6 +512,9 @@ def test_validate_accepts_defaults():
     (("multi_krum", {"m": 9}, [5, 9]), "aggregation.m"),
     (("centered_clip", {"tau": -1.0}, [5]), "aggregation.tau"),
     (("geometric_median", {"nu": 0.0}, [5]), "aggregation.nu"),
+    (("geometric_median", {"nu": float("inf")}, [5]), "aggregation.nu"),  # returned NaN
+    (("geometric_median", {"tol": float("nan")}, [5]), "aggregation.tol"),
+    (("clipped_gossip", {"tau": float("nan")}, [5]), "aggregation.tau"),  # silently became the plain mean
     (("meamed", {"f": 1.5}, [5]), "aggregation.f"),
     (("ios", {"f": 2}, [3]), "aggregation.f"),
     (("clipped_gossip", {"adaptive": True, "f": 1}, [2]), "aggregation.f"),

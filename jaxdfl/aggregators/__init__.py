@@ -27,7 +27,8 @@ included):
 - ``trimmed_mean``, ``meamed``, ``monna``, ``nnm``: ``f`` values/rows dropped; need n > 2f.
 - ``krum``: ``f``; needs n - f - 2 >= 1. ``multi_krum``: ``f`` and ``m`` (rows averaged; 0 = n - f).
 - ``bulyan``: ``f``; needs n >= 4f + 3.
-- ``geometric_median``: ``nu`` (smoothing radius > 0), ``iters`` (max Weiszfeld steps), ``tol`` (relative).
+- ``geometric_median``: ``nu`` (smoothing radius > 0), ``iters`` (max Weiszfeld steps), ``tol`` (step length relative
+  to the harmonic mean distance).
 - ``centered_clip``: ``tau`` (radius >= 0), ``iters``.
 - ``clipped_gossip``: ``tau`` (radius >= 0), ``adaptive`` (tau = distance of the (m - f)-th closest of the m
   neighbours), ``f`` (used when adaptive).

@@ -160,11 +160,13 @@ def bulyan(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None, *, f
     k = mask.shape[0]
     d2 = sq_distances(x, mask)
     theta = count(mask) - 2 * f
-    idx = jnp.arange(k)
 
     def body(i, state):
         remaining, selected = state
-        pick = (idx == jnp.argmin(_krum_scores(d2, remaining, f, all_when_degenerate=True))) & (i < theta)
+        # rank 0 among the remaining rows, not argmin: when every remaining score is +inf (non-finite rows) argmin
+        # would return an already selected row and Bulyan would keep fewer than theta rows
+        scores = _krum_scores(d2, remaining, f, all_when_degenerate=True)
+        pick = remaining & (ranks(scores, remaining) == 0) & (i < theta)
         return remaining & ~pick, selected | pick
 
     _, selected = jax.lax.fori_loop(0, k, body, (mask, jnp.zeros_like(mask)))
@@ -177,8 +179,9 @@ def geometric_median(x: jax.Array, mask: jax.Array, weights: jax.Array | None = 
 
     Definition: ``z = argmin_z sum_i |z - x_i|`` over valid rows (uniform weights), approximated by
     ``z <- sum_i b_i x_i / sum_i b_i`` with ``b_i = 1 / max(|x_i - z|, nu)``, started at the node's own vector and
-    stopped after ``iters`` steps or when the smoothed objective improves by less than ``tol`` (relative). The
-    iterate lives in the K coefficients, so an iteration costs O(K^2), not O(K D).
+    stopped after ``iters`` steps or when a step moves ``z`` by at most ``tol`` times the harmonic mean of the
+    ``max(|x_i - z|, nu)`` (a scale set by the nearby rows, which far outliers do not inflate). The iterate lives in
+    the K coefficients, so an iteration costs O(K^2), not O(K D).
 
     Hyper-parameters: ``nu`` (> 0, smoothing radius, in the units of x), ``iters`` (int >= 1, maximum steps),
     ``tol`` (>= 0); all may be traced. Breakdown point 1/2.
@@ -189,7 +192,7 @@ def geometric_median(x: jax.Array, mask: jax.Array, weights: jax.Array | None = 
         weights: [K] ignored.
         nu: smoothing: distances below nu count as nu.
         iters: maximum number of Weiszfeld steps.
-        tol: stop when the objective's relative improvement is below this.
+        tol: stop when a step is shorter than this, relative to the harmonic mean distance.
 
     Returns:
         [D] in the dtype of ``x``.
@@ -201,29 +204,24 @@ def geometric_median(x: jax.Array, mask: jax.Array, weights: jax.Array | None = 
     alpha = _uniform(mask)
     nu = jnp.asarray(nu, jnp.float32)
 
-    def objective(b):
-        d = jnp.sqrt(sq_dist_to(gram, b))
-        smooth = jnp.where(d >= nu, d, d * d / (2 * nu) + nu / 2)
-        return jnp.sum(alpha * smooth)
-
     def step(b):
-        d = jnp.sqrt(sq_dist_to(gram, b))
-        beta = alpha / jnp.maximum(d, nu)
-        return beta / jnp.sum(beta)
+        # the next coefficients, and the step's length relative to the harmonic mean of max(|x_i - z|, nu): a scale
+        # the far rows barely move (an objective test stalls when outliers dominate the objective)
+        beta = alpha / jnp.maximum(jnp.sqrt(sq_dist_to(gram, b)), nu)
+        nb = beta / jnp.sum(beta)
+        moved = jnp.sqrt(jnp.maximum((nb - b) @ gram @ (nb - b), 0.0)) * jnp.sum(beta)
+        return nb, moved
 
     def cond(state):
-        i, _, prev, cur = state
-        return (i < iters) & (prev - cur > tol * jnp.abs(cur))
+        i, _, moved = state
+        return (i < iters) & (moved > tol)
 
     def body(state):
-        i, b, _, cur = state
-        nb = step(b)
-        return i + 1, nb, cur, objective(nb)
+        i, b, _ = state
+        return (i + 1, *step(b))
 
     b0 = jnp.zeros(mask.shape, jnp.float32).at[0].set(1.0)
-    b1 = step(b0)
-    state = (jnp.ones((), jnp.int32), b1, objective(b0), objective(b1))
-    _, b, _, _ = jax.lax.while_loop(cond, body, state)
+    _, b, _ = jax.lax.while_loop(cond, body, (jnp.ones((), jnp.int32), *step(b0)))
     return combine(x, mask, b)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -166,6 +168,8 @@ def _check_number(where: str, value, *, integer=False, minimum=None, strict=Fals
     if isinstance(value, bool) or not isinstance(value, Integral if integer else Real):
         kind = "an integer" if integer else "a number"
         raise ConfigError(f"{where} must be {kind}, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
     if minimum is not None and (value <= minimum if strict else value < minimum):
         raise ConfigError(f"{where} must be {'>' if strict else '>='} {minimum}, got {value!r}")
 

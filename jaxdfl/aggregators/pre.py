@@ -6,6 +6,8 @@ stays the node's own (possibly transformed) vector and stays valid, so self-cent
 
 from __future__ import annotations
 
+from numbers import Integral
+
 import jax
 import jax.numpy as jnp
 
@@ -65,8 +67,10 @@ def bucketing(key: jax.Array, x: jax.Array, mask: jax.Array, weights: jax.Array,
     """Bucketing: shuffle the valid neighbours, average them in buckets of s.
 
     Definition: a uniformly random permutation of the valid neighbour rows (k >= 1) is cut into consecutive buckets
-    of ``s`` (the last may be smaller); each bucket becomes one row, the mean of its members, with weight the sum of
-    their weights. Row 0 (the node itself, which it trusts) is kept apart as row 0. Output has
+    of ``s`` (the last may be smaller); each bucket becomes one row, the mean of its members weighted by their mixing
+    weights (the plain mean when these are all 0), with weight the sum of their weights, so that a weighted rule
+    after it (``mean``: gossip) sees the same weighted sum. With equal weights this is the paper's plain average.
+    Row 0 (the node itself, which it trusts) is kept apart as row 0. Output has
     ``1 + ceil((K - 1) / s)`` rows; a node with m valid neighbours has ``1 + ceil(m / s)`` valid rows.
 
     Hyper-parameters: ``s`` (int >= 1, must be a static Python int: it sets the output shape).
@@ -86,18 +90,22 @@ def bucketing(key: jax.Array, x: jax.Array, mask: jax.Array, weights: jax.Array,
     References: S. P. Karimireddy, L. He, M. Jaggi, "Byzantine-robust learning on heterogeneous datasets via
     bucketing", ICLR 2022.
     """
-    if not isinstance(s, int) or s < 1:
+    if isinstance(s, bool) or not isinstance(s, Integral) or s < 1:
         raise ValueError(f"bucketing needs a static int s >= 1, got {s!r}")
+    s = int(s)
     k = mask.shape[0]
     buckets = -(-(k - 1) // s)
     nbr = mask & (jnp.arange(k) > 0)
     position = ranks(jax.random.uniform(key, (k,)), nbr)
     member = nbr[None, :] & (position[None, :] // s == jnp.arange(buckets)[:, None])
-    size = jnp.sum(member, axis=1)
+    w = jnp.where(mask, weights, 0.0).astype(jnp.float32)
+    member_w = jnp.where(member, w[None, :], 0.0)
+    bucket_w = jnp.sum(member_w, axis=1, keepdims=True)
+    plain = member / jnp.maximum(jnp.sum(member, axis=1, keepdims=True), 1).astype(jnp.float32)
     mix = jnp.concatenate([jnp.eye(1, k, dtype=jnp.float32),
-                           member / jnp.maximum(size, 1)[:, None].astype(jnp.float32)])
-    w = jnp.where(mask, weights, 0.0)
-    new_w = jnp.concatenate([w[:1], jnp.sum(jnp.where(member, w[None, :], 0.0), axis=1)])
+                           jnp.where(bucket_w > 0, member_w / jnp.where(bucket_w > 0, bucket_w, 1.0), plain)])
+    new_w = jnp.concatenate([w[:1], bucket_w[:, 0]])
+    size = jnp.sum(member, axis=1)
     new_mask = jnp.concatenate([jnp.ones((1,), bool), size > 0])
     return _mix(x, mask, mix), new_mask, new_w.astype(weights.dtype)
 
