@@ -158,16 +158,7 @@ class Config(Mapping):
         ``scale`` is 1e6, not ``sign_flip``'s 1). A setting both take that was set to another value carries over
         (``aggregation.f`` across rules).
         """
-        changes = _parse_overrides(overrides)
-        tree = self.to_dict()
-        for key, value in changes:
-            section, _, field = key.partition(".")
-            if (section, field) in FAMILY_SELECTORS and tree[section].get(field) != value:
-                old = _family_defaults(section, tree[section].get(field))
-                new = _family_defaults(section, value)
-                tree[section] = {k: v for k, v in tree[section].items()
-                                 if k in DEFAULTS[section] or (k in new and (k not in old or old[k] != v))}
-        return make_config(tree, dict(changes))
+        return make_config(self.to_dict(), overrides)
 
     def to_toml(self) -> str:
         """The config as TOML text (``None`` values are left out, since TOML has no null)."""
@@ -207,6 +198,20 @@ def _thaw(x):
 
 #: (section, key) pairs that pick a family whose members take different settings.
 FAMILY_SELECTORS = {("topology", "kind"), ("aggregation", "rule"), ("attack", "name")}
+
+
+def _switch_family(tree: dict, key: str, value: Any) -> None:
+    """Before override ``key = value`` changes a family, drop from ``tree`` the old family's settings that the new one
+    does not take or that are still at the old family's default (see :meth:`Config.replace`)."""
+    section, _, field = key.partition(".")
+    sec = tree.get(section)
+    if (section, field) not in FAMILY_SELECTORS or not isinstance(sec, dict):
+        return
+    current = sec.get(field, DEFAULTS[section][field])
+    if not isinstance(current, str) or not isinstance(value, str) or current == value:
+        return
+    old, new = _family_defaults(section, current), _family_defaults(section, value)
+    tree[section] = {k: v for k, v in sec.items() if k not in old or (k in new and old[k] != v)}
 
 
 def _family_defaults(section: str, name: str) -> dict[str, Any]:
@@ -258,20 +263,37 @@ def make_config(tree: Mapping[str, Any] | None = None,
     """Merge ``tree`` and dotted ``overrides`` over :data:`DEFAULTS` and validate the result."""
     user = copy.deepcopy(dict(tree or {}))
     for key, value in _parse_overrides(overrides):
+        _switch_family(user, key, value)
         _set_dotted(user, key, value)
     merged = _merge(DEFAULTS, user, prefix="")
     validate(merged)
     return Config(merged)
 
 
-def parse_value(text: str) -> Any:
-    """Parse one override value as a TOML value; a bare word that is not TOML is taken as a string."""
+def parse_value(text: str, key: str | None = None) -> Any:
+    """Parse one override value as a TOML value; a bare word that is not TOML is taken as a string.
+
+    For a ``key`` whose default is a string, a bare ``inf`` or ``nan`` is that name (``attack.name=inf``), not a
+    float.
+    """
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         if any(c in text for c in "[]{}=\"'"):
             raise ConfigError(f"cannot parse value {text!r}: use TOML syntax, e.g. 3, 0.1, \"ring\", [1, 2]") from None
         return text
+    if isinstance(value, float) and not math.isfinite(value) and key and isinstance(_default_of(key), str):
+        return text
+    return value
+
+
+def _default_of(key: str) -> Any:
+    node: Any = DEFAULTS
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 def _parse_overrides(overrides) -> list[tuple[str, Any]]:
@@ -282,7 +304,8 @@ def _parse_overrides(overrides) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, text = item.split("=", 1)
-        out.append((key.strip(), parse_value(text.strip())))
+        key = key.strip()
+        out.append((key, parse_value(text.strip(), key)))
     return out
 
 
@@ -392,8 +415,11 @@ def validate(cfg: dict) -> None:
         if isinstance(seeds, int) and not isinstance(seeds, bool):
             if seeds < 1:
                 raise ConfigError(f"seeds must be >= 1 or a list of ints, got {seeds!r}")
-        elif not (isinstance(seeds, list | tuple) and seeds and all(isinstance(s, int) for s in seeds)):
+        elif not (isinstance(seeds, list | tuple) and seeds
+                  and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
             raise ConfigError(f"seeds must be a positive count or a non-empty list of ints, got {seeds!r}")
+        elif len(set(seeds)) < len(seeds):  # repeated runs would understate the spread over seeds
+            raise ConfigError(f"seeds must not repeat a seed, got {list(seeds)!r}")
         for s in ([cfg["seed"] + seeds - 1] if isinstance(seeds, int) else seeds):
             _check_seed("seeds", s)
     _positive(cfg, "rounds", integer=True)
@@ -402,9 +428,9 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"eval_every must divide rounds: rounds={cfg['rounds']}, eval_every={cfg['eval_every']}")
 
     topo = cfg["topology"]
-    _check_section(topo, DEFAULTS["topology"], "topology", topology.PARAMS.get(topo.get("kind"), {}))
-    if topo["kind"] not in topology.KINDS:
-        raise ConfigError(f"topology.kind must be one of {', '.join(topology.KINDS)}; got {topo['kind']!r}")
+    if not isinstance(topo.get("kind"), str) or topo["kind"] not in topology.KINDS:  # first: it decides the keys
+        raise ConfigError(f"topology.kind must be one of {', '.join(topology.KINDS)}; got {topo.get('kind')!r}")
+    _check_section(topo, DEFAULTS["topology"], "topology", topology.PARAMS[topo["kind"]])
     if topo["n"] < 2:
         raise ConfigError(f"topology.n must be >= 2, got {topo['n']}")
     for key in ("drop_prob", "node_dropout", "stragglers"):
@@ -458,6 +484,12 @@ def validate(cfg: dict) -> None:
     _positive(cfg, "train.momentum", allow_zero=True)
     if train["momentum"] >= 1:
         raise ConfigError(f"train.momentum must be in [0, 1), got {train['momentum']}")
+    if train["momentum"] > 0 and train["optimizer"] == "adam":
+        raise ConfigError(f"train.momentum={train['momentum']} applies to optimizer = \"sgd\" only (adam keeps its own "
+                          "moment decays 0.9 and 0.999); set it to 0 with adam")
+    if train["share"] == "update" and model["init"] == "independent":
+        raise ConfigError("train.share = \"update\" with model.init = \"independent\": nodes add aggregated updates to "
+                          "their own models, so models that start apart never meet; use model.init = \"same\"")
     _positive(cfg, "train.batch_size", integer=True)
     _positive(cfg, "train.local_steps", integer=True)
 

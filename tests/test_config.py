@@ -29,6 +29,13 @@ def test_overrides_parse_toml_values(tmp_path):
     assert parse_value('"ring"') == "ring" and parse_value("ring") == "ring" and parse_value("3") == 3
 
 
+def test_a_bare_inf_names_the_inf_attack_but_stays_a_float_for_numbers():
+    # regression: `--set attack.name=inf` failed with "attack.name must be one of ..., inf, ...; got inf"
+    cfg = load_config(str(ROOT / "configs" / "robustness" / "ring.toml"), ["attack.name=inf", "attack.value=-inf"])
+    assert cfg.attack.name == "inf" and cfg.attack.value == float("-inf")
+    assert parse_value("inf") == float("inf") and parse_value("nan", "attack.name") == "nan"
+
+
 def test_int_accepted_for_float():
     assert make_config({"train": {"lr": 1}}).train.lr == 1.0
 
@@ -50,6 +57,11 @@ def test_int_accepted_for_float():
     ({"model": {"hidden": [0]}}, "model.hidden"),
     ({"data": {"name": "imagenet"}}, "data.name"),
     ({"train": "fast"}, "train"),
+    ({"topology": {"kind": "random_regulr", "degree": 4}}, "topology.kind"),  # said: unknown key topology.degree
+    ({"seeds": [1, 1]}, "seeds"),  # the spread over seeds would be understated
+    ({"seeds": [True, False]}, "seeds"),
+    ({"train": {"optimizer": "adam", "momentum": 0.9}}, "train.momentum"),  # was ignored by adam
+    ({"train": {"share": "update"}, "model": {"init": "independent"}}, "train.share"),  # never reaches consensus
 ])
 def test_errors_name_the_key(tree, needle):
     with pytest.raises(ConfigError) as info:
@@ -113,6 +125,17 @@ def test_switching_family_starts_from_the_new_familys_defaults():
     chosen = cfg.replace({"attack.scale": 3.0}).replace({"attack.name": "large_norm"})
     assert chosen.attack.scale == 3.0  # a value the user chose carries over
     assert sweep.expand(cfg, [("attack.name", ["large_norm"])])[0][1].attack.scale == 1e6
+
+
+def test_command_line_overrides_switch_families_as_replace_does():
+    # regression: `--set aggregation.rule=mean` on mnist_attack.toml failed on clipped_gossip's `adaptive`
+    path = str(ROOT / "configs" / "mnist_attack.toml")
+    assert "adaptive" not in load_config(path, ["aggregation.rule=mean"]).aggregation
+    assert load_config(path, ["aggregation.rule=trimmed_mean"]).aggregation.f == 1
+    toml = load_config(path, ["attack.name=large_norm"])
+    assert toml == load_config(path).replace({"attack.name": "large_norm"})
+    with pytest.raises(ConfigError, match="attack.bogus"):  # unknown keys are still reported, not dropped
+        make_config({"attack": {"name": "alie", "byzantine": 1, "bogus": 1}}, {"attack.name": "ipm"})
 
 
 def test_a_rule_or_attack_registered_without_settings_needs_no_defaults(monkeypatch):
