@@ -235,11 +235,11 @@ def build(cfg: Config | dict | str) -> Experiment:
     if cfg.eval_samples > len(ds.y_test):
         raise ConfigError(f"eval_samples={cfg.eval_samples} exceeds the {len(ds.y_test)} test examples of "
                           f"{ds.name}; allowed: 0 (all) to {len(ds.y_test)}")
-    n_test = cfg.eval_samples or len(ds.y_test)
+    test = test_subset(len(ds.y_test), cfg.eval_samples, d.seed)
     pool_nbr, pool_mask = stack_tables(pool)
     arrays = simulation.Arrays(
         x=jnp.asarray(shards.x), y=jnp.asarray(y), sizes=jnp.asarray(shards.sizes),
-        x_test=jnp.asarray(ds.x_test[:n_test]), y_test=jnp.asarray(ds.y_test[:n_test]),
+        x_test=jnp.asarray(ds.x_test[test]), y_test=jnp.asarray(ds.y_test[test]),
         eval_ids=jnp.asarray(eval_ids, jnp.int32),
         mixing=jnp.asarray(mixing, jnp.float32), neighbors=jnp.asarray(topo.neighbors),
         mask=jnp.asarray(topo.mask), weights=jnp.asarray(topo.weights), byzantine=jnp.asarray(byz),
@@ -257,6 +257,14 @@ def make_hyper(cfg: Config, noise_multiplier: float | None) -> dict[str, jax.Arr
               "noise_multiplier": noise_multiplier or 0.0, "drop_prob": t.drop_prob,
               "node_dropout": t.node_dropout, "stragglers": t.stragglers}
     return {k: jnp.float32(v) for k, v in values.items()}
+
+
+def test_subset(n: int, samples: int, seed: int) -> np.ndarray | slice:
+    """The test examples evaluated: all (``samples = 0``), or ``samples`` of the ``n`` drawn without replacement with
+    ``data.seed`` (in file order), not a prefix: file-backed test sets are often sorted by label or difficulty."""
+    if not samples or samples >= n:
+        return slice(None)
+    return np.sort(np.random.default_rng([seed, 0x7E57]).choice(n, samples, replace=False))
 
 
 def edge_ids(topo: topology.Topology) -> np.ndarray:

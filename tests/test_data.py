@@ -84,6 +84,25 @@ def test_synthetic_test_set_mixes_all_clients():
         data.partition(ds, 20, "dirichlet")
 
 
+
+def test_eval_samples_draws_a_random_subset_of_a_sorted_test_set(tmp_path):
+    """Regression: eval_samples took a prefix, so a test set sorted by label (or by difficulty, as MNIST's is)
+    was evaluated on its first labels only."""
+    from jaxdfl import experiment
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 6)).astype(np.float32)
+    y = rng.integers(0, 10, 400)
+    y[300:] = np.sort(y[300:])
+    np.savez(tmp_path / "sorted.npz", x_train=x[:300], y_train=y[:300], x_test=x[300:], y_test=y[300:])
+    cfg = {"topology": {"n": 4}, "data": {"name": "npz", "path": str(tmp_path / "sorted.npz")},
+           "model": {"name": "logreg"}, "eval_samples": 30}
+    exp = experiment.build(cfg)
+    picked = np.asarray(exp.arrays.y_test)
+    assert len(picked) == 30 and len(np.unique(picked)) >= 5  # the prefix held 1-2 labels
+    assert (picked == np.asarray(experiment.build(cfg).arrays.y_test)).all()  # the same subset every time
+    assert len(experiment.build({**cfg, "eval_samples": 0}).arrays.y_test) == 100
+
 @pytest.mark.parametrize("key, value", [("synthetic_alpha", -1.0), ("synthetic_samples", -3),
                                         ("synthetic_samples", 1)])
 def test_synthetic_settings_are_checked(key, value):
