@@ -106,7 +106,7 @@ def _need_images(name: str, x, min_side: int = 1):
 
 
 class CNN(nn.Module):
-    """Small CNN: two 3x3 conv + ReLU + 2x2 average-pool stages, then a dense head (hidden[0] units).
+    """Small CNN: two 3x3 conv + ReLU + 2x2 average-pool stages, then dense ReLU layers of the ``hidden`` widths.
 
     Inputs are images ``[B, H, W, C]``; pooling is skipped once a side is down to 1 pixel.
     """
