@@ -252,3 +252,20 @@ def test_result_files_name_seeds_by_value(tmp_path):
     with open(tmp_path / "metrics.csv", newline="") as fh:
         assert {r["seed"] for r in csv.DictReader(fh)} == {"5", "6"}
     assert (tmp_path / "consensus.csv").read_text().splitlines()[0] == "round,seed5,seed6"
+
+
+def test_checkpoints_past_round_999999_are_ordered_by_round(tmp_path):
+    """Names sorted as text put round_1000000 before round_999999: the newest was deleted, latest() was older."""
+    from jaxdfl import checkpoint
+
+    tree = {"w": np.arange(3, dtype=np.float32)}
+    (tmp_path / "round_000040.npz").write_bytes(b"")  # a name of the old six-digit width is read as round 40
+    for r in (999_998, 999_999, 1_000_000, 1_000_001):
+        checkpoint.save(tmp_path, r, tree, {})
+        assert checkpoint.latest(tmp_path).name == f"round_{r:06d}.npz"
+    assert sorted(p.name for p in tmp_path.glob("*.npz")) == ["round_1000000.npz", "round_1000001.npz"]
+    restored, meta, _ = checkpoint.load(checkpoint.latest(tmp_path), tree)
+    assert meta["round"] == 1_000_001 and np.array_equal(restored["w"], tree["w"])
+    (tmp_path / "round_notes.npz").write_bytes(b"")  # not a checkpoint name: left alone
+    checkpoint.clear(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["round_notes.npz"]
