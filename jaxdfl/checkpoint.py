@@ -4,14 +4,16 @@ A checkpoint holds every leaf of a pytree (node parameters, optimizer states, th
 raw key data) as ``leaf_00000 ...`` arrays, the metrics so far as ``history/<name>`` arrays, and ``meta`` (JSON:
 round, the config).
 The accountant needs no state of its own: epsilon is a pure function of the rounds completed, recomputed on load.
-Files are named ``round_000040.npz`` under ``DIR/checkpoints/``; a new one is written to a temporary name and
-renamed, so a killed run never corrupts the last good checkpoint. The two newest are kept.
+Files are named ``round_000040.npz`` under ``DIR/checkpoints/`` (at least six digits: round 1,000,000 is
+``round_1000000.npz``; files are ordered by the round number, not by name); a new one is written to a temporary name
+and renamed, so a killed run never corrupts the last good checkpoint. The two newest are kept.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -21,6 +23,15 @@ from jaxdfl.errors import ConfigError
 from jaxdfl.results import atomic_write
 
 KEEP = 2
+
+_NAME = re.compile(r"round_(\d+)\.npz")
+
+
+def _series(directory: str | Path) -> list[Path]:
+    """The checkpoint files in ``directory``, oldest first: sorted by round number (as text, round_1000000 would
+    come before round_999999), any number of digits."""
+    found = [(int(m.group(1)), p) for p in Path(directory).glob("round_*.npz") if (m := _NAME.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
 
 
 def _to_host(leaf):
@@ -40,14 +51,14 @@ def save(directory: str | Path, round_: int, tree, meta: dict, history: dict | N
     np.savez(buf, meta=np.frombuffer(json.dumps({**meta, "round": round_}).encode(), np.uint8), **arrays)
     path = directory / f"round_{round_:06d}.npz"
     atomic_write(path, buf.getvalue())
-    for old in sorted(directory.glob("round_*.npz"))[:-KEEP]:
+    for old in _series(directory)[:-KEEP]:
         old.unlink(missing_ok=True)
     return path
 
 
 def clear(directory: str | Path) -> None:
     """Remove the checkpoints in ``directory`` (a fresh run replaces an earlier run's series)."""
-    for old in Path(directory).glob("round_*.npz"):
+    for old in _series(directory):
         old.unlink(missing_ok=True)
 
 
@@ -66,7 +77,7 @@ def config_differences(stored: dict, current: dict, prefix: str = "") -> list[st
 
 def latest(directory: str | Path) -> Path | None:
     """The newest checkpoint file in ``directory``, or None."""
-    files = sorted(Path(directory).glob("round_*.npz"))
+    files = _series(directory)
     return files[-1] if files else None
 
 
