@@ -396,6 +396,17 @@ def _positive(cfg, name, *, integer=False, allow_zero=False, upper=None):
         raise ConfigError(f"{name} must be {rng}, got {value!r}")
 
 
+def _pre_defaults(name: str, cfg: dict) -> dict:
+    """A pre-aggregator's settings by default. ``clip`` centres on the node's own vector when models are shared
+    (clipping whole models around zero would be meaningless) and on zero when updates are."""
+    from jaxdfl import aggregators
+
+    out = dict(aggregators.DEFAULTS[name])
+    if name == "clip":
+        out["self_centered"] = cfg["train"]["share"] == "model"
+    return out
+
+
 def _check_seed(name: str, value: int) -> None:
     if not 0 <= value < 2**32:
         raise ConfigError(f"{name} must be in [0, 2^32) (a uint32 key), got {value}")
@@ -512,11 +523,11 @@ def validate(cfg: dict) -> None:
                 raise ConfigError(f"aggregation.{p} must be a table of {p}'s settings")
             if p not in pre:
                 raise ConfigError(f"[aggregation.{p}] is set but {p!r} is not listed in aggregation.pre")
-            merged = {**aggregators.DEFAULTS[p], **agg[p]}
+            merged = {**_pre_defaults(p, cfg), **agg[p]}
             _check_section(merged, {}, f"aggregation.{p}", aggregators.DEFAULTS[p])
             agg[p] = merged
     for p in pre:
-        agg.setdefault(p, dict(aggregators.DEFAULTS[p]))
+        agg.setdefault(p, _pre_defaults(p, cfg))
     for key, value in aggregators.DEFAULTS.get(rule, {}).items():
         agg.setdefault(key, value)
 

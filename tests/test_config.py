@@ -161,3 +161,16 @@ def test_every_shipped_config_loads_and_builds_when_its_data_is_bundled(path):
     if cfg.data.name in BUNDLED:
         exp = experiment.build(cfg)
         assert exp.spec.n == cfg.topology.n
+
+
+def test_clip_centres_on_the_own_model_by_default_when_models_are_shared():
+    # regression: the default (zero-centred) was always refused with the default train.share = "model"
+    from jaxdfl import experiment
+
+    model = make_config({"aggregation": {"pre": ["clip"]}})
+    assert model.aggregation.clip.self_centered is True
+    experiment.build(model)
+    assert make_config({"aggregation": {"pre": ["clip"]}, "train": {"share": "update"}}).aggregation.clip == {
+        "tau": 1.0, "self_centered": False}
+    with pytest.raises(ConfigError, match="self_centered"):  # an explicit zero-centred clip of models is refused
+        experiment.build(make_config({"aggregation": {"pre": ["clip"], "clip": {"self_centered": False}}}))
