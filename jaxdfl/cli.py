@@ -7,6 +7,7 @@ shows the traceback).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -203,11 +204,38 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def _epsilons(text: str) -> list[float]:
+    """``--epsilons 1,4,16`` -> ``[1.0, 4.0, 16.0]``; every item a finite number > 0."""
+    eps = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"--epsilons {text!r}: {item.strip()!r} is not a number > 0; give finite target "
+                              "epsilons separated by commas, e.g. 1,4,16")
+        eps.append(value)
+    return eps
+
+
+def _check_search(args) -> None:
+    """The privacy study's own options: something to run, and a search range and target that make sense."""
+    if args.epsilons is None and args.target_accuracy is None:
+        raise ConfigError("privacy needs --epsilons E1,E2,... or --target-accuracy A (or both)")
+    if not (math.isfinite(args.lo) and math.isfinite(args.hi) and 0 < args.lo < args.hi):
+        raise ConfigError(f"--lo {args.lo:g} --hi {args.hi:g}: the epsilon search range needs 0 < lo < hi")
+    if args.target_accuracy is not None and not 0 < args.target_accuracy <= 1:
+        raise ConfigError(f"--target-accuracy {args.target_accuracy:g}: an accuracy is a fraction in (0, 1], "
+                          "e.g. 0.9")
+
+
 def cmd_privacy(args) -> int:
     from jaxdfl import results, sweep
 
+    _check_search(args)
+    eps = _epsilons(args.epsilons) if args.epsilons is not None else []
     study = sweep.PrivacyUtility(_base_config(args), log=sweep.stderr_log)
-    eps = [float(e) for e in args.epsilons.split(",")] if args.epsilons else []
     study.curve(eps)
     if args.target_accuracy is not None:
         best = study.smallest_epsilon(args.target_accuracy, lo=args.lo, hi=args.hi)

@@ -269,3 +269,35 @@ def test_checkpoints_past_round_999999_are_ordered_by_round(tmp_path):
     (tmp_path / "round_notes.npz").write_bytes(b"")  # not a checkpoint name: left alone
     checkpoint.clear(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["round_notes.npz"]
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+    """Fail the test if the CLI builds or compiles an experiment (the checks under test come first)."""
+    from jaxdfl import experiment
+
+    def boom(*args, **kwargs):
+        raise AssertionError("built or compiled before the command line was checked")
+
+    monkeypatch.setattr(experiment, "build", boom)
+    monkeypatch.setattr(experiment, "Runner", boom)
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--epsilons", "a,b"], "--epsilons"),  # a ValueError traceback
+    (["--epsilons", "1,,2"], "--epsilons"),
+    (["--epsilons", "1,inf"], "--epsilons"),
+    (["--epsilons", "0,1"], "--epsilons"),
+    (["--epsilons", "-2"], "--epsilons"),
+    (["--target-accuracy", "0.5", "--lo", "10", "--hi", "1"], "--lo"),  # silently reported 10
+    (["--target-accuracy", "0.5", "--lo", "0"], "--lo"),
+    (["--target-accuracy", "90"], "--target-accuracy"),  # ran, and could never be reached
+    (["--target-accuracy", "0"], "--target-accuracy"),
+    ([], "--epsilons"),  # wrote a header-only CSV and exited 0
+])
+def test_privacy_command_line_errors_exit_2_before_building(args, flag, no_compile, tmp_path):
+    proc = cli("privacy", str(ROOT / "configs/digits_dp.toml"), *args, "--out", str(tmp_path / "pu"))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "pu").exists()
