@@ -232,6 +232,61 @@ def _family_defaults(section: str, name: str) -> dict[str, Any]:
 _ANY_RULE = object()
 
 
+
+#: The key that picks a section's family (see :data:`FAMILY_SELECTORS`).
+_SELECTOR = {section: field for section, field in FAMILY_SELECTORS}
+
+#: Datasets whose examples come with the package or are generated: ``data.path`` does not apply.
+_NO_PATH = ("digits", "synthetic", "mnist1d")
+
+
+def inert_settings(cfg: Config) -> list[str]:
+    """Settings given a non-default value that the rest of the config leaves without effect, one line each.
+
+    They are accepted, not errors, so that a grid can hold its baseline (``privacy.mode`` none next to a privacy
+    target, ``attack.byzantine`` 0 next to an attack); ``jaxdfl run`` prints them as notes, :func:`jaxdfl.run`
+    warns, and ``summary.json`` lists them under ``inert_settings``.
+    """
+    out = []
+
+    def inert(section: str, keys, reason: str) -> None:
+        defaults = {**DEFAULTS[section], **_family_defaults(section, cfg[section].get(_SELECTOR.get(section)))}
+        for key in keys:
+            value = cfg[section].get(key)
+            if value is not None and _thaw(value) != _thaw(defaults.get(key)):
+                out.append(f"{section}.{key} = {_thaw(value)!r} has no effect: {reason}")
+
+    p, a, d, t = cfg.privacy, cfg.attack, cfg.data, cfg.topology
+    if p.mode == "none":
+        inert("privacy", [k for k in DEFAULTS["privacy"] if k != "mode"], 'privacy.mode = "none"')
+    if a.byzantine == 0:
+        inert("attack", ["name", "placement", "ids", "seed", *_family_defaults("attack", a.name)],
+              "attack.byzantine = 0")
+    if d.partition != "dirichlet":
+        inert("data", ["alpha"], f"data.partition = {d.partition!r}")
+    if d.partition != "shards":
+        inert("data", ["shards_per_node"], f"data.partition = {d.partition!r}")
+    if d.quantity_skew == "none":
+        inert("data", ["quantity_alpha"], 'data.quantity_skew = "none"')
+    if d.name != "synthetic":
+        inert("data", ["synthetic_alpha", "synthetic_beta", "synthetic_samples"], f"data.name = {d.name!r}")
+    if d.name != "mnist1d":
+        inert("data", ["mnist1d_samples", "mnist1d_seed"], f"data.name = {d.name!r}")
+    if d.name in _NO_PATH:
+        inert("data", ["path"], f"data.name = {d.name!r} needs no files")
+    if t.dynamic != "resample":
+        inert("topology", ["pool"], f"topology.dynamic = {t.dynamic!r}")
+    if cfg.model.name not in ("mlp", "cnn"):
+        inert("model", ["hidden"], f"model.name = {cfg.model.name!r} has a fixed architecture")
+    if t.kind == "torus" and t.get("rows", 0) == t.get("cols", 0) == 0:
+        from jaxdfl import topology
+
+        rows, cols = topology._factor_square(t.n)
+        if min(rows, cols) == 1:
+            out.append(f"topology.kind = 'torus' with topology.n = {t.n} is a 1 x {t.n} grid: a ring")
+    return out
+
+
 # --------------------------------------------------------------------------------------------- loading
 
 

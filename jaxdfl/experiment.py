@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 
 from jaxdfl import aggregators, attacks, byzantine, checkpoint, gossip, models, simulation, topology
 from jaxdfl import data as data_mod
-from jaxdfl.config import Config, load_config, make_config
+from jaxdfl.config import Config, inert_settings, load_config, make_config
 from jaxdfl.errors import ConfigError
 from jaxdfl.privacy import accounting
 from jaxdfl.training import LocalSpec
@@ -566,10 +567,12 @@ def run(cfg: Config | dict | str, progress: Callable | None = None, checkpoint_d
     whose rule, attack and model are still the same registered functions (:func:`components`: a rule edited and
     registered again under its name compiles anew), and whose DP-SGD buffer is the same (:func:`program_key`),
     reuses it without tracing or compiling (its summary repeats the program's ``compile_seconds``, as a sweep's rows
-    do).
+    do). Settings the config leaves without effect (:func:`jaxdfl.config.inert_settings`) raise a ``UserWarning``.
     """
     global _last_runner
     cfg = _as_config(cfg)
+    for note in inert_settings(cfg):
+        warnings.warn(note, UserWarning, stacklevel=2)
     if _last_runner is not None and (not same_program(cfg, _last_runner.exp.config)
                                      or _last_runner.components != components(cfg)):
         _last_runner = None  # let the previous program and its arrays go before building the next
@@ -634,6 +637,7 @@ def finish(exp: Experiment, history: dict, state, compile_s: float, run_s: float
         "accuracy_per_node": accuracy_per_node(exp, history),
         "peak_bytes_estimate": peak_bytes(exp),
         "kept_own_share": _num(np.mean(history["kept_own_share"])),
+        "inert_settings": inert_settings(exp.config),
         "diverged": bool(np.any(diverged > 0)),
         "diverged_round": None,
     }

@@ -174,3 +174,26 @@ def test_clip_centres_on_the_own_model_by_default_when_models_are_shared():
         "tau": 1.0, "self_centered": False}
     with pytest.raises(ConfigError, match="self_centered"):  # an explicit zero-centred clip of models is refused
         experiment.build(make_config({"aggregation": {"pre": ["clip"], "clip": {"self_centered": False}}}))
+
+
+@pytest.mark.parametrize("tree, needle", [
+    ({"privacy": {"target_epsilon": 1.0}}, "privacy.target_epsilon"),
+    ({"attack": {"name": "alie", "z": 1.0}}, "attack.z"),
+    ({"data": {"alpha": 0.1}}, "data.alpha"),
+    ({"data": {"path": "somewhere"}}, "data.path"),
+    ({"topology": {"pool": 4}}, "topology.pool"),
+    ({"model": {"name": "logreg", "hidden": [32]}}, "model.hidden"),
+    ({"topology": {"kind": "torus", "n": 31}}, "a ring"),
+])
+def test_settings_without_effect_are_reported(tree, needle):
+    from jaxdfl.config import inert_settings
+
+    notes = inert_settings(make_config(tree))
+    assert len(notes) >= 1 and any(needle in n for n in notes) and all("\n" not in n for n in notes)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.toml")), ids=lambda p: p.stem)
+def test_shipped_configs_and_the_defaults_have_no_inert_settings(path):
+    from jaxdfl.config import inert_settings
+
+    assert inert_settings(load_config(str(path))) == [] and inert_settings(make_config({})) == []

@@ -183,3 +183,9 @@ def test_a_rule_registered_at_run_time_is_a_config_value_with_checked_hyper_para
     assert not np.allclose(edited.history["loss_mean"], mine.history["loss_mean"], rtol=1e-3)
     with pytest.raises(ConfigError, match="aggregation"):
         jaxdfl.run(small_cfg(**{"aggregation.rule": "scaled_mean", "aggregation.tau": 1.0}))
+
+
+def test_a_run_warns_about_settings_without_effect_and_lists_them_in_its_summary(small_cfg):
+    with pytest.warns(UserWarning, match="data.alpha"):
+        r = jaxdfl.run(small_cfg(**{"data.alpha": 0.1}))
+    assert any("data.alpha" in n for n in r.summary["inert_settings"])
