@@ -7,6 +7,8 @@ shows the traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
 import math
 import os
 import sys
@@ -64,6 +66,26 @@ def summary_line(summary: dict) -> str:
     return " ".join(parts)
 
 
+#: The files ``jaxdfl run --out DIR`` writes in DIR (besides ``DIR/checkpoints/``).
+RUN_FILES = ("config.toml", "metrics.csv", "consensus.csv", "nodes.csv", "summary.json", "accuracy.png",
+             "consensus.png")
+
+
+def clear_outputs(out: Path) -> None:
+    """Remove an earlier run's files from ``out``: :data:`RUN_FILES`, the temporary files a killed write left of
+    them, and the checkpoints. A fresh run calls it before writing anything, so that a run stopped midway never
+    leaves its config.toml beside another run's results. Files the tool does not write stay."""
+    from jaxdfl import checkpoint
+
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+        for tmp in out.glob(f".{glob.escape(name)}.*.tmp"):  # results.atomic_write's temporary names
+            tmp.unlink(missing_ok=True)
+    checkpoint.clear(out / "checkpoints")
+    with contextlib.suppress(OSError):  # kept when it holds anything else
+        (out / "checkpoints").rmdir()
+
+
 def write_outputs(out: Path, result) -> None:
     """Resolved config, metrics.csv, consensus.csv, nodes.csv, summary.json, accuracy.png, consensus.png (atomic
     writes). ``nodes.csv``: one row per node with its degree, whether it is Byzantine, and its final accuracy."""
@@ -118,9 +140,15 @@ def cmd_run(args) -> int:
             raise ConfigError("run needs a CONFIG file (or --resume DIR)")
         cfg = _base_config(args)
         out = Path(args.out) if args.out else None
-    if out is not None:  # written first, so that a run killed midway can be resumed from its folder
+    # host-side checks first, while the folder still holds the earlier run intact (run builds it again: 0.1 s for
+    # the quickstart or digits_dp, whose privacy calibration is cached)
+    experiment.build(cfg)
+    if out is not None:
         from jaxdfl import results
 
+        if not args.resume:
+            clear_outputs(out)
+        # written before compiling, so that a run killed midway can be resumed from its folder
         results.atomic_write(out / "config.toml", cfg.to_toml())
     bar = ProgressBar() if not args.quiet else None
     ckpt = str(out / "checkpoints") if out is not None and cfg.checkpoint_every else None
@@ -128,8 +156,7 @@ def cmd_run(args) -> int:
     print(summary_line(result.summary))
     if out is not None:
         write_outputs(out, result)
-        print(f"wrote {out}/{{config.toml,metrics.csv,consensus.csv,nodes.csv,summary.json,accuracy.png,"
-              f"consensus.png}}")
+        print(f"wrote {out}/{{{','.join(RUN_FILES)}}}")
     if result.summary.get("diverged"):
         print(f"jaxdfl: honest models became non-finite by round {result.summary['diverged_round']}; "
               f"metrics up to there are kept", file=sys.stderr)

@@ -114,6 +114,22 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
     results.atomic_write(path, buf.getvalue())
 
 
+#: The plots :func:`run_grid` draws at the top of its folder (from the settings' folders, after the last one).
+PLOTS = ("accuracy.png", "accuracy_vs_gap.png")
+
+
+def _start_folder(out: Path, rows: list[dict]) -> None:
+    """Leave no file of an earlier grid at the top of ``out``: sweep.csv keeps this grid's rows (it is removed when
+    there are none) and the plots go until they are drawn again, so a sweep stopped midway, or one whose graph
+    does not vary (no accuracy_vs_gap.png), does not show another grid's results beside its own."""
+    for name in PLOTS:
+        (out / name).unlink(missing_ok=True)
+    if rows:
+        _write_rows(out / "sweep.csv", rows)
+    else:
+        (out / "sweep.csv").unlink(missing_ok=True)
+
+
 def run_grid(base: Config, grid: Sequence[tuple[str, list]], out: str | Path | None = None,
              log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Run every setting of ``grid`` (each with all of ``base.seeds``), reusing compiled programs.
@@ -129,6 +145,8 @@ def run_grid(base: Config, grid: Sequence[tuple[str, list]], out: str | Path | N
     rows, done = _read_done(out / "sweep.csv") if out else ([], set())
     current = {config_id(cfg) for _, cfg in settings}  # sweep.csv keeps this grid's rows only; other configs'
     rows = [r for r in rows if r.get("config") in current]  # results stay in their settings/<hash>/ folders
+    if out:
+        _start_folder(out, rows)
     runners: list[tuple[tuple, experiment.Runner]] = []
     for index, (overrides, cfg) in enumerate(settings):
         sid, cid = setting_id(overrides), config_id(cfg)

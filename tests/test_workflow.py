@@ -301,3 +301,52 @@ def test_privacy_command_line_errors_exit_2_before_building(args, flag, no_compi
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and flag in lines[0] and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "pu").exists()
+
+
+def test_a_fresh_run_removes_the_earlier_runs_files_before_it_writes(tmp_path, monkeypatch):
+    """A run stopped midway left its config.toml beside the earlier run's metrics, summary, nodes and plots."""
+    from jaxdfl import experiment
+
+    earlier = ["config.toml", "metrics.csv", "consensus.csv", "nodes.csv", "summary.json", "accuracy.png",
+               "consensus.png"]
+    for name in earlier:
+        (tmp_path / name).write_text("earlier run")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "round_000010.npz").write_text("earlier run")
+    (tmp_path / ".metrics.csv.k3j2.tmp").write_text("a killed write")
+    (tmp_path / "notes.txt").write_text("mine")
+    quick = str(ROOT / "configs/quickstart.toml")
+    bad = cli("run", quick, "--set", "eval_samples=1000000", "--out", str(tmp_path))  # fails in build
+    assert bad.returncode == 2 and "eval_samples" in bad.stderr, bad.stderr
+    assert all((tmp_path / name).read_text() == "earlier run" for name in earlier)  # the folder is untouched
+
+    def stopped(exp):
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "notes.txt"]
+        raise KeyboardInterrupt  # Ctrl-C while compiling
+
+    monkeypatch.setattr(experiment, "Runner", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        cli("run", quick, "--set", "model.hidden=[32]", "--out", str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "notes.txt"]
+    assert jaxdfl.load_config(str(tmp_path / "config.toml")).model.hidden == (32,)
+
+
+def test_a_sweep_leaves_no_file_of_an_earlier_grid_at_the_top_of_its_folder(tmp_path, small_cfg, monkeypatch):
+    """Stopped midway (or with a graph that does not vary), a sweep showed the earlier grid's plots and rows."""
+    from jaxdfl import experiment
+
+    earlier = tmp_path / "settings" / "0123456789ab"
+    earlier.mkdir(parents=True)
+    (earlier / "metrics.csv").write_text("round\n")
+    (tmp_path / "sweep.csv").write_text("setting,config,accuracy_mean\nbase,0123456789ab,0.5\n")
+    for name in ("accuracy.png", "accuracy_vs_gap.png", "notes.txt"):
+        (tmp_path / name).write_text("earlier grid")
+
+    def stopped(exp, runners):
+        raise KeyboardInterrupt  # Ctrl-C while the first setting compiles
+
+    monkeypatch.setattr(experiment, "runner_for", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_grid(small_cfg(), sweep.parse_grid(["train.lr=0.1,0.2"]), out=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "settings"]
+    assert (earlier / "metrics.csv").exists()  # an earlier setting's results stay (a later grid may reuse them)
