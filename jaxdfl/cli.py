@@ -110,6 +110,20 @@ def write_outputs(out: Path, result) -> None:
     results.plot_consensus(out / "consensus.png", result.history)
 
 
+def out_folder(path: str, flag: str = "--out") -> Path:
+    """``path`` as the folder a command writes, checked before anything is built: it is a folder, or can be made
+    one (its nearest existing parent is a writable folder). Raises ConfigError naming ``flag``."""
+    out = Path(path)
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{flag} {path}: {probe} is a file; give a folder (it is made when missing)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: no permission to write in {probe}")
+    return out
+
+
 def _distributed(args) -> None:
     """Join a multi-host run (``jax.distributed.initialize``) when asked, before any device is touched."""
     if args.coordinator or args.num_processes or args.process_id is not None:
@@ -139,7 +153,7 @@ def cmd_run(args) -> int:
         if not args.config:
             raise ConfigError("run needs a CONFIG file (or --resume DIR)")
         cfg = _base_config(args)
-        out = Path(args.out) if args.out else None
+        out = out_folder(args.out) if args.out else None
     # host-side checks first, while the folder still holds the earlier run intact (run builds it again: 0.1 s for
     # the quickstart or digits_dp, whose privacy calibration is cached)
     experiment.build(cfg)
@@ -226,7 +240,9 @@ def cmd_sweep(args) -> int:
     from jaxdfl import sweep
 
     grid = sweep.parse_grid(args.grid)
-    rows = sweep.run_grid(_base_config(args), grid, out=args.out, log=sweep.stderr_log)
+    base = _base_config(args)
+    out = out_folder(args.out)
+    rows = sweep.run_grid(base, grid, out=out, log=sweep.stderr_log)  # builds every setting before compiling
     print(f"{len(rows)} rows in {args.out}/sweep.csv")
     return 0
 
@@ -263,7 +279,10 @@ def cmd_privacy(args) -> int:
     _check_search(args)
     eps = _epsilons(args.epsilons) if args.epsilons is not None else []
     study = sweep.PrivacyUtility(_base_config(args), log=sweep.stderr_log)
-    study.curve(eps)
+    out = out_folder(args.out) if args.out else None
+    if args.target_accuracy is not None:  # the search's two ends built (z calibrated) before anything compiles
+        study.check([args.lo, args.hi])
+    study.curve(eps)  # builds every target before the first compile
     if args.target_accuracy is not None:
         best = study.smallest_epsilon(args.target_accuracy, lo=args.lo, hi=args.hi)
         print(f"target accuracy not reached at epsilon <= {args.hi}" if best is None else
@@ -271,8 +290,7 @@ def cmd_privacy(args) -> int:
     rows = [{"epsilon": e, "accuracy": a} for e, a in sorted(study.cache.items())]
     for r in rows:
         print(f"epsilon {r['epsilon']:10.4g}  accuracy {r['accuracy']:.4f}")
-    if args.out:
-        out = Path(args.out)
+    if out is not None:
         results.write_csv(out / "privacy_utility.csv", ["epsilon", "accuracy"],
                           [[r["epsilon"], r["accuracy"]] for r in rows])
         study.plot(out / "privacy_utility.png", args.target_accuracy)

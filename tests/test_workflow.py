@@ -350,3 +350,61 @@ def test_a_sweep_leaves_no_file_of_an_earlier_grid_at_the_top_of_its_folder(tmp_
         sweep.run_grid(small_cfg(), sweep.parse_grid(["train.lr=0.1,0.2"]), out=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "settings"]
     assert (earlier / "metrics.csv").exists()  # an earlier setting's results stay (a later grid may reuse them)
+
+
+@pytest.fixture
+def no_runner(monkeypatch):
+    """Fail the test if the CLI compiles an experiment (building one on the host is allowed)."""
+    from jaxdfl import experiment
+
+    def boom(*args, **kwargs):
+        raise AssertionError("compiled before every setting was checked")
+
+    monkeypatch.setattr(experiment, "Runner", boom)
+
+
+def test_a_sweep_reports_any_settings_config_error_before_compiling(tmp_path, no_runner):
+    """krum f=1 on n=8 fails the rule-size check on the ring: it was reported after the complete graph ran."""
+    proc = cli("sweep", str(ROOT / "configs/quickstart.toml"), "--set", "topology.n=8", "--set",
+               "aggregation.rule=\"krum\"", "--set", "aggregation.f=1", "--grid", "topology.kind=complete,ring",
+               "--out", str(tmp_path / "sw"))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ring" in lines[0] and "aggregation.f" in lines[0], proc.stderr
+    assert not (tmp_path / "sw").exists()
+
+
+def test_privacy_reports_any_targets_config_error_before_compiling(monkeypatch):
+    """A target epsilon whose build failed was reported after the targets before it ran."""
+    from jaxdfl import experiment
+
+    def build_failing_at_half(cfg):  # a target whose build fails (e.g. an epsilon no noise level reaches)
+        if cfg.privacy.target_epsilon == 0.5:
+            raise ConfigError("privacy.target_epsilon = 0.5 is unreachable")
+        return cfg  # the host-side build of the other targets is not under test (z's calibration takes seconds)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("compiled before every target was checked")
+
+    monkeypatch.setattr(experiment, "build", build_failing_at_half)
+    monkeypatch.setattr(experiment, "runner_for", boom)
+    for args in (["--epsilons", "8,0.5"], ["--target-accuracy", "0.5", "--lo", "0.5", "--hi", "8"]):
+        proc = cli("privacy", str(ROOT / "configs/digits_dp.toml"), *args)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "epsilon 0.5" in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ["run", "configs/quickstart.toml"],
+    ["sweep", "configs/quickstart.toml", "--grid", "train.lr=0.1,0.2"],  # NotADirectoryError after one setting
+    ["privacy", "configs/digits_dp.toml", "--epsilons", "1,8"],
+])
+@pytest.mark.parametrize("below", [False, True])
+def test_an_out_that_is_a_file_is_an_error_before_building(tmp_path, no_compile, command, below):
+    (tmp_path / "taken").write_text("a file")
+    out = tmp_path / "taken" / "sub" if below else tmp_path / "taken"
+    proc = cli(command[0], str(ROOT / command[1]), *command[2:], "--out", str(out))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--out" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
