@@ -55,7 +55,8 @@ def test_topology_command_prints_stats_and_plots(tmp_path):
     (["--set", "attack.byzantine=20"], "attack.byzantine"),
     (["--set", "topology.n=2", "--set", "topology.weights=[[0.5,0.5],[0.5,0.5]]", "--set",
       "topology.node_dropout=0.1"], "topology.weights"),
-    (["--set", "aggregation.pre=[\"clip\"]"], "aggregation.clip.self_centered"),  # clipped whole models to tau
+    (["--set", "aggregation.pre=[\"clip\"]", "--set", "aggregation.clip.self_centered=false"],
+     "aggregation.clip.self_centered"),  # clipped whole models to tau (self-centred is the default since 3baf897)
     (["--set", "seeds=[-1]"], "seeds"),  # an OverflowError traceback
     (["--set", "seed=-1"], "seed"),  # silently the run of seed 2^32 - 1
     (["--set", "topology.seed=-1"], "topology.seed"),  # a SeedSequence traceback
