@@ -19,8 +19,9 @@ Conventions shared by the attacks
 - Attacked rows of receiver i: valid rows k > 0 whose sender is Byzantine; ``b_i`` is their number and ``n_i`` the
   number of valid rows (self included).
 - Rows of Byzantine receivers are computed by the same formulas. A Byzantine node's own aggregate becomes its next
-  model, as an honest node's does: it is what ``sign_flip(target="own")`` sends next round. A non-finite value can reach an honest receiver only as an attacked row of ``inf`` (by design)
-  or when a Byzantine sender's own message is non-finite and ``sign_flip(target="own")`` / ``mimic`` copies it.
+  model, as an honest node's does: it is what ``sign_flip(target="own")`` sends next round. A non-finite value can
+  reach an honest receiver only as an attacked row of ``inf`` (by design) or when a Byzantine sender's own message
+  is non-finite and ``sign_flip(target="own")`` / ``mimic`` copies it.
 """
 from __future__ import annotations
 

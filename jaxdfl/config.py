@@ -276,11 +276,18 @@ def inert_settings(cfg: Config) -> list[str]:
         inert("data", ["path"], f"data.name = {d.name!r} needs no files")
     if t.dynamic != "resample":
         inert("topology", ["pool"], f"topology.dynamic = {t.dynamic!r}")
+    from jaxdfl import topology
+
+    if t.kind not in topology.RANDOM_KINDS:
+        inert("topology", ["seed", "dynamic"] if t.dynamic == "resample" else ["seed"],
+              f"topology.kind = {t.kind!r} is not drawn at random")
+    if t.dynamic == "matching":
+        inert("topology", ["weights"], "a matching round weighs each pair 1/2")
+    if t.kind == "hierarchical" and t.get("cluster_size", 8) >= t.n:
+        inert("topology", ["inter_every"], f"one cluster holds all {t.n} nodes, so there are no bridge links")
     if cfg.model.name not in ("mlp", "cnn"):
         inert("model", ["hidden"], f"model.name = {cfg.model.name!r} has a fixed architecture")
     if t.kind == "torus" and t.get("rows", 0) == t.get("cols", 0) == 0:
-        from jaxdfl import topology
-
         rows, cols = topology._factor_square(t.n)
         if min(rows, cols) == 1:
             out.append(f"topology.kind = 'torus' with topology.n = {t.n} is a 1 x {t.n} grid: a ring")

@@ -241,6 +241,9 @@ def _validate_user_matrix(graph: nx.Graph, n: int, u: np.ndarray, v: np.ndarray,
             f"topology.weights: user matrix is not zero off the graph's edges (W[{i}, {j}] = {W[i, j]:.3g} "
             f"but ({i}, {j}) is not an edge); {_ALLOWED_WEIGHTS}"
         )
+    if np.linalg.eigvalsh(W)[0] <= -1.0 + TOL:  # the identity (gap 0, no mixing) stays legal: a baseline
+        raise ConfigError("topology.weights: user matrix has eigenvalue -1, so gossip oscillates and never reaches "
+                          f"consensus (e.g. weight 0 on self on a bipartite graph); {_ALLOWED_WEIGHTS}")
     return W
 
 
@@ -473,6 +476,9 @@ KINDS: dict[str, Callable[..., nx.Graph]] = {
     "edges": _edges,
 }
 
+#: The families drawn at random from ``topology.seed`` (the others ignore it).
+RANDOM_KINDS = ("erdos_renyi", "random_regular", "small_world", "barabasi_albert")
+
 #: Family parameters and their defaults (the config keys topology.<name>). torus rows/cols 0 = automatic
 #: (the most square factorisation of n).
 PARAMS: dict[str, dict[str, Any]] = {
@@ -527,7 +533,9 @@ def make(kind: str, n: int, *, seed: int = 0, weights: Any = "metropolis", **par
             connected;
         small_world(k, p): connected Watts-Strogatz, ring lattice of even degree k, rewiring probability p;
         barabasi_albert(m): preferential attachment, m edges per new node;
-        exponential: i linked to i +- 2^j mod n, j = 0..floor(log2(n-1)) (Ying et al. 2021);
+        exponential: i linked to i +- 2^j mod n, j = 0..floor(log2(n-1)): the undirected (symmetrised) variant of
+            Ying et al. 2021's static exponential graph, which sends to i + 2^j only with uniform weights (about
+            half the messages per round, and a different spectral gap);
         hypercube: n = 2^d, i linked to i XOR 2^b;
         two_cliques: cliques 0..n//2-1 and n//2..n-1 joined by the bridge (n//2-1, n//2);
         hierarchical(cluster_size): complete clusters of consecutive ids; each cluster's first node is its
@@ -559,8 +567,8 @@ def make(kind: str, n: int, *, seed: int = 0, weights: Any = "metropolis", **par
     n = int(n)
     if n < 2:
         raise ConfigError(f"topology.n: must be >= 2, got {n}")
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-        raise ConfigError(f"topology.seed: expected an integer, got {seed!r}")
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise ConfigError(f"topology.seed: expected an integer in [0, 2^32), got {seed!r}")
     allowed = PARAMS[kind]
     unknown = sorted(set(params) - set(allowed))
     if unknown:

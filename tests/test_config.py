@@ -184,6 +184,10 @@ def test_clip_centres_on_the_own_model_by_default_when_models_are_shared():
     ({"topology": {"pool": 4}}, "topology.pool"),
     ({"model": {"name": "logreg", "hidden": [32]}}, "model.hidden"),
     ({"topology": {"kind": "torus", "n": 31}}, "a ring"),
+    ({"topology": {"dynamic": "resample"}}, "topology.dynamic"),  # every pool graph of a ring is the ring
+    ({"topology": {"seed": 5}}, "topology.seed"),
+    ({"topology": {"kind": "complete", "dynamic": "matching", "weights": "max_degree"}}, "topology.weights"),
+    ({"topology": {"kind": "hierarchical", "n": 8, "inter_every": 2}}, "topology.inter_every"),
 ])
 def test_settings_without_effect_are_reported(tree, needle):
     from jaxdfl.config import inert_settings

@@ -247,6 +247,10 @@ def test_user_matrix_accepted():
     ident = T.make("ring", 6, weights=np.eye(6))
     assert ident.spectral_gap == pytest.approx(0.0, abs=1e-12)
     assert T.describe(ident)["rounds_to_100x"] == math.inf
+    # ... but 1/2 on each ring edge and 0 on self has eigenvalue -1: gossip oscillates forever
+    half = 0.5 * (np.roll(np.eye(4), 1, axis=1) + np.roll(np.eye(4), -1, axis=1))
+    with pytest.raises(ConfigError, match="eigenvalue -1"):
+        T.make("ring", 4, weights=half)
 
 
 def _ring_w(n=6):
@@ -492,3 +496,9 @@ def test_seeds_give_distinct_graphs_when_draws_are_retried(kind, params):
     n = 30 if kind == "erdos_renyi" else 12
     edges = [frozenset(map(tuple, T.make(kind, n, seed=s, **params).edges.tolist())) for s in range(6)]
     assert len(set(edges)) == len(edges)
+
+
+def test_a_negative_seed_is_a_config_error_not_a_retry_crash():
+    # regression: the first draw took any integer and a retry crashed in SeedSequence
+    with pytest.raises(ConfigError, match="topology.seed"):
+        T.make("random_regular", 12, seed=-3, degree=1)
