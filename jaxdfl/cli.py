@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from jaxdfl.errors import ConfigError
@@ -157,6 +158,8 @@ def cmd_run(args) -> int:
     # host-side checks first, while the folder still holds the earlier run intact (run builds it again: 0.1 s for
     # the quickstart or digits_dp, whose privacy calibration is cached)
     experiment.build(cfg)
+    for note in config_mod.inert_settings(cfg):
+        print(f"note: {note}", file=sys.stderr)
     if out is not None:
         from jaxdfl import results
 
@@ -166,7 +169,9 @@ def cmd_run(args) -> int:
         results.atomic_write(out / "config.toml", cfg.to_toml())
     bar = ProgressBar() if not args.quiet else None
     ckpt = str(out / "checkpoints") if out is not None and cfg.checkpoint_every else None
-    result = experiment.run(cfg, progress=bar, checkpoint_dir=ckpt, resume=bool(args.resume))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", config_mod.InertSettingWarning)  # printed as notes above
+        result = experiment.run(cfg, progress=bar, checkpoint_dir=ckpt, resume=bool(args.resume))
     print(summary_line(result.summary))
     if out is not None:
         write_outputs(out, result)

@@ -240,12 +240,16 @@ _SELECTOR = {section: field for section, field in FAMILY_SELECTORS}
 _NO_PATH = ("digits", "synthetic", "mnist1d")
 
 
+class InertSettingWarning(UserWarning):
+    """A setting given a value that the rest of the config leaves without effect (see :func:`inert_settings`)."""
+
+
 def inert_settings(cfg: Config) -> list[str]:
     """Settings given a non-default value that the rest of the config leaves without effect, one line each.
 
     They are accepted, not errors, so that a grid can hold its baseline (``privacy.mode`` none next to a privacy
     target, ``attack.byzantine`` 0 next to an attack); ``jaxdfl run`` prints them as notes, :func:`jaxdfl.run`
-    warns, and ``summary.json`` lists them under ``inert_settings``.
+    warns (:class:`InertSettingWarning`), and ``summary.json`` lists them under ``inert_settings``.
     """
     out = []
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxdfl import aggregators, attacks, byzantine, checkpoint, gossip, models, simulation, topology
 from jaxdfl import data as data_mod
-from jaxdfl.config import Config, inert_settings, load_config, make_config
+from jaxdfl.config import Config, InertSettingWarning, inert_settings, load_config, make_config
 from jaxdfl.errors import ConfigError
 from jaxdfl.privacy import accounting
 from jaxdfl.training import LocalSpec
@@ -572,7 +572,7 @@ def run(cfg: Config | dict | str, progress: Callable | None = None, checkpoint_d
     global _last_runner
     cfg = _as_config(cfg)
     for note in inert_settings(cfg):
-        warnings.warn(note, UserWarning, stacklevel=2)
+        warnings.warn(note, InertSettingWarning, stacklevel=2)
     if _last_runner is not None and (not same_program(cfg, _last_runner.exp.config)
                                      or _last_runner.components != components(cfg)):
         _last_runner = None  # let the previous program and its arrays go before building the next

@@ -186,6 +186,6 @@ def test_a_rule_registered_at_run_time_is_a_config_value_with_checked_hyper_para
 
 
 def test_a_run_warns_about_settings_without_effect_and_lists_them_in_its_summary(small_cfg):
-    with pytest.warns(UserWarning, match="data.alpha"):
+    with pytest.warns(jaxdfl.config.InertSettingWarning, match="data.alpha"):
         r = jaxdfl.run(small_cfg(**{"data.alpha": 0.1}))
     assert any("data.alpha" in n for n in r.summary["inert_settings"])

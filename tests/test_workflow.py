@@ -78,8 +78,10 @@ def test_invalid_configs_exit_2_with_one_line(args, key):
 def test_run_cli_resume_matches_uninterrupted(tmp_path):
     common = ["--set", "rounds=6", "--set", "eval_every=2", "--set", "checkpoint_every=2", "--set", "topology.n=8",
               "--set", "model.name=\"logreg\"", "--quiet"]
-    full = cli("run", str(ROOT / "configs/quickstart.toml"), *common, "--out", str(tmp_path / "full"))
+    full = cli("run", str(ROOT / "configs/quickstart.toml"), *common, "--set", "data.alpha=0.1", "--out",
+               str(tmp_path / "full"))  # data.alpha has no effect under iid: a note, the same results
     assert full.returncode == 0, full.stderr
+    assert "note: data.alpha = 0.1 has no effect" in full.stderr and "Warning" not in full.stderr
     part = tmp_path / "part"
     first = cli("run", str(ROOT / "configs/quickstart.toml"), *common, "--out", str(part))
     assert first.returncode == 0
