@@ -33,8 +33,8 @@ def parse_grid(items: Iterable[str]) -> list[tuple[str, list]]:
         if "=" not in item:
             raise ConfigError(f"--grid {item!r} must look like key=v1,v2,...")
         key, text = item.split("=", 1)
-        values = [parse_value(v.strip()) for v in _split_top(text)]
         key = key.strip()
+        values = [parse_value(v.strip(), key) for v in _split_top(text)]
         if not values:
             raise ConfigError(f"--grid {key}: give at least one value")
         if key in (k for k, _ in grid):

@@ -34,6 +34,7 @@ def test_a_bare_inf_names_the_inf_attack_but_stays_a_float_for_numbers():
     cfg = load_config(str(ROOT / "configs" / "robustness" / "ring.toml"), ["attack.name=inf", "attack.value=-inf"])
     assert cfg.attack.name == "inf" and cfg.attack.value == float("-inf")
     assert parse_value("inf") == float("inf") and parse_value("nan", "attack.name") == "nan"
+    assert sweep.parse_grid(["attack.name=sign_flip,inf"]) == [("attack.name", ["sign_flip", "inf"])]
 
 
 def test_int_accepted_for_float():
