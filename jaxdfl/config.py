@@ -263,6 +263,8 @@ def inert_settings(cfg: Config) -> list[str]:
     p, a, d, t = cfg.privacy, cfg.attack, cfg.data, cfg.topology
     if p.mode == "none":
         inert("privacy", [k for k in DEFAULTS["privacy"] if k != "mode"], 'privacy.mode = "none"')
+    elif p.mechanism == "laplace":
+        inert("privacy", ["accountant", "delta"], "the Laplace mechanism composes pure epsilon")
     if a.byzantine == 0:
         inert("attack", ["name", "placement", "ids", "seed", *_family_defaults("attack", a.name)],
               "attack.byzantine = 0")

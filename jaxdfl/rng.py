@@ -182,6 +182,14 @@ def laplace_from_words(w_sign_mantissa, w_hi, w_lo) -> jax.Array:
     return -sign * jnp.log(np.float32(2.0) * u)
 
 
+def log_uniform_from_words(w_sign_mantissa, w_hi, w_lo) -> jax.Array:
+    """``log(U)`` for ``U`` uniform on (0, 1) from three uint32 words each: ``log(u)`` or ``log1p(-u)`` by the sign
+    bit (``u`` from :func:`_fine_uniform`, in (0, 1/2)), so it is finite and < 0 for every word (a float32 of 32
+    random bits reaches 1.0, whose log1p(-1) = -inf)."""
+    sign, u = _fine_uniform(w_sign_mantissa, w_hi, w_lo)
+    return jnp.where(sign > 0, jnp.log(u), jnp.log1p(-u))
+
+
 def _dp_draw(transform, key: jax.Array, shape) -> jax.Array:
     shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(s) for s in shape)
     if not (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ()
@@ -196,6 +204,12 @@ def dp_normal(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
     ``key``: a typed threefry2x32 key (scalar); drawn in float32, returned as ``dtype`` with shape ``shape``.
     """
     return _dp_draw(normal_from_words, key, shape).astype(dtype)
+
+
+def dp_log_uniform(key: jax.Array, shape) -> jax.Array:
+    """``log(U)``, ``U`` uniform on (0, 1), float32: finite and < 0, with the resolution of :func:`dp_normal`'s
+    uniforms near both ends (the DP-SGD Poisson sampler's geometric gaps)."""
+    return _dp_draw(log_uniform_from_words, key, shape)
 
 
 def dp_laplace(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:

@@ -179,6 +179,8 @@ def test_clip_centres_on_the_own_model_by_default_when_models_are_shared():
 
 @pytest.mark.parametrize("tree, needle", [
     ({"privacy": {"target_epsilon": 1.0}}, "privacy.target_epsilon"),
+    ({"privacy": {"mode": "update", "mechanism": "laplace", "noise_multiplier": 50.0, "delta": 1e-8}},
+     "privacy.delta"),
     ({"attack": {"name": "alie", "z": 1.0}}, "attack.z"),
     ({"data": {"alpha": 0.1}}, "data.alpha"),
     ({"data": {"path": "somewhere"}}, "data.path"),

@@ -345,3 +345,18 @@ def test_clip_factors_match_numpy_definition():
     # C = inf: every valid finite example is left untouched (factor exactly 1), the others dropped.
     out = np.asarray(jax.jit(clip_factors)(jnp.asarray(sq), jnp.asarray(valid), jnp.inf))
     assert np.array_equal(out, np.where(valid & np.isfinite(sq), 1.0, 0.0).astype(np.float32))
+
+
+def test_poisson_gaps_come_from_a_log_uniform_that_is_finite_for_every_word():
+    """Regression: V = float32(32 bits) * 2^-32 rounds to 1.0 for the top 128 words (probability 2^-25), so
+    log1p(-V) = -inf gave an infinite gap that ended the batch early: at q = 1 key 319836 selected 12 of 64."""
+    from jaxdfl import rng
+
+    extremes = np.array([0, 1, 2**31 - 1, 2**31, 2**32 - 129, 2**32 - 128, 2**32 - 1], np.uint64).astype(np.uint32)
+    w = np.stack(np.meshgrid(extremes, extremes, extremes), -1).reshape(-1, 3)
+    logs = np.asarray(rng.log_uniform_from_words(*(jnp.asarray(w[:, i]) for i in range(3))))
+    assert np.isfinite(logs).all() and (logs < 0).all() and logs.min() > -47  # log(2^-67)
+    draws = np.asarray(rng.dp_log_uniform(jax.random.key(0), 200_000))
+    assert stats.kstest(-draws, "expon").pvalue > 1e-3  # -log(U) of a uniform U is Exp(1)
+    idx, valid = poisson_batch(jax.random.key(319836), 64, 1.0, 64)
+    assert np.asarray(valid).all() and (np.asarray(idx) == np.arange(64)).all()

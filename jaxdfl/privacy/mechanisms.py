@@ -223,14 +223,13 @@ def poisson_batch(key, size, rate, buffer, *, return_overflow=False):
     """
     size = jnp.asarray(size, jnp.int32)
     rate = jnp.asarray(rate, jnp.float32)
-    # V uniform on [0, 1] built from 32 random bits with float32's relative
-    # resolution near 0, and gap = floor(log(1 - V) / log(1 - q)), so that
-    # P(gap = 0) = P(V < q) is accurate to ~1e-7 relative even for tiny q (a
-    # 2^-23 grid, as jax.random.uniform gives, would be off by 2^-23 / q).
-    bits = jax.random.bits(key, (buffer + 1,), jnp.uint32)
-    v = bits.astype(jnp.float32) * jnp.float32(2.0**-32)
+    # gap = floor(log(U) / log(1 - q)) for U uniform on (0, 1), with log(U) finite and < 0 and float32's relative
+    # resolution at both ends of (0, 1) (rng.dp_log_uniform), so P(gap = 0) = P(U > 1 - q) is accurate to ~1e-7
+    # relative even for tiny q. A float32 of 32 random bits reached U = 0 (probability 2^-25): gap = inf ended the
+    # batch early, an unaccounted truncation (a 2^-23 grid, as jax.random.uniform gives, would also be off by
+    # 2^-23 / q).
     log_keep = jnp.log1p(-jnp.minimum(rate, 1.0))  # log(1 - q), -inf at q = 1
-    gap = jnp.floor(jnp.log1p(-v) / log_keep)  # 0 at q = 1 (finite / -inf = 0)
+    gap = jnp.floor(rng.dp_log_uniform(key, buffer + 1) / log_keep)  # 0 at q = 1 (finite / -inf = 0)
     # Any gap beyond the shard is as good as infinite; capping keeps the int32
     # cast defined (q = 0 gives inf or nan here).
     cap = (size + 1).astype(jnp.float32)
