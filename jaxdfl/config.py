@@ -231,8 +231,6 @@ def _family_defaults(section: str, name: str) -> dict[str, Any]:
 
 _ANY_RULE = object()
 
-
-
 #: The key that picks a section's family (see :data:`FAMILY_SELECTORS`).
 _SELECTOR = {section: field for section, field in FAMILY_SELECTORS}
 
@@ -251,6 +249,8 @@ def inert_settings(cfg: Config) -> list[str]:
     target, ``attack.byzantine`` 0 next to an attack); ``jaxdfl run`` prints them as notes, :func:`jaxdfl.run`
     warns (:class:`InertSettingWarning`), and ``summary.json`` lists them under ``inert_settings``.
     """
+    from jaxdfl import topology
+
     out = []
 
     def inert(section: str, keys, reason: str) -> None:
@@ -282,14 +282,12 @@ def inert_settings(cfg: Config) -> list[str]:
         inert("data", ["path"], f"data.name = {d.name!r} needs no files")
     if t.dynamic != "resample":
         inert("topology", ["pool"], f"topology.dynamic = {t.dynamic!r}")
-    from jaxdfl import topology
-
     if t.kind not in topology.RANDOM_KINDS:
         inert("topology", ["seed", "dynamic"] if t.dynamic == "resample" else ["seed"],
               f"topology.kind = {t.kind!r} is not drawn at random")
     if t.dynamic == "matching":
         inert("topology", ["weights"], "a matching round weighs each pair 1/2")
-    if t.kind == "hierarchical" and t.get("cluster_size", 8) >= t.n:
+    if t.kind == "hierarchical" and t.get("cluster_size", topology.PARAMS["hierarchical"]["cluster_size"]) >= t.n:
         inert("topology", ["inter_every"], f"one cluster holds all {t.n} nodes, so there are no bridge links")
     if cfg.model.name not in ("mlp", "cnn"):
         inert("model", ["hidden"], f"model.name = {cfg.model.name!r} has a fixed architecture")
