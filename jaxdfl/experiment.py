@@ -484,8 +484,9 @@ class Runner:
                 checkpoint.save(Path(checkpoint_dir), done, (state, k_rounds), {"config": c.to_dict()}, joined())
             if progress is not None:
                 progress(done, c.rounds)
-            if np.any(chunks[-1]["diverged"] > 0):
-                break  # non-finite honest models: stop, keep the metrics so far
+            if np.all(np.any(chunks[-1]["diverged"] > 0, axis=-1)):
+                break  # non-finite honest models in every seed: stop, keep the metrics so far (a seed that
+                # diverged alone runs on with NaN models, so the other seeds still equal their own runs)
         run_s = time.perf_counter() - t0
         history = joined()
         return finish(exp, history, state, self.compile_seconds, run_s)
@@ -652,6 +653,7 @@ def finish(exp: Experiment, history: dict, state, compile_s: float, run_s: float
         ddof = 1 if len(exp.seeds) > 1 else 0  # the sample std over seeds (0 for a single one)
         summary["final_std"] = {k: _num(np.std(v, ddof=ddof)) for k, v in final.items()}
         summary["final_per_seed"] = {k: [_num(x) for x in v] for k, v in final.items()}
+        summary["diverged_seeds"] = [s for s, d in zip(exp.seeds, np.any(diverged > 0, axis=-1)) if d]
     return Result(exp.config, history, summary, state)
 
 

@@ -19,7 +19,8 @@ numbers that may change without recompiling (see :data:`DYNAMIC`); ``arrays`` ho
 
 Keys: ``key`` -> (init, rounds); round r uses ``fold_in(rounds_key, r)`` split per purpose (local training, privacy
 noise, exchange = attack + aggregation, the round's graph, churn = online / straggler draws) and then per node; a
-chunked exchange folds the chunk index into the attack and aggregation keys.
+chunked exchange folds the chunk index into the aggregation key (the attack keys its draws by receiver and slot,
+so chunks see the same attack as the whole block).
 """
 
 from __future__ import annotations

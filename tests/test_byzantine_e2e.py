@@ -84,3 +84,14 @@ def test_mean_collapses_under_sign_flip_median_resists():
     assert acc(mean) < 0.5
     assert acc(median) > acc(clean) - 0.05
     assert acc(trimmed) > acc(clean) - 0.10  # f=2 of 7 rows: some nodes see 3 attackers
+
+
+def test_a_seed_that_diverges_does_not_stop_the_others(small_cfg):
+    # regression: one diverged seed stopped every seed at its round, so seeds=[a, b] no longer equalled two runs
+    attack = {"attack.name": "gaussian", "attack.byzantine": 1, "attack.center": "zero", "attack.sigma": 8e37}
+    both = jaxdfl.run(small_cfg(**attack, seeds=[0, 3]))
+    alone = jaxdfl.run(small_cfg(**attack, seed=3))
+    assert both.summary["diverged_seeds"] == [0] and not alone.summary["diverged"]
+    assert both.summary["rounds_done"] == 6
+    for k in ("accuracy_mean", "loss_mean"):
+        np.testing.assert_allclose(both.history[k][1], alone.history[k], rtol=1e-5)
