@@ -42,10 +42,12 @@ def test_edge_ids_are_symmetric():
     assert (eid[:, 0] == -1).all()
 
 
+_jit_matching = jax.jit(simulation.random_matching, static_argnums=4)  # eager, the while_loop dispatches op by op
+
+
 def _matching(topo, key):
     eid = experiment.edge_ids(topo)
-    g = simulation.random_matching(key, jnp.asarray(topo.neighbors), jnp.asarray(topo.mask), jnp.asarray(eid),
-                                   topo.num_edges)
+    g = _jit_matching(key, jnp.asarray(topo.neighbors), jnp.asarray(topo.mask), jnp.asarray(eid), topo.num_edges)
     return g, eid
 
 
