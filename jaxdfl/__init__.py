@@ -18,6 +18,8 @@ from jaxdfl import rng
 from jaxdfl import sweep
 from jaxdfl import topology
 from jaxdfl.config import Config
+from jaxdfl.config import InertSettingWarning
+from jaxdfl.config import inert_settings
 from jaxdfl.config import load_config
 from jaxdfl.config import make_config
 from jaxdfl.errors import ConfigError
@@ -33,12 +35,14 @@ __all__ = [
     "Config",
     "ConfigError",
     "Experiment",
+    "InertSettingWarning",
     "Result",
     "Runner",
     "aggregators",
     "attacks",
     "build",
     "data",
+    "inert_settings",
     "load_config",
     "make_config",
     "models",

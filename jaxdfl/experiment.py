@@ -568,7 +568,8 @@ def run(cfg: Config | dict | str, progress: Callable | None = None, checkpoint_d
     whose rule, attack and model are still the same registered functions (:func:`components`: a rule edited and
     registered again under its name compiles anew), and whose DP-SGD buffer is the same (:func:`program_key`),
     reuses it without tracing or compiling (its summary repeats the program's ``compile_seconds``, as a sweep's rows
-    do). Settings the config leaves without effect (:func:`jaxdfl.config.inert_settings`) raise a ``UserWarning``.
+    do). Settings the config leaves without effect (:func:`jaxdfl.config.inert_settings`) raise an
+    :class:`~jaxdfl.config.InertSettingWarning`.
     """
     global _last_runner
     cfg = _as_config(cfg)
