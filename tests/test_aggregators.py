@@ -277,7 +277,22 @@ def test_geometric_median_with_default_settings_converges_past_far_outliers():
     outs = np.asarray(_jit_vmap("geometric_median", ())(*(np.stack([d[i] for d in data]) for i in range(3))))
     for (x, mask, w, _), out in zip(data, outs):
         ref = R.geometric_median(x, mask, w, nu=0.1, iters=5000, tol=0.0)
-        assert np.linalg.norm(out - ref) < 0.02 * np.linalg.norm(ref - x[0])
+        assert np.linalg.norm(out - ref) < 1e-4 * np.linalg.norm(ref - x[0])
+
+
+@pytest.mark.parametrize("rule", ["geometric_median", "centered_clip", "ios"])
+def test_coefficient_space_rules_stay_exact_next_to_very_far_rows(rule):
+    """Regression: the centred Gram came from squared distances by polarisation, which lost the cross terms of a
+    far row: at outliers 1e8 away from rows of unit spread the geometric median was off by 2.5% of the spread and
+    centred clipping by 7%. The Gram is now summed directly from the centred rows."""
+    data = [outlier_neighbourhood(seed) for seed in range(3)]
+    for x, *_ in data:
+        x[np.abs(x) > 1e5] = 1e8
+    h = {"nu": 0.1, "iters": 400, "tol": 0.0} if rule == "geometric_median" else {"f": 2} if rule == "ios" else {}
+    outs = np.asarray(_jit_vmap(rule, tuple(sorted(h.items())))(*(np.stack([d[i] for d in data]) for i in range(3))))
+    for (x, mask, w, honest), out in zip(data, outs):
+        ref = R.REGISTRY[rule](x, mask, w, **h)
+        assert np.linalg.norm(out - ref) < 1e-4 * np.linalg.norm(x[honest] - x[honest].mean(0), axis=1).mean()
 
 
 @pytest.mark.filterwarnings("ignore:invalid value")
