@@ -45,7 +45,8 @@ NOTES = """## Notes
   rows with a compare-exchange network (Batcher, 28 comparators for K = 9) fused into one elementwise loop over D;
   no `jnp.sort`. Distance rules compute all K(K-1)/2 pairwise squared distances in one fused pass of squared
   differences (no `[K, K, D]` array, no cancellation-prone `x @ x.T`), then work on K x K matrices; iterative rules
-  (geometric median, centred clipping, IOS) iterate on K coefficients and read the block once more to combine.
+  (geometric median, centred clipping, IOS) sum the Gram matrix of the rows centred on the node's own row in one
+  such pass, iterate on K coefficients and read the block once more to combine.
 - `ms` against `call ms`: a standalone call also pays for its output. XLA:CPU gets the 40 MB output of the main
   size from `malloc`, which maps fresh pages for blocks over 32 MB, and the kernel zero-fills each page on first
   touch (about 20 ms here). Inside the engine the round's buffers are reused by every round of the `lax.scan`, so
