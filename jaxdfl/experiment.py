@@ -535,10 +535,16 @@ def program_key(exp: Experiment) -> tuple:
     return static_part(exp.config), exp.privacy.buffer
 
 
+def runner_key(exp: Experiment) -> tuple:
+    """What a compiled program must share with ``exp`` to run it: :func:`program_key` and the registered rule,
+    attack and model functions (:func:`components`; one re-registered under its name compiles anew)."""
+    return program_key(exp), components(exp.config)
+
+
 def runner_for(exp: Experiment, runners: list) -> Runner:
-    """The Runner in ``runners`` (``(program_key, Runner)`` pairs) whose program fits ``exp``; compiled and added
-    to the list when there is none."""
-    key = program_key(exp)
+    """The Runner in ``runners`` (``(runner_key, Runner)`` pairs) whose program fits ``exp``; compiled and added to
+    the list when there is none."""
+    key = runner_key(exp)
     runner = next((r for k, r in runners if k == key), None)
     if runner is None:
         runner = Runner(exp)

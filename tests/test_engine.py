@@ -189,3 +189,15 @@ def test_a_run_warns_about_settings_without_effect_and_lists_them_in_its_summary
     with pytest.warns(jaxdfl.config.InertSettingWarning, match="data.alpha"):
         r = jaxdfl.run(small_cfg(**{"data.alpha": 0.1}))
     assert any("data.alpha" in n for n in r.summary["inert_settings"])
+
+
+def test_a_sweep_compiles_anew_for_a_rule_registered_again_under_its_name(small_cfg, monkeypatch):
+    from jaxdfl import aggregators
+
+    monkeypatch.setitem(aggregators.REGISTRY, "mine", lambda x, mask, weights=None: aggregators.mean(x, mask, weights))
+    exp = experiment.build(small_cfg(**{"aggregation.rule": "mine"}))
+    runners = []
+    first = experiment.runner_for(exp, runners)
+    assert experiment.runner_for(exp, runners) is first
+    monkeypatch.setitem(aggregators.REGISTRY, "mine", lambda x, mask, weights=None: x[0])
+    assert experiment.runner_for(experiment.build(small_cfg(**{"aggregation.rule": "mine"})), runners) is not first

@@ -76,7 +76,7 @@ def test_a_kept_program_is_reused_only_with_the_same_dp_buffer(small_cfg):
     runner = experiment.Runner(exps[0])
     with pytest.raises(ValueError, match="DP-SGD buffer"):
         runner(exps[1])
-    runners = [(experiment.program_key(exps[0]), runner)]
+    runners = [(experiment.runner_key(exps[0]), runner)]
     assert experiment.runner_for(exps[0], runners) is runner
     assert experiment.runner_for(exps[1], runners) is not runner and len(runners) == 2
     experiment._last_runner = runner
