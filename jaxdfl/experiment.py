@@ -636,6 +636,7 @@ def finish(exp: Experiment, history: dict, state, compile_s: float, run_s: float
         "degrees": np.asarray(exp.topology.degrees).tolist(),
         "parameters": exp.model.dim,
         "spectral_gap": exp.topology.spectral_gap,
+        "effective_spectral_gap": effective_spectral_gap(exp),
         "exchange": exp.spec.exchange,
         "devices": exp.devices,
         "compile_seconds": compile_s,
@@ -662,6 +663,66 @@ def finish(exp: Experiment, history: dict, state, compile_s: float, run_s: float
         summary["final_per_seed"] = {k: [_num(x) for x in v] for k, v in final.items()}
         summary["diverged_seeds"] = [s for s, d in zip(exp.seeds, np.any(diverged > 0, axis=-1)) if d]
     return Result(exp.config, history, summary, state)
+
+
+#: :func:`effective_spectral_gap`'s stochastic power iteration: graphs per step, steps, batches for the final estimate,
+#: and the largest round table (N x K entries) it is computed for.
+GAP_BATCH, GAP_STEPS, GAP_FINAL, GAP_MAX_ENTRIES = 32, 48, 32, 1 << 19
+
+
+def graph_changes(exp: Experiment) -> bool:
+    """Whether the round's graph changes inside the program (time-varying graph, node dropout, periodic bridges)."""
+    return exp.spec.dynamic != "static" or exp.spec.node_dropout or exp.spec.inter_every > 1
+
+
+def effective_spectral_gap(exp: Experiment, seed: int = 0) -> float | None:
+    """The mean-square mixing rate of the graphs a run draws, as a spectral gap: ``1 - sqrt(lambda_2(E[W^T W]))``.
+
+    Definition: for i.i.d. doubly stochastic mixing matrices W(t), one round shrinks the mean squared disagreement
+    ``E |x - mean(x)|^2`` by at most ``lambda_2(E[W^T W])``, its second largest eigenvalue (Boyd et al. 2006); on a
+    static graph ``1 - sqrt(lambda_2(W^T W)) = 1 - |lambda_2(W)|`` is the spectral gap, returned without sampling.
+    Estimated by stochastic power iteration on the disagreement subspace: each of :data:`GAP_STEPS` steps applies
+    the mean of ``W^T W`` over :data:`GAP_BATCH` fresh round graphs, drawn as the program draws them
+    (:func:`jaxdfl.simulation.round_graph`, node dropout included, consecutive round indices for periodic bridges);
+    the Rayleigh quotient of the result over :data:`GAP_FINAL` more batches is the estimate.
+
+    References: S. Boyd, A. Ghosh, B. Prabhakar, D. Shah, "Randomized gossip algorithms", IEEE Trans. Inf. Theory
+    2006.
+
+    Returns:
+        The estimate, or None when a round's table has more than :data:`GAP_MAX_ENTRIES` entries.
+    """
+    if not graph_changes(exp):
+        return exp.topology.spectral_gap
+    spec, hyper, arrays = exp.spec, exp.hyper, exp.arrays
+    n, k = arrays.neighbors.shape
+    if n * max(k, 2) > GAP_MAX_ENTRIES:
+        return None
+
+    def draw(key, r):
+        k_graph, k_online = jax.random.split(key)
+        g = simulation.round_graph(spec, hyper, arrays, k_graph, r, simulation.online_nodes(spec, hyper, k_online))
+        return g.neighbors, jnp.where(g.mask, g.weights, 0.0)
+
+    draws = jax.jit(jax.vmap(draw))
+    keys = jax.random.split(jax.random.key(seed), GAP_STEPS + GAP_FINAL)
+
+    def mean_wtw(y, step):
+        """``mean_b W_b^T W_b y`` over one batch of round graphs."""
+        r = jnp.arange(step * GAP_BATCH, (step + 1) * GAP_BATCH, dtype=jnp.int32)
+        nbr, w = map(np.asarray, draws(jax.random.split(keys[step], GAP_BATCH), r))
+        wy = np.einsum("bik,bik->bi", w, y[nbr])
+        flat = (np.arange(GAP_BATCH)[:, None, None] * n + nbr).ravel()
+        return np.bincount(flat, (w * wy[:, :, None]).ravel(), GAP_BATCH * n).reshape(GAP_BATCH, n).mean(0)
+
+    y = np.random.default_rng(seed).normal(size=n)
+    for step in range(GAP_STEPS):
+        y = y - y.mean()
+        y = mean_wtw(y / np.linalg.norm(y), step)
+    y = y - y.mean()
+    y = y / np.linalg.norm(y)
+    lam = np.mean([y @ mean_wtw(y, GAP_STEPS + i) for i in range(GAP_FINAL)])
+    return float(1.0 - np.sqrt(min(max(lam, 0.0), 1.0)))
 
 
 def accuracy_per_node(exp: Experiment, history: dict) -> list[float | None]:

@@ -397,6 +397,13 @@ def exchange(spec: Spec, key, msg, arrays: Arrays, graph: Graph):
     return jax.lax.fori_loop(0, n_chunks, one, (jnp.zeros_like(msg), jnp.zeros(n, bool)))
 
 
+def online_nodes(spec: Spec, hyper, key) -> jax.Array:
+    """``[N]`` bool: the nodes online this round (each offline with ``hyper["node_dropout"]``; all without it)."""
+    if not spec.node_dropout:
+        return jnp.ones(spec.n, bool)
+    return jax.random.bernoulli(key, 1.0 - hyper["node_dropout"], (spec.n,))
+
+
 def round_step(spec: Spec, hyper, arrays: Arrays, state: State, key) -> tuple[State, tuple[jax.Array, jax.Array]]:
     """One communication round for all nodes.
 
@@ -405,9 +412,7 @@ def round_step(spec: Spec, hyper, arrays: Arrays, state: State, key) -> tuple[St
     """
     k_train, k_priv, k_exchange, k_graph, k_churn = jax.random.split(key, 5)
     k_online, k_slow, k_steps = jax.random.split(k_churn, 3)
-    online = jnp.ones(spec.n, bool)
-    if spec.node_dropout:
-        online = jax.random.bernoulli(k_online, 1.0 - hyper["node_dropout"], (spec.n,))
+    online = online_nodes(spec, hyper, k_online)
     steps = jnp.full(spec.n, spec.local.local_steps, jnp.int32)
     if spec.stragglers:  # a straggler completes a uniform 0..local_steps-1 of its steps
         slow = jax.random.bernoulli(k_slow, hyper["stragglers"], (spec.n,))

@@ -285,3 +285,17 @@ def test_churn_rates_reuse_the_compiled_program(small_cfg):
     assert experiment._last_runner is runner
     assert not np.allclose(first.history["consensus_distance"], second.history["consensus_distance"])
     assert not experiment.same_program(base, base.replace({"topology.node_dropout": 0.0}))  # 0 drops a code path
+
+
+def test_effective_spectral_gap_is_the_gap_on_unchanging_graphs_and_the_mean_square_rate_on_random_ones(small_cfg):
+    static = experiment.build(small_cfg())
+    assert experiment.effective_spectral_gap(static) == static.topology.spectral_gap
+    # sampled, but every draw is the ring: its spectral gap
+    same = experiment.build(small_cfg(**{"topology.dynamic": "edge_dropout", "topology.drop_prob": 0.0}))
+    assert experiment.effective_spectral_gap(same) == pytest.approx(static.topology.spectral_gap, rel=1e-3)
+    dropped = experiment.build(small_cfg(**{"topology.dynamic": "edge_dropout", "topology.drop_prob": 0.5}))
+    assert 0 < experiment.effective_spectral_gap(dropped) < 0.8 * static.topology.spectral_gap
+    # one-peer gossip on the complete graph of 16: W^2 = W, E[W] = I / 2 + (J - I) / 30, lambda_2 = 1/2 - 1/30
+    match = experiment.build(small_cfg(**{"topology.kind": "complete", "topology.n": 16,
+                                          "topology.dynamic": "matching"}))
+    assert experiment.effective_spectral_gap(match) == pytest.approx(1 - np.sqrt(0.5 - 1 / 30), rel=0.03)
