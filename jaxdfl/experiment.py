@@ -670,11 +670,6 @@ def finish(exp: Experiment, history: dict, state, compile_s: float, run_s: float
 GAP_BATCH, GAP_STEPS, GAP_FINAL, GAP_MAX_ENTRIES = 32, 48, 32, 1 << 19
 
 
-def graph_changes(exp: Experiment) -> bool:
-    """Whether the round's graph changes inside the program (time-varying graph, node dropout, periodic bridges)."""
-    return exp.spec.dynamic != "static" or exp.spec.node_dropout or exp.spec.inter_every > 1
-
-
 def effective_spectral_gap(exp: Experiment, seed: int = 0) -> float | None:
     """The mean-square mixing rate of the graphs a run draws, as a spectral gap: ``1 - sqrt(lambda_2(E[W^T W]))``.
 
@@ -692,7 +687,7 @@ def effective_spectral_gap(exp: Experiment, seed: int = 0) -> float | None:
     Returns:
         The estimate, or None when a round's table has more than :data:`GAP_MAX_ENTRIES` entries.
     """
-    if not graph_changes(exp):
+    if not exp.spec.graph_changes:
         return exp.topology.spectral_gap
     spec, hyper, arrays = exp.spec, exp.hyper, exp.arrays
     n, k = arrays.neighbors.shape

@@ -106,6 +106,11 @@ class Spec:
     def n_evals(self) -> int:
         return self.rounds // self.eval_every
 
+    @property
+    def graph_changes(self) -> bool:
+        """Whether the round's graph changes inside the program (time-varying graph, node dropout, bridges)."""
+        return self.dynamic != "static" or self.node_dropout or self.inter_every > 1
+
 
 def init_state(spec: Spec, key, hyper) -> State:
     """All nodes' initial parameters and optimizer states."""
@@ -234,22 +239,19 @@ def round_graph(spec: Spec, hyper, arrays: Arrays, key, round_index, online):
         neighbors, mask = arrays.pool_neighbors[pick], arrays.pool_mask[pick]
     else:
         neighbors, mask = arrays.neighbors, arrays.mask
-    changed = spec.dynamic != "static"
     if spec.dynamic == "edge_dropout":
         alive = jax.random.bernoulli(key, 1.0 - hyper["drop_prob"], (max(spec.n_edges, 1),))
         mask = mask & ((arrays.edge_id < 0) | alive[jnp.maximum(arrays.edge_id, 0)])
     if spec.inter_every > 1:
         mask = mask & (~arrays.inter | (round_index % spec.inter_every == 0))
-        changed = True
     if spec.node_dropout:
         mask = mask & online[neighbors] & online[:, None]
-        changed = True
     mask = mask.at[:, 0].set(True)
     if spec.dynamic == "matching":
         if spec.n_edges == spec.n * (spec.n - 1) // 2:
-            return complete_matching(key, online if spec.node_dropout else jnp.ones(spec.n, bool))
+            return complete_matching(key, online)
         return random_matching(key, neighbors, mask, arrays.edge_id, spec.n_edges)
-    if not changed:
+    if not spec.graph_changes:
         return Graph(neighbors, mask, arrays.weights)
     return Graph(neighbors, mask, WEIGHT_SCHEMES[spec.weights](neighbors, mask))
 
