@@ -74,8 +74,7 @@ def _pair_sums(x: jax.Array, pairs: tuple[tuple[int, int], ...], term, centre: b
     """
     d = x.shape[1]
     dt = compute_dtype(x.dtype)
-    left = np.array([p[0] for p in pairs], np.int32)
-    right = np.array([p[1] for p in pairs], np.int32)
+    left, right = np.asarray(pairs, np.int32).T
 
     def terms(rows):
         rows = rows.astype(dt)
@@ -110,8 +109,7 @@ def pair_sq_distances(x: jax.Array, mask: jax.Array, pairs: tuple[tuple[int, int
     vectors are close (near consensus the dot-product form loses every digit to cancellation); one pass over the
     rows (:func:`_pair_sums`).
     """
-    left = np.array([p[0] for p in pairs], np.int32)
-    right = np.array([p[1] for p in pairs], np.int32)
+    left, right = np.asarray(pairs, np.int32).T
     out = _pair_sums(x, pairs, _sq_difference)
     return jnp.where(mask[left] & mask[right], out, jnp.zeros((), out.dtype))
 

@@ -98,14 +98,14 @@ def bucketing(key: jax.Array, x: jax.Array, mask: jax.Array, weights: jax.Array,
     nbr = mask & (jnp.arange(k) > 0)
     position = ranks(jax.random.uniform(key, (k,)), nbr)
     member = nbr[None, :] & (position[None, :] // s == jnp.arange(buckets)[:, None])
+    size = jnp.sum(member, axis=1)
     w = jnp.where(mask, weights, 0.0).astype(jnp.float32)
     member_w = jnp.where(member, w[None, :], 0.0)
     bucket_w = jnp.sum(member_w, axis=1, keepdims=True)
-    plain = member / jnp.maximum(jnp.sum(member, axis=1, keepdims=True), 1).astype(jnp.float32)
+    plain = member / jnp.maximum(size, 1)[:, None].astype(jnp.float32)
     mix = jnp.concatenate([jnp.eye(1, k, dtype=jnp.float32),
                            jnp.where(bucket_w > 0, member_w / jnp.where(bucket_w > 0, bucket_w, 1.0), plain)])
     new_w = jnp.concatenate([w[:1], bucket_w[:, 0]])
-    size = jnp.sum(member, axis=1)
     new_mask = jnp.concatenate([jnp.ones((1,), bool), size > 0])
     return _mix(x, mask, mix), new_mask, new_w.astype(weights.dtype)
 
