@@ -7,6 +7,7 @@ clipping norm, noise multiplier / target epsilon, seed) share one compiled progr
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -68,11 +69,18 @@ def expand(base: Config, grid: Sequence[tuple[str, list]]) -> list[tuple[dict[st
     out = []
     for values in itertools.product(*(v for _, v in grid)):
         overrides = dict(zip(keys, values, strict=True))
-        try:
+        with _named(f"setting {setting_id(overrides)}"):
             out.append((overrides, base.replace(overrides)))
-        except ConfigError as err:
-            raise ConfigError(f"setting {setting_id(overrides)}: {err}") from None
     return out
+
+
+@contextlib.contextmanager
+def _named(what: str):
+    """Re-raise a ConfigError as one line that starts with ``what`` (the setting or target it came from)."""
+    try:
+        yield
+    except ConfigError as err:
+        raise ConfigError(f"{what}: {err}") from None
 
 
 def check_settings(settings: Iterable[tuple[dict[str, Any], Config]]) -> None:
@@ -87,10 +95,8 @@ def check_settings(settings: Iterable[tuple[dict[str, Any], Config]]) -> None:
       ConfigError naming the setting, then the setting's own one-line message.
     """
     for overrides, cfg in settings:
-        try:
+        with _named(f"setting {setting_id(overrides)}"):
             experiment.build(cfg)
-        except ConfigError as err:
-            raise ConfigError(f"setting {setting_id(overrides)}: {err}") from None
 
 
 def setting_id(overrides: Mapping[str, Any]) -> str:
@@ -264,10 +270,8 @@ class PrivacyUtility:
         at any target stops the study before its first compile. Raises ConfigError naming the epsilon."""
         for eps in epsilons:
             if float(eps) not in self.cache:
-                try:
+                with _named(f"epsilon {eps:g}"):
                     experiment.build(self._config(eps))
-                except ConfigError as err:
-                    raise ConfigError(f"epsilon {eps:g}: {err}") from None
 
     def accuracy(self, eps: float) -> float:
         eps = float(eps)
