@@ -155,9 +155,7 @@ def cmd_run(args) -> int:
             raise ConfigError("run needs a CONFIG file (or --resume DIR)")
         cfg = _base_config(args)
         out = out_folder(args.out) if args.out else None
-    # host-side checks first, while the folder still holds the earlier run intact (run builds it again: 0.1 s for
-    # the quickstart or digits_dp, whose privacy calibration is cached)
-    experiment.build(cfg)
+    exp = experiment.build(cfg)  # host-side checks first, while the folder still holds the earlier run intact
     for note in config_mod.inert_settings(cfg):
         print(f"note: {note}", file=sys.stderr)
     if out is not None:
@@ -171,7 +169,7 @@ def cmd_run(args) -> int:
     ckpt = str(out / "checkpoints") if out is not None and cfg.checkpoint_every else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", config_mod.InertSettingWarning)  # printed as notes above
-        result = experiment.run(cfg, progress=bar, checkpoint_dir=ckpt, resume=bool(args.resume))
+        result = experiment.run(exp, progress=bar, checkpoint_dir=ckpt, resume=bool(args.resume))
     print(summary_line(result.summary))
     if out is not None:
         write_outputs(out, result)

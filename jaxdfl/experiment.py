@@ -556,12 +556,13 @@ def runner_for(exp: Experiment, runners: list) -> Runner:
 _last_runner: Runner | None = None
 
 
-def run(cfg: Config | dict | str, progress: Callable | None = None, checkpoint_dir: str | None = None,
+def run(cfg: Config | dict | str | Experiment, progress: Callable | None = None, checkpoint_dir: str | None = None,
         resume: bool = False) -> Result:
     """Run one experiment end to end and return its :class:`Result`.
 
     Args:
-      cfg: a Config (see :func:`jaxdfl.load_config`), a config dict tree, or a TOML path.
+      cfg: a Config (see :func:`jaxdfl.load_config`), a config dict tree, a TOML path, or an experiment already
+        built from one (:func:`build`).
       progress: optional ``progress(rounds_done, rounds)``, called on the host after each segment of rounds.
       checkpoint_dir: where checkpoints go (every ``checkpoint_every`` rounds; 0 = only at the end). A fresh run
         first removes the checkpoints already there.
@@ -578,13 +579,14 @@ def run(cfg: Config | dict | str, progress: Callable | None = None, checkpoint_d
     :class:`~jaxdfl.config.InertSettingWarning`.
     """
     global _last_runner
-    cfg = _as_config(cfg)
+    exp = cfg if isinstance(cfg, Experiment) else None
+    cfg = exp.config if exp is not None else _as_config(cfg)
     for note in inert_settings(cfg):
         warnings.warn(note, InertSettingWarning, stacklevel=2)
     if _last_runner is not None and (not same_program(cfg, _last_runner.exp.config)
                                      or _last_runner.components != components(cfg)):
         _last_runner = None  # let the previous program and its arrays go before building the next
-    exp = build(cfg)
+    exp = exp if exp is not None else build(cfg)
     if _last_runner is None or program_key(exp) != program_key(_last_runner.exp):
         _last_runner = None
         _last_runner = Runner(exp)

@@ -201,3 +201,12 @@ def test_a_sweep_compiles_anew_for_a_rule_registered_again_under_its_name(small_
     assert experiment.runner_for(exp, runners) is first
     monkeypatch.setitem(aggregators.REGISTRY, "mine", lambda x, mask, weights=None: x[0])
     assert experiment.runner_for(experiment.build(small_cfg(**{"aggregation.rule": "mine"})), runners) is not first
+
+
+def test_run_takes_an_experiment_already_built_without_building_it_again(small_cfg, monkeypatch):
+    cfg = small_cfg()
+    exp = experiment.build(cfg)
+    expected = jaxdfl.run(cfg)
+    monkeypatch.setattr(experiment, "build", lambda c: pytest.fail("built again"))
+    again = jaxdfl.run(exp)
+    np.testing.assert_array_equal(again.history["accuracy_mean"], expected.history["accuracy_mean"])
