@@ -79,3 +79,24 @@ def test_cpu_devices_worker_reports_a_run_and_the_table_compares_two(monkeypatch
     assert row["run_s"] > 0 and 0 <= row["accuracy"] <= 1
     faster = {**row, "run_s": row["run_s"] / 2}
     assert cpu_devices.table([row], [faster])[-1].split("|")[5].strip() == "2.00x"
+
+
+def test_graph_script_prints_a_row_per_case(capsys):
+    import graphs
+
+    graphs.main(["--n", "16", "--complete-n", "8", "--reps", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert len(rows) == len(graphs.cases(16, 8))
+    assert all(float(r.split("|")[3]) >= 0 and r.split("|")[5].strip().endswith("x") for r in rows)
+
+
+def test_the_host_matching_baseline_is_a_maximal_matching_of_the_graph():
+    import graphs
+    from jaxdfl import topology
+
+    topo = topology.make("random_regular", 20, seed=1, degree=4)
+    edges = [tuple(e) for e in topo.edges.tolist()]
+    partner = graphs.loop_matching(topo.n, edges, np.random.default_rng(0))
+    assert all(partner[j] == i for i, j in enumerate(partner) if j >= 0)
+    assert all((min(i, j), max(i, j)) in set(edges) for i, j in enumerate(partner) if j >= 0)
+    assert not any(partner[i] < 0 and partner[j] < 0 for i, j in edges)
