@@ -208,6 +208,32 @@ def test_meamed_and_trimmed_mean_against_reference_for_several_f(f):
         np.testing.assert_allclose(np.asarray(out), expect, rtol=1e-5, atol=1e-5, err_msg=rule)
 
 
+@pytest.mark.parametrize("k,f", [(5, 1), (9, 0), (9, 1), (17, 1), (17, 2), (9, 3)])
+def test_trimmed_mean_partition_and_sort_paths_agree_with_reference(k, f):
+    """A static f with a cheap partition takes ``_trimmed_mean_by_partition`` (masked rows set to an anchor inside the
+    window, bubble passes for the extremes); a traced f always sorts. Both must give the reference, also with
+    infinite values in up to f rows and in more than f rows per coordinate."""
+    from jaxdfl.aggregators import order_stats
+
+    x, mask, w = make_batch(81 + k + f, b=12, k=k, d=40, min_valid=2 * f + 1)
+    x = garbage(x, mask, np.nan)
+    x[0, 1:1 + f, :20] = np.inf  # at most f outliers: trimmed
+    x[1, :, :10] = np.where(mask[1][:, None], -np.inf, np.nan)[:, :1]  # every valid value -inf
+    x[2, :, :10] *= 1e30  # large but finite spread
+    x[3, np.flatnonzero(mask[3])[1:1 + f]] = 3e37  # f huge finite outliers: the anchor's subtraction must not lose
+    static = np.asarray(batched("trimmed_mean", f=f)(x, mask, w))
+    traced = np.asarray(jax.jit(jax.vmap(lambda a, b, c, t: A.trimmed_mean(a, b, c, f=t),
+                                         in_axes=(0, 0, 0, None)))(x, mask, w, f))
+    expect = np.stack([R.trimmed_mean(np.where(np.isnan(x[i]), 0.0, x[i]), mask[i], f=f) for i in range(len(x))])
+    for out in (static, traced):
+        np.testing.assert_allclose(out, expect, rtol=1e-5, atol=1e-5)
+    uses_partition = order_stats._partition_size(k, f) < len(A.sorting_network(k))
+    assert uses_partition == ((k, f) not in ((5, 1), (9, 3)))
+    jaxpr = str(jax.make_jaxpr(functools.partial(A.trimmed_mean, f=f))(x[0], mask[0]))
+    sort_mins = len(A.sorting_network(k))
+    assert (jaxpr.count(" min ") < sort_mins) == uses_partition
+
+
 def test_multi_krum_with_explicit_m():
     x, mask, w = make_batch(90, min_valid=6)
     out = batched("multi_krum", f=1, m=2)(x, mask, w)
