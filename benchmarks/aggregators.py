@@ -11,7 +11,7 @@ For each rule and size (N nodes, K rows per neighbourhood, D coordinates, float3
 - three per-node Python loops over the N neighbourhoods: ``eager loop`` calls the same one-node rule as a plain
   Python function (what a per-node simulator does), ``jit loop`` calls it jitted once (the strongest per-node
   baseline: only the dispatch per node is lost), ``numpy loop`` calls the float64 NumPy reference (the peer
-  libraries' way); each is timed on a subset of nodes and scaled to N;
+  libraries' way); each is timed on a subset of nodes (best of ``--loop-reps``) and scaled to N;
 - ``x roofline``: ``ms`` divided by the time to read the N*K*D block once at the copy bandwidth measured in the
   same run (``common.bandwidth_gbs``).
 
@@ -103,9 +103,10 @@ def run_size(n, k, d, rules, args, roofline_s):
         t_call = best_time(functools.partial(jax.jit(agg), block, mask, w), reps)
         one = functools.partial(A.REGISTRY[rule], **h)
         one_jit = jax.jit(one)
-        t_eager = loop_time(lambda i: one(*pieces[i]), args.eager_nodes, n, 1)
+        t_eager = loop_time(lambda i: one(*pieces[i]), args.eager_nodes, n, args.loop_reps)
         t_jit = loop_time(lambda i: one_jit(*pieces[i]), 20 if big else args.loop_nodes, n, args.loop_reps)
-        t_np = loop_time(lambda i: R.REGISTRY[rule](host[0][i], host[1][i], host[2][i], **h), args.numpy_nodes, n, 1)
+        t_np = loop_time(lambda i: R.REGISTRY[rule](host[0][i], host[1][i], host[2][i], **h), args.numpy_nodes, n,
+                         args.loop_reps)
         rows.append(dict(rule=rule, ms=t * 1e3, call_ms=t_call * 1e3, roofline=t / roofline_s,
                          eager_ms=t_eager * 1e3, jit_ms=t_jit * 1e3, numpy_ms=t_np * 1e3))
         print(f"  {rule:17s} {t * 1e3:8.1f} ms  call {t_call * 1e3:8.1f}  x roofline {t / roofline_s:5.2f}  "
@@ -171,7 +172,7 @@ def main(argv=None):
     p.add_argument("--rules", default=",".join(A.REGISTRY))
     p.add_argument("--sizes", default="100x9x100000,300x17x100000,1000x9x1000", help="NxKxD,...")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--loop-reps", type=int, default=2)
+    p.add_argument("--loop-reps", type=int, default=3, help="repetitions of each per-node loop (best is kept)")
     p.add_argument("--loop-nodes", type=int, default=100, help="nodes timed in the jitted loop (20 on blocks over "
                    "1 GB, where every timing is also a single repetition)")
     p.add_argument("--eager-nodes", type=int, default=3, help="nodes timed in the eager loop")
