@@ -8,6 +8,7 @@ seeds at once when ``seeds`` is set), computes the privacy spent on the host and
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -672,6 +673,19 @@ def finish(exp: Experiment, history: dict, state, compile_s: float, run_s: float
 GAP_BATCH, GAP_STEPS, GAP_FINAL, GAP_MAX_ENTRIES = 32, 48, 32, 1 << 19
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _round_graph_draws(spec, hyper, arrays, keys, rounds):
+    """The round graphs drawn from ``keys [B]`` at ``rounds [B]``: ``(neighbors [B, N, K], weights [B, N, K])``, 0
+    weight on masked entries. Compiled once per graph spec (:func:`jaxdfl.simulation.graph_spec`) and shape."""
+
+    def draw(key, r):
+        k_graph, k_online = jax.random.split(key)
+        g = simulation.round_graph(spec, hyper, arrays, k_graph, r, simulation.online_nodes(spec, hyper, k_online))
+        return g.neighbors, jnp.where(g.mask, g.weights, 0.0)
+
+    return jax.vmap(draw)(keys, rounds)
+
+
 def effective_spectral_gap(exp: Experiment, seed: int = 0) -> float | None:
     """The mean-square mixing rate of the graphs a run draws, as a spectral gap: ``1 - sqrt(lambda_2(E[W^T W]))``.
 
@@ -691,23 +705,20 @@ def effective_spectral_gap(exp: Experiment, seed: int = 0) -> float | None:
     """
     if not exp.spec.graph_changes:
         return exp.topology.spectral_gap
-    spec, hyper, arrays = exp.spec, exp.hyper, exp.arrays
-    n, k = arrays.neighbors.shape
+    n, k = exp.arrays.neighbors.shape
     if n * max(k, 2) > GAP_MAX_ENTRIES:
         return None
-
-    def draw(key, r):
-        k_graph, k_online = jax.random.split(key)
-        g = simulation.round_graph(spec, hyper, arrays, k_graph, r, simulation.online_nodes(spec, hyper, k_online))
-        return g.neighbors, jnp.where(g.mask, g.weights, 0.0)
-
-    draws = jax.jit(jax.vmap(draw))
+    spec = simulation.graph_spec(exp.spec)
+    hyper = {name: exp.hyper[name] for name in ("drop_prob", "node_dropout") if name in exp.hyper}
+    graph_arrays = exp.arrays._replace(x=None, y=None, sizes=None, x_test=None, y_test=None, mixing=None,
+                                       byzantine=None, eval_ids=None)
     keys = jax.random.split(jax.random.key(seed), GAP_STEPS + GAP_FINAL)
 
     def mean_wtw(y, step):
         """``mean_b W_b^T W_b y`` over one batch of round graphs."""
         r = jnp.arange(step * GAP_BATCH, (step + 1) * GAP_BATCH, dtype=jnp.int32)
-        nbr, w = map(np.asarray, draws(jax.random.split(keys[step], GAP_BATCH), r))
+        draw_keys = jax.random.split(keys[step], GAP_BATCH)
+        nbr, w = map(np.asarray, _round_graph_draws(spec, hyper, graph_arrays, draw_keys, r))
         wy = np.einsum("bik,bik->bi", w, y[nbr])
         flat = (np.arange(GAP_BATCH)[:, None, None] * n + nbr).ravel()
         return np.bincount(flat, (w * wy[:, :, None]).ravel(), GAP_BATCH * n).reshape(GAP_BATCH, n).mean(0)

@@ -223,6 +223,14 @@ def _pairs(partner, matched) -> Graph:
                  weights.astype(jnp.float32))
 
 
+def graph_spec(spec: Spec) -> Spec:
+    """``spec`` reduced to the fields :func:`round_graph` and :func:`online_nodes` read (the rest at placeholders), so
+    that programs drawing round graphs alone are shared by every experiment with the same graph settings."""
+    return Spec(n=spec.n, local=None, model_init=None, model_apply=None, rounds=1, eval_every=1, dynamic=spec.dynamic,
+                weights=spec.weights, n_edges=spec.n_edges, node_dropout=spec.node_dropout,
+                inter_every=spec.inter_every)
+
+
 def round_graph(spec: Spec, hyper, arrays: Arrays, key, round_index, online):
     """This round's graph: the static table, or one drawn from the round key (inside the compiled program).
 

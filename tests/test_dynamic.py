@@ -299,3 +299,16 @@ def test_effective_spectral_gap_is_the_gap_on_unchanging_graphs_and_the_mean_squ
     match = experiment.build(small_cfg(**{"topology.kind": "complete", "topology.n": 16,
                                           "topology.dynamic": "matching"}))
     assert experiment.effective_spectral_gap(match) == pytest.approx(1 - np.sqrt(0.5 - 1 / 30), rel=0.03)
+
+
+def test_effective_spectral_gap_compiles_its_graph_draws_once_per_graph_setting(small_cfg):
+    """The estimate's graph draws used to be a fresh jit per call: every run (and every sweep setting) with a changing
+    graph recompiled them, seconds per summary. They now depend only on the graph settings."""
+    drop = {"topology.dynamic": "edge_dropout", "topology.drop_prob": 0.5}
+    first = experiment.effective_spectral_gap(experiment.build(small_cfg(**drop)))
+    compiled = experiment._round_graph_draws._cache_size()
+    other_lr = experiment.build(small_cfg(**drop, **{"train.lr": 0.01, "topology.seed": 0}))
+    assert experiment.effective_spectral_gap(other_lr) == first  # the learning rate does not change the graphs
+    other_p = experiment.build(small_cfg(**{**drop, "topology.drop_prob": 0.3}))
+    assert experiment.effective_spectral_gap(other_p) > first  # a dynamic value of the same program
+    assert experiment._round_graph_draws._cache_size() == compiled
