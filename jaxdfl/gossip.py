@@ -5,7 +5,13 @@ Both compute ``X' = W X`` for node vectors ``X: [N, D]``: the dense path as one 
 padding) as ``X'_i = sum_k weights[i, k] X[neighbors[i, k]]``. The dense path costs O(N^2 D), the sparse one
 O(N K D); :func:`choose_path` picks one from the sizes.
 
-References: Lian et al., "Can Decentralized Algorithms Outperform Centralized Algorithms?", NeurIPS 2017.
+The engine applies it after local training (adapt-then-combine: ``x_i <- sum_j W_ij (x_j - lr g_j)``), the form of
+Koloskova et al. 2020 and of DFedAvg (Sun et al. 2022); Lian et al.'s D-PSGD instead mixes the round-start models and
+adds the gradient taken there.
+
+References: A. Koloskova, N. Loizou, S. Boreiri, M. Jaggi, S. Stich, "A unified theory of decentralized SGD with
+changing topology and local updates", ICML 2020; T. Sun, D. Li, B. Wang, "Decentralized federated averaging", IEEE
+TPAMI 2022; X. Lian et al., "Can decentralized algorithms outperform centralized algorithms?", NeurIPS 2017.
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ def plot_consensus(path, history: Mapping[str, np.ndarray]) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.semilogy(rounds, np.maximum(cons, 1e-30))
     ax.set_xlabel("round")
-    ax.set_ylabel("consensus distance (honest)")
+    ax.set_ylabel("consensus distance, mean |x_i - x_mean|^2 (honest)")
     ax.grid(alpha=0.3, which="both")
     save_figure(path, fig)
 

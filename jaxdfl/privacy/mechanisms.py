@@ -259,7 +259,9 @@ def privatize_update(key, delta, clip, noise_multiplier, mechanism):
     give updates at most 2C apart (replace adjacency, the default of
     ``accounting.update_epsilons``); against the node being absent (zero
     update) the distance is C. Each round is one invocation. The bound holds
-    whatever un-noised state the node keeps locally (its own model), since
+    whatever un-noised state the node keeps locally (the engine keeps only
+    the optimizer state: a node's own row in its aggregation is its noised
+    message, not its un-noised model), since
     every possible clipped update lies in the same ball: by joint convexity of
     the hockey-stick divergence (quasi-convexity of the Renyi divergence) the
     per-round guarantee holds conditionally on all earlier messages, so rounds
