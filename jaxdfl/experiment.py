@@ -429,6 +429,7 @@ class Runner:
         segment = jax.jit(_over_seeds(exp, seg_fn, (0, 0, None, None)))
         self.segment = segment.lower(state, k_rounds, exp.hyper, self.arrays).compile()
         self.compile_seconds = time.perf_counter() - t0
+        self.calls = 0  # only the first run reports compile_seconds: the next ones reuse the program
 
     def _start(self, exp: Experiment):
         state, k_rounds = self.init(_seed_keys(exp), exp.hyper)
@@ -489,8 +490,23 @@ class Runner:
                 break  # non-finite honest models in every seed: stop, keep the metrics so far (a seed that
                 # diverged alone runs on with NaN models, so the other seeds still equal their own runs)
         run_s = time.perf_counter() - t0
-        history = joined()
-        return finish(exp, history, state, self.compile_seconds, run_s)
+        compile_s = self.compile_seconds if self.calls == 0 else 0.0
+        self.calls += 1
+        return finish(exp, until_all_diverged(joined(), axis), state, compile_s, run_s)
+
+
+def until_all_diverged(history: dict, axis: int) -> dict:
+    """``history`` up to and including the first evaluation by which every seed has diverged (all of it if none).
+
+    A run stops at the end of the segment in which that happened, and segments follow ``checkpoint_every``: cutting
+    at the evaluation makes ``rounds_done``, the metrics rows and ``final`` the same for every segment layout.
+    """
+    diverged = np.logical_or.accumulate(np.asarray(history["diverged"]) > 0, axis=-1)  # [E] or [S, E]
+    every = diverged if diverged.ndim == 1 else np.all(diverged, axis=0)
+    if not every.any():
+        return history
+    keep = int(np.argmax(every)) + 1
+    return {k: np.take(v, np.arange(keep), axis=axis) for k, v in history.items()}
 
 
 #: Config keys whose values reach the program as traced hyper-parameters (no recompilation when they change).
@@ -571,12 +587,14 @@ def run(cfg: Config | dict | str | Experiment, progress: Callable | None = None,
         come from a run with the same config (without privacy, ``rounds`` may grow: the run is extended).
 
     The rounds run as segments (:func:`segment_chunks`) that call the same compiled program; a run whose honest
-    models turn non-finite stops after the segment that diverged. The last compiled program is kept: a next run
-    whose config differs only in dynamic values (:data:`DYNAMIC_KEYS`, e.g. the learning rate or the seed), and
-    whose rule, attack and model are still the same registered functions (:func:`components`: a rule edited and
-    registered again under its name compiles anew), and whose DP-SGD buffer is the same (:func:`program_key`),
-    reuses it without tracing or compiling (its summary repeats the program's ``compile_seconds``, as a sweep's rows
-    do). Settings the config leaves without effect (:func:`jaxdfl.config.inert_settings`) raise an
+    models turn non-finite (in every seed) stops after the segment that diverged, and its history ends at the
+    first evaluation that saw it (:func:`until_all_diverged`), whatever the segments. The last compiled program is
+    kept: a next run whose config differs only in dynamic values (:data:`DYNAMIC_KEYS`, e.g. the learning rate or
+    the seed), and whose rule, attack and model are still the same registered functions (:func:`components`: a
+    rule edited and registered again under its name compiles anew), and whose DP-SGD buffer is the same
+    (:func:`program_key`), reuses it without tracing or compiling (its summary's ``compile_seconds`` is 0, as in a
+    sweep's rows after the first of a program). Settings the config leaves without effect
+    (:func:`jaxdfl.config.inert_settings`) raise an
     :class:`~jaxdfl.config.InertSettingWarning`.
     """
     global _last_runner
@@ -632,7 +650,7 @@ def finish(exp: Experiment, history: dict, state, compile_s: float, run_s: float
     first_bad = np.argmax(diverged > 0, axis=-1)
     summary: dict[str, Any] = {
         "rounds": exp.config.rounds,
-        "rounds_done": _round(state),
+        "rounds_done": int(eval_rounds[-1]),
         "nodes": exp.topology.n,
         "byzantine": int(exp.byzantine.sum()),
         "byzantine_ids": np.flatnonzero(exp.byzantine).tolist(),

@@ -157,6 +157,7 @@ def test_run_reuses_the_last_program_for_dynamic_changes_on_the_new_configs_data
     cfg2 = cfg.replace({"train.lr": 0.3})
     again = jaxdfl.run(cfg2)
     assert experiment._last_runner is runner
+    assert again.summary["compile_seconds"] == 0.0  # nothing was compiled for it
     fresh = experiment.Runner(experiment.build(cfg2))()
     for key in ("accuracy_mean", "loss_mean", "consensus_distance"):
         np.testing.assert_array_equal(again.history[key], fresh.history[key])
