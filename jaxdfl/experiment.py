@@ -679,8 +679,8 @@ def finish(exp: Experiment, history: dict, state, compile_s: float, run_s: float
     else:
         summary["seeds"] = exp.seeds
         summary["final"] = {k: _num(np.mean(v)) for k, v in final.items()}
-        ddof = 1 if len(exp.seeds) > 1 else 0  # the sample std over seeds (0 for a single one)
-        summary["final_std"] = {k: _num(np.std(v, ddof=ddof)) for k, v in final.items()}
+        # the sample std over seeds; undefined (null) for a single seed, where 0 would read as "no spread"
+        summary["final_std"] = {k: _num(np.std(v, ddof=1)) if len(v) > 1 else None for k, v in final.items()}
         summary["final_per_seed"] = {k: [_num(x) for x in v] for k, v in final.items()}
         summary["diverged_seeds"] = [s for s, d in zip(exp.seeds, np.any(diverged > 0, axis=-1)) if d]
     return Result(exp.config, history, summary, state)

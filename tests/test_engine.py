@@ -94,6 +94,9 @@ def test_seeds_in_one_program(small_cfg, mode):
     per_seed = r.summary["final_per_seed"]["accuracy_mean"]
     assert r.summary["final_std"]["accuracy_mean"] == pytest.approx(np.std(per_seed, ddof=1))  # sample std
     assert r.summary["rounds_done"] == r.summary["rounds"] == 6
+    if mode == "map":  # one seed has no sample std: null, not a 0 that reads as "no spread"
+        one = jaxdfl.run(small_cfg(seeds=[4], **{"parallel.seed_mode": mode}))
+        assert set(one.summary["final_std"].values()) == {None}
 
 
 @pytest.mark.parametrize("mode", ["vmap", "map"])

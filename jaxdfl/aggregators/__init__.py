@@ -36,8 +36,10 @@ included):
 - ``bucketing``: ``s`` (bucket size).
 - ``clip``: ``tau`` (radius >= 0), ``self_centered`` (clip around the node's own vector instead of zero).
 
-All of them except ``bucketing.s`` (it sets an output shape; see ``STATIC_HYPER``) may be traced jnp scalars, so a
-sweep over tau, nu, tol, f, m, iters or adaptive reuses one compiled program.
+All of them except ``bucketing.s`` (it sets an output shape; see ``STATIC_HYPER``) may be traced jnp scalars: a
+program of your own can sweep tau, nu, tol, f, m, iters or adaptive without recompiling. The engine passes them as
+static values (one compiled program per setting): they are checked against the graph before compiling, and a
+static ``f`` lets trimmed mean skip its sort.
 
 BRIDGE (Yang & Bajwa 2019; Fang, Yang & Bajwa 2022) screens the node's own and its neighbours' vectors with a
 robust rule and then takes the local gradient step (the engine's job). Its screening variants are rules here,
