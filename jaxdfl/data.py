@@ -177,13 +177,21 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 }
 
 
+#: Datasets whose test set is a ``data.test_fraction`` split made here (the others come with their official split).
+SPLIT_BY_FRACTION = ("digits", "synthetic", "mnist1d")
+
+
 def load(cfg_data, n_nodes: int) -> Dataset:
     """Load the dataset named by a ``[data]`` config section."""
     kw = dict(cfg_data)
     name = kw.pop("name")
     if name not in DATASETS:
         raise ConfigError(f"data.name must be one of {', '.join(DATASETS)}; got {name!r}")
-    return DATASETS[name](n_nodes=n_nodes, **kw)
+    ds = DATASETS[name](n_nodes=n_nodes, **kw)
+    if name in SPLIT_BY_FRACTION and (len(ds.y_test) == 0 or len(ds.y_train) == 0):
+        raise ConfigError(f"data.test_fraction={kw['test_fraction']} leaves {len(ds.y_train)} training and "
+                          f"{len(ds.y_test)} test examples of {name}: both need at least one")
+    return ds
 
 
 # --------------------------------------------------------------------------------------------- partitions

@@ -719,7 +719,8 @@ def effective_spectral_gap(exp: Experiment, seed: int = 0) -> float | None:
     2006.
 
     Returns:
-        The estimate, or None when a round's table has more than :data:`GAP_MAX_ENTRIES` entries.
+        The estimate (1.0 when the sampled draws average exactly: nothing left to mix), or None when a round's
+        table has more than :data:`GAP_MAX_ENTRIES` entries.
     """
     if not exp.spec.graph_changes:
         return exp.topology.spectral_gap
@@ -744,9 +745,15 @@ def effective_spectral_gap(exp: Experiment, seed: int = 0) -> float | None:
     y = np.random.default_rng(seed).normal(size=n)
     for step in range(GAP_STEPS):
         y = y - y.mean()
-        y = mean_wtw(y / np.linalg.norm(y), step)
+        norm = np.linalg.norm(y)
+        if not norm > 1e-12:  # the draws average exactly (n = 2 matching, near-complete dropout): no disagreement left
+            return 1.0
+        y = mean_wtw(y / norm, step)
     y = y - y.mean()
-    y = y / np.linalg.norm(y)
+    norm = np.linalg.norm(y)
+    if not norm > 1e-12:
+        return 1.0
+    y = y / norm
     lam = np.mean([y @ mean_wtw(y, GAP_STEPS + i) for i in range(GAP_FINAL)])
     return float(1.0 - np.sqrt(min(max(lam, 0.0), 1.0)))
 

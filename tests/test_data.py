@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jaxdfl import data
-from jaxdfl.config import make_config
+from jaxdfl.config import DEFAULTS, make_config
 from jaxdfl.errors import ConfigError
 
 
@@ -116,3 +116,12 @@ def test_errors():
         data.partition(ds, 5000)
     with pytest.raises(ConfigError, match="data.partition"):
         data.partition(ds, 4, "zipf")
+
+
+@pytest.mark.parametrize("fraction", [0.0002, 0.9999])
+def test_a_test_fraction_that_empties_a_side_is_a_config_error(fraction):
+    """0.0002 of 1,797 digits rounds to no test example: the run crashed inside tracing (integer modulo by zero);
+    0.9999 left no training example and the error blamed topology.n."""
+    with pytest.raises(ConfigError, match=r"data\.test_fraction=.*both need at least one"):
+        data.load({**DEFAULTS["data"], "test_fraction": fraction}, 4)
+    assert len(data.load({**DEFAULTS["data"], "test_fraction": 0.001}, 4).y_test) == 2

@@ -1,5 +1,6 @@
 """Time-varying graphs, churn, stragglers, hierarchical gossip and communication metrics."""
 
+import warnings
 import jax
 import jax.numpy as jnp
 import networkx as nx
@@ -312,3 +313,12 @@ def test_effective_spectral_gap_compiles_its_graph_draws_once_per_graph_setting(
     other_p = experiment.build(small_cfg(**{**drop, "topology.drop_prob": 0.3}))
     assert experiment.effective_spectral_gap(other_p) > first  # a dynamic value of the same program
     assert experiment._round_graph_draws._cache_size() == compiled
+
+
+def test_effective_spectral_gap_of_graphs_that_average_exactly_is_one(small_cfg):
+    """Two nodes matched every round average exactly: W^T W maps every disagreement to 0, and the power iteration
+    divided 0 by 0 (NaN in the summary, a truthy NaN that also defeated the sweep's fallback to the static gap)."""
+    exp = experiment.build(small_cfg(**{"topology.kind": "complete", "topology.n": 2, "topology.dynamic": "matching"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert experiment.effective_spectral_gap(exp) == 1.0
