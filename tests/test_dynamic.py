@@ -1,6 +1,7 @@
 """Time-varying graphs, churn, stragglers, hierarchical gossip and communication metrics."""
 
 import warnings
+
 import jax
 import jax.numpy as jnp
 import networkx as nx
