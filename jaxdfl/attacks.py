@@ -670,6 +670,9 @@ POISONING = {"label_flip"}
 #   ipm.eps          0.1       message -eps * mu_i
 #   mimic.target     None      None: per receiver, its smallest-id honest neighbour; an int: that node everywhere
 #   dissensus.eps    1.5       strength (1 = isolation)
+#: Attacks that read the receivers' mixing weights (``ctx.weights``) to aim their messages.
+WEIGHTED_ATTACKS = frozenset({"dissensus", "isolation"})
+
 DEFAULTS: dict[str, dict[str, object]] = {
     "none": {},
     "sign_flip": {"scale": 1.0, "target": "mean"},

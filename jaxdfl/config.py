@@ -242,6 +242,12 @@ class InertSettingWarning(UserWarning):
     """A setting given a value that the rest of the config leaves without effect (see :func:`inert_settings`)."""
 
 
+def plain_gossip(cfg: Config) -> bool:
+    """Whether the exchange is plain mean gossip (dense or sparse mixing): no robust rule, attack or pre-aggregator."""
+    agg = cfg.aggregation
+    return agg.rule == "mean" and cfg.attack.name == "none" and not agg.pre
+
+
 def inert_settings(cfg: Config) -> list[str]:
     """Settings given a non-default value that the rest of the config leaves without effect, one line each.
 
@@ -249,7 +255,7 @@ def inert_settings(cfg: Config) -> list[str]:
     target, ``attack.byzantine`` 0 next to an attack); ``jaxdfl run`` prints them as notes, :func:`jaxdfl.run`
     warns (:class:`InertSettingWarning`), and ``summary.json`` lists them under ``inert_settings``.
     """
-    from jaxdfl import topology
+    from jaxdfl import aggregators, attacks, data, models, topology
 
     out = []
 
@@ -257,7 +263,8 @@ def inert_settings(cfg: Config) -> list[str]:
         defaults = {**DEFAULTS[section], **_family_defaults(section, cfg[section].get(_SELECTOR.get(section)))}
         for key in keys:
             value = cfg[section].get(key)
-            if value is not None and _thaw(value) != _thaw(defaults.get(key)):
+            said = any(line.startswith(f"{section}.{key} = ") for line in out)  # one reason per setting
+            if value is not None and _thaw(value) != _thaw(defaults.get(key)) and not said:
                 out.append(f"{section}.{key} = {_thaw(value)!r} has no effect: {reason}")
 
     p, a, d, t = cfg.privacy, cfg.attack, cfg.data, cfg.topology
@@ -291,6 +298,32 @@ def inert_settings(cfg: Config) -> list[str]:
         inert("topology", ["inter_every"], f"one cluster holds all {t.n} nodes, so there are no bridge links")
     if cfg.model.name not in ("mlp", "cnn"):
         inert("model", ["hidden"], f"model.name = {cfg.model.name!r} has a fixed architecture")
+    if cfg.model.name not in models.CONV_MODELS:
+        inert("model", ["conv"], f"model.name = {cfg.model.name!r} has no convolution")
+    if d.name not in data.SPLIT_BY_FRACTION:
+        inert("data", ["test_fraction"], f"data.name = {d.name!r} comes with its own test set")
+    if a.placement != "random":
+        inert("attack", ["seed"], f"attack.placement = {a.placement!r} is not drawn at random")
+    if a.name in ("alie", "ipm") and not a.get("adaptive", False):
+        inert("attack", ["search_max"], "attack.adaptive = false")
+    agg = cfg.aggregation
+    if agg.rule == "clipped_gossip":
+        inert("aggregation", ["tau"] if agg.get("adaptive") else ["f"],
+              f"aggregation.adaptive = {str(bool(agg.get('adaptive'))).lower()} (the radius is "
+              + ("the distance of the (m - f)-th closest of the m neighbours)" if agg.get("adaptive") else "tau)"))
+    if not plain_gossip(cfg):
+        inert("aggregation", ["gossip"], "a robust rule, attack or pre-aggregator exchanges through the robust path")
+        # bucketing averages by weight; dissensus and isolation aim with them; other rules may be user rules
+        pre_names = {p if isinstance(p, str) else p[0] for p in agg.pre}
+        uses_weights = (agg.rule not in aggregators.UNWEIGHTED_RULES or "bucketing" in pre_names
+                        or (a.byzantine > 0 and a.name in attacks.WEIGHTED_ATTACKS))
+        if not uses_weights and t.dynamic != "matching":
+            inert("topology", ["weights"], f"aggregation.rule = {agg.rule!r} ignores mixing weights (only the "
+                  "reported spectral gap uses them)")
+    else:
+        inert("parallel", ["chunk_size"], "plain mean gossip does not chunk its receivers")
+    if cfg.get("seeds") is None:
+        inert("parallel", ["seed_mode"], "seeds is not set")
     if t.kind == "torus" and t.get("rows", 0) == t.get("cols", 0) == 0:
         rows, cols = topology._factor_square(t.n)
         if min(rows, cols) == 1:

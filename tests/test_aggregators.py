@@ -234,6 +234,24 @@ def test_trimmed_mean_partition_and_sort_paths_agree_with_reference(k, f):
     assert (jaxpr.count(" min ") < sort_mins) == uses_partition
 
 
+def test_unweighted_rules_ignore_the_weights_and_the_others_read_them():
+    """``UNWEIGHTED_RULES`` backs the note that ``topology.weights`` has no effect: it must hold exactly."""
+    x, mask, w = make_batch(91, min_valid=6)
+    uniform = np.where(mask, 1.0, 0.0)
+    uniform = (uniform / uniform.sum(1, keepdims=True)).astype(np.float32)
+    for rule in RULES:
+        same = np.array_equal(np.asarray(batched(rule)(x, mask, w)), np.asarray(batched(rule)(x, mask, uniform)))
+        assert same == (rule in A.UNWEIGHTED_RULES), rule
+
+
+def test_clipped_gossip_reads_f_only_when_adaptive_and_tau_only_when_not():
+    x, mask, w = make_batch(92, min_valid=6)
+    out = lambda **h: np.asarray(batched("clipped_gossip", **h)(x, mask, w))  # noqa: E731
+    np.testing.assert_array_equal(out(adaptive=False, f=1), out(adaptive=False, f=3))
+    np.testing.assert_array_equal(out(adaptive=True, f=1, tau=0.5), out(adaptive=True, f=1, tau=5.0))
+    assert not np.array_equal(out(adaptive=True, f=1), out(adaptive=True, f=3))
+
+
 def test_multi_krum_with_explicit_m():
     x, mask, w = make_batch(90, min_valid=6)
     out = batched("multi_krum", f=1, m=2)(x, mask, w)

@@ -95,3 +95,18 @@ def test_a_seed_that_diverges_does_not_stop_the_others(small_cfg):
     assert both.summary["rounds_done"] == 6
     for k in ("accuracy_mean", "loss_mean"):
         np.testing.assert_allclose(both.history[k][1], alone.history[k], rtol=1e-5)
+
+
+def test_a_diverged_run_reports_the_same_stop_whatever_its_segments(small_cfg):
+    """Regression: the run stopped at the end of the segment that diverged, and segments follow checkpoint_every, so
+    rounds_done, the metrics rows and final changed with it. The history now ends at the first evaluation that saw
+    every seed diverge."""
+    attack = {"attack.name": "inf", "attack.byzantine": 1, "rounds": 12, "eval_every": 2}
+    runs = [jaxdfl.run(small_cfg(**attack, checkpoint_every=every)) for every in (0, 2, 6)]
+    for r in runs:
+        assert r.summary["rounds_done"] == r.summary["diverged_round"] == 2
+        assert len(r.history["round"]) == 1
+    for r in runs[1:]:
+        assert r.summary["final"] == runs[0].summary["final"]
+        for k in ("accuracy_mean", "loss_mean", "diverged"):
+            np.testing.assert_array_equal(r.history[k], runs[0].history[k])

@@ -191,6 +191,17 @@ def test_clip_centres_on_the_own_model_by_default_when_models_are_shared():
     ({"topology": {"seed": 5}}, "topology.seed"),
     ({"topology": {"kind": "complete", "dynamic": "matching", "weights": "max_degree"}}, "topology.weights"),
     ({"topology": {"kind": "hierarchical", "n": 8, "inter_every": 2}}, "topology.inter_every"),
+    # found by a config fuzzer: accepted, ignored and not reported
+    ({"topology": {"weights": "max_degree"}, "aggregation": {"rule": "median"}}, "topology.weights"),
+    ({"aggregation": {"rule": "clipped_gossip", "f": 3}}, "aggregation.f"),
+    ({"aggregation": {"rule": "clipped_gossip", "adaptive": True, "tau": 2.0}}, "aggregation.tau"),
+    ({"attack": {"name": "alie", "byzantine": 1, "search_max": 5.0}}, "attack.search_max"),
+    ({"attack": {"name": "crash", "byzantine": 1, "placement": "degree", "seed": 7}}, "attack.seed"),
+    ({"aggregation": {"rule": "median", "gossip": "sparse"}}, "aggregation.gossip"),
+    ({"parallel": {"chunk_size": 4}}, "parallel.chunk_size"),
+    ({"parallel": {"seed_mode": "map"}}, "parallel.seed_mode"),
+    ({"model": {"name": "mlp", "conv": "xla"}}, "model.conv"),
+    ({"data": {"name": "npz", "path": "x.npz", "test_fraction": 0.5}}, "data.test_fraction"),
 ])
 def test_settings_without_effect_are_reported(tree, needle):
     from jaxdfl.config import inert_settings
@@ -204,3 +215,18 @@ def test_shipped_configs_and_the_defaults_have_no_inert_settings(path):
     from jaxdfl.config import inert_settings
 
     assert inert_settings(load_config(str(path))) == [] and inert_settings(make_config({})) == []
+
+
+@pytest.mark.parametrize("tree", [
+    {"topology": {"weights": "max_degree"}, "aggregation": {"rule": "median", "pre": ["bucketing"]}},  # weighs
+    {"topology": {"weights": "max_degree"}, "aggregation": {"rule": "median"},
+     "attack": {"name": "dissensus", "byzantine": 1}},  # aims with the weights
+    {"topology": {"weights": "max_degree"}, "aggregation": {"rule": "ios"}},
+    {"aggregation": {"rule": "clipped_gossip", "adaptive": True, "f": 2}},
+    {"parallel": {"chunk_size": 4}, "attack": {"name": "crash", "byzantine": 1}},
+    {"model": {"name": "cnn", "conv": "xla"}},
+])
+def test_settings_with_effect_are_not_reported(tree):
+    from jaxdfl.config import inert_settings
+
+    assert inert_settings(make_config(tree)) == []

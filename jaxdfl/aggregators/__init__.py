@@ -67,6 +67,7 @@ from jaxdfl.aggregators.network import MEMORY_BUDGET_BYTES
 from jaxdfl.aggregators.network import PRE_REGISTRY
 from jaxdfl.aggregators.network import REGISTRY
 from jaxdfl.aggregators.network import STATIC_HYPER
+from jaxdfl.aggregators.network import UNWEIGHTED_RULES
 from jaxdfl.aggregators.network import aggregate
 from jaxdfl.aggregators.network import auto_chunk
 from jaxdfl.aggregators.network import enough_rows
@@ -87,6 +88,7 @@ __all__ = [
     "PRE_REGISTRY",
     "REGISTRY",
     "STATIC_HYPER",
+    "UNWEIGHTED_RULES",
     "aggregate",
     "auto_chunk",
     "enough_rows",

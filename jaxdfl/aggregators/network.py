@@ -58,6 +58,11 @@ DEFAULTS: dict[str, dict[str, object]] = {
     "clip": {"tau": 1.0, "self_centered": False},
 }
 
+#: Built-in rules that ignore the mixing weights (server-style, unweighted). Every other rule, a user's included, is
+#: taken to read them (``mean`` is gossip, ``clipped_gossip`` and ``ios`` weigh by ``W_ij``).
+UNWEIGHTED_RULES = frozenset({"median", "trimmed_mean", "meamed", "krum", "multi_krum", "bulyan", "geometric_median",
+                              "centered_clip", "monna"})
+
 # Hyper-parameters that fix array shapes and must be Python values (all others may be traced jnp scalars).
 STATIC_HYPER: dict[str, tuple[str, ...]] = {"bucketing": ("s",)}
 
