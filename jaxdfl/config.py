@@ -660,6 +660,24 @@ def validate(cfg: dict) -> None:
     if ck < 0 or ck % cfg["eval_every"] or ck > cfg["rounds"]:
         raise ConfigError(f"checkpoint_every must be 0 (off) or a multiple of eval_every ({cfg['eval_every']}) "
                           f"up to rounds ({cfg['rounds']}), got {ck}")
+    _check_float32_range(cfg, "")
+
+
+#: Magnitudes a float setting may have besides 0 (and a non-finite value where its key allows one): the simulator
+#: computes in float32, where a learning rate of 1e-300 is 0 and a clip norm of 1e300 is inf.
+FLOAT32_RANGE = (1.1754943508222875e-38, 3.4028234663852886e38)  # np.finfo(np.float32).tiny, .max
+
+
+def _check_float32_range(tree: Mapping[str, Any], prefix: str) -> None:
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            _check_float32_range(value, name + ".")
+        elif isinstance(value, float) and math.isfinite(value) and value != 0:
+            lo, hi = FLOAT32_RANGE
+            if not lo <= abs(value) <= hi:
+                raise ConfigError(f"{name}={value!r} is outside float32's range (0, or magnitudes {lo:.3g} to "
+                                  f"{hi:.3g}): the simulator computes in float32")
 
 
 # --------------------------------------------------------------------------------------------- TOML output

@@ -63,6 +63,9 @@ def test_int_accepted_for_float():
     ({"seeds": [True, False]}, "seeds"),
     ({"train": {"optimizer": "adam", "momentum": 0.9}}, "train.momentum"),  # was ignored by adam
     ({"train": {"share": "update"}, "model": {"init": "independent"}}, "train.share"),  # never reaches consensus
+    ({"train": {"lr": 1e-300}}, "train.lr=1e-300 is outside float32"),  # was 0 in the program: no training
+    ({"privacy": {"mode": "update", "clip_norm": 1e300}}, "privacy.clip_norm"),  # was inf
+    ({"attack": {"name": "sign_flip", "byzantine": 1, "scale": -1e300}}, "attack.scale"),
 ])
 def test_errors_name_the_key(tree, needle):
     with pytest.raises(ConfigError) as info:
