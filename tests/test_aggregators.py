@@ -624,3 +624,11 @@ def test_aggregate_falls_back_after_bucketing_shrinks_the_rows():
                                          pre=(("bucketing", {"s": 2}),)))(x, mask, jnp.full((2, 9), 1 / 9))
     np.testing.assert_array_equal(out[0], x[0, 0])
     assert np.all(np.abs(np.asarray(out[1]) - 10.0) < 3.0) and not np.allclose(out[1], x[1, 0])
+
+
+@pytest.mark.parametrize("rule, sizes", [("krum", [2, 5]), ("bulyan", [2, 9]), ("ios", [1, 4])])
+def test_a_rule_no_f_fits_is_refused_without_a_negative_bound(rule, sizes):
+    """A star's leaves (2 rows) cannot run Krum at any f: the error said "i.e. f <= -1"."""
+    with pytest.raises(ConfigError, match=r"no f meets on the smallest neighbourhood") as info:
+        A.validate(rule, {"f": 0}, sizes)
+    assert "-1" not in str(info.value) and "\n" not in str(info.value)

@@ -250,20 +250,20 @@ def bucketed(counts, s):
 def _check_sizes(name: str, h: Mapping, n_min: int, where: str) -> None:
     """Raise if f (or m) is too large for the smallest neighbourhood n_min (valid rows incl. self)."""
     f = h.get("f", 0)
-    need = None
-    if name in ("trimmed_mean", "meamed", "monna", "nnm") and 2 * f >= n_min:
-        need = f"2f < n, i.e. f <= {(n_min - 1) // 2}"
-    elif name in ("krum", "multi_krum") and n_min - f - 2 < 1:
-        need = f"n - f - 2 >= 1, i.e. f <= {n_min - 3}"
-    elif name == "bulyan" and n_min < 4 * f + 3:
-        need = f"n >= 4f + 3, i.e. f <= {(n_min - 3) // 4}"
-    elif name == "ios" and f >= n_min - 1:
-        need = f"f < number of neighbours, i.e. f <= {n_min - 2}"
-    elif name == "clipped_gossip" and h.get("adaptive") and f >= n_min - 1:
-        need = f"f < number of neighbours in adaptive mode, i.e. f <= {n_min - 2}"
-    if need is not None:
+    # (largest f the smallest neighbourhood allows, the condition), per rule
+    bounds = {"trimmed_mean": ((n_min - 1) // 2, "2f < n"), "meamed": ((n_min - 1) // 2, "2f < n"),
+              "monna": ((n_min - 1) // 2, "2f < n"), "nnm": ((n_min - 1) // 2, "2f < n"),
+              "krum": (n_min - 3, "n - f - 2 >= 1"), "multi_krum": (n_min - 3, "n - f - 2 >= 1"),
+              "bulyan": ((n_min - 3) // 4, "n >= 4f + 3"), "ios": (n_min - 2, "f < number of neighbours")}
+    if name == "clipped_gossip" and h.get("adaptive"):
+        bounds[name] = (n_min - 2, "f < number of neighbours in adaptive mode")
+    if name in bounds and f > bounds[name][0]:
+        bound, need = bounds[name]
+        if bound < 0:  # not even f = 0 fits
+            raise ConfigError(f"{where}.f={f}: {name!r} needs {need}, which no f meets on the smallest neighbourhood "
+                              f"(n={n_min} rows, self included); use another rule or a graph with larger degrees")
         raise ConfigError(f"{where}.f={f} is too large for {name!r}: the smallest neighbourhood has n={n_min} rows "
-                          f"(self included) and {name} needs {need}")
+                          f"(self included) and {name} needs {need}, i.e. f <= {bound}")
     if name == "multi_krum" and h.get("m", 0) > n_min:
         raise ConfigError(f"{where}.m={h['m']} exceeds the smallest neighbourhood (n={n_min}); allowed: 0 (= n - f) "
                           f"to {n_min}")
