@@ -72,6 +72,9 @@ MECHANISMS = ("gaussian", "laplace")
 ACCOUNTANTS = ("rdp", "pld")
 ADJACENCIES = ("replace", "add_remove")
 PLD_DISCRETIZATION = 1e-4
+# Below this noise multiplier the PLD's interval grows as (PLD_Z_FULL / z)^2, which keeps its number of bins (and
+# time, memory) near z = PLD_Z_FULL's: at a fixed 1e-4, z = 0.1 took minutes and z = 0.01 ran out of memory.
+PLD_Z_FULL = 0.5
 # Calibration stops when the bracket is this narrow (relative to z).
 _CALIBRATION_RTOL = 1e-5
 _Z_MAX = 1e6
@@ -168,12 +171,19 @@ def _rdp_per_step(z, q):
     return acc.orders, acc.rdp
 
 
+def pld_interval(z: float) -> float:
+    """The PLD's value discretization interval for noise multiplier ``z``: :data:`PLD_DISCRETIZATION` from
+    :data:`PLD_Z_FULL` up, coarser below. The PLD rounds pessimistically, so a coarser grid gives a looser upper
+    bound on epsilon, never an optimistic one."""
+    return PLD_DISCRETIZATION * max(1.0, (PLD_Z_FULL / z) ** 2)
+
+
 @functools.lru_cache(maxsize=16)
 def _pld_per_step(z, q):
     return _dp().pld.privacy_loss_distribution.from_gaussian_mechanism(
         standard_deviation=z,
         sampling_prob=q,
-        value_discretization_interval=PLD_DISCRETIZATION,
+        value_discretization_interval=pld_interval(z),
     )
 
 
