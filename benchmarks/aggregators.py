@@ -41,12 +41,13 @@ ROOFLINE_TARGET = {"mean": 3, "median": 3, "trimmed_mean": 3, "krum": 5, "multi_
 
 NOTES = """## Notes
 
-- How the kernels work: the order statistics (median, trimmed mean, MeaMed, and Bulyan's second stage) sort the K
-  rows with a compare-exchange network (Batcher, 28 comparators for K = 9) fused into one elementwise loop over D;
-  no `jnp.sort`. Distance rules compute all K(K-1)/2 pairwise squared distances in one fused pass of squared
-  differences (no `[K, K, D]` array, no cancellation-prone `x @ x.T`), then work on K x K matrices; iterative rules
-  (geometric median, centred clipping, IOS) sum the Gram matrix of the rows centred on the node's own row in one
-  such pass, iterate on K coefficients and read the block once more to combine.
+- How the kernels work: the order statistics (median, MeaMed, Bulyan's second stage, and trimmed mean with a
+  traced `f`) sort the K rows with a compare-exchange network (Batcher, 28 comparators for K = 9) fused into one
+  elementwise loop over D; no `jnp.sort`. Trimmed mean with a static `f` only partitions the rows (f bubble passes
+  per side; 18 comparators for K = 9, f = 1). Distance rules compute all K(K-1)/2 pairwise squared distances in
+  one fused pass of squared differences (no `[K, K, D]` array, no cancellation-prone `x @ x.T`), then work on
+  K x K matrices; iterative rules (geometric median, centred clipping, IOS) sum the Gram matrix of the rows centred
+  on the node's own row in one such pass, iterate on K coefficients and read the block once more to combine.
 - `ms` against `call ms`: a standalone call also pays for its output. XLA:CPU gets the 40 MB output of the main
   size from `malloc`, which maps fresh pages for blocks over 32 MB, and the kernel zero-fills each page on first
   touch (about 20 ms here). Inside the engine the round's buffers are reused by every round of the `lax.scan`, so
