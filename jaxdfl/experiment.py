@@ -742,18 +742,17 @@ def effective_spectral_gap(exp: Experiment, seed: int = 0) -> float | None:
         flat = (np.arange(GAP_BATCH)[:, None, None] * n + nbr).ravel()
         return np.bincount(flat, (w * wy[:, :, None]).ravel(), GAP_BATCH * n).reshape(GAP_BATCH, n).mean(0)
 
-    y = np.random.default_rng(seed).normal(size=n)
-    for step in range(GAP_STEPS):
+    def disagreement(y):
+        """``y`` minus its mean, normalised; None when nothing is left (the draws averaged exactly)."""
         y = y - y.mean()
         norm = np.linalg.norm(y)
-        if not norm > 1e-12:  # the draws average exactly (n = 2 matching, near-complete dropout): no disagreement left
+        return y / norm if norm > 1e-12 else None
+
+    y = disagreement(np.random.default_rng(seed).normal(size=n))
+    for step in range(GAP_STEPS):
+        y = disagreement(mean_wtw(y, step))
+        if y is None:  # e.g. two nodes matched every round, or near-complete graphs that rarely drop a node
             return 1.0
-        y = mean_wtw(y / norm, step)
-    y = y - y.mean()
-    norm = np.linalg.norm(y)
-    if not norm > 1e-12:
-        return 1.0
-    y = y / norm
     lam = np.mean([y @ mean_wtw(y, GAP_STEPS + i) for i in range(GAP_FINAL)])
     return float(1.0 - np.sqrt(min(max(lam, 0.0), 1.0)))
 
