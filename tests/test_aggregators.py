@@ -81,6 +81,18 @@ def test_sorting_network_sorts_all_zero_one_inputs(k):
     assert (np.diff(out, axis=0) >= 0).all()
 
 
+@pytest.mark.parametrize("k,f", [(3, 1), (7, 1), (9, 2), (11, 3)])
+def test_partition_network_puts_the_f_extremes_at_each_end(k, f):
+    from jaxdfl.aggregators.order_stats import compare_exchange, partition_network
+
+    v = np.array(list(itertools.product(range(3), repeat=k))).T  # every input of values 0, 1, 2
+    out = np.stack(compare_exchange([v[i] for i in range(k)], partition_network(k, f)))
+    ordered = np.sort(v, axis=0)
+    np.testing.assert_array_equal(out[:f], ordered[:f])
+    np.testing.assert_array_equal(out[k - f:], ordered[k - f:])
+    np.testing.assert_array_equal(np.sort(out[f:k - f], axis=0), ordered[f:k - f])
+
+
 # --------------------------------------------------------------------------- contract suite
 
 

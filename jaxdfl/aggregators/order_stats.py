@@ -53,13 +53,27 @@ def sorting_network(k: int) -> tuple[tuple[int, int], ...]:
     return tuple(pairs)
 
 
-def sort_rows(values: list[jax.Array]) -> list[jax.Array]:
-    """Sort a list of equally shaped arrays elementwise (position-wise ascending) with :func:`sorting_network`."""
+@functools.lru_cache(maxsize=None)
+def partition_network(k: int, f: int) -> tuple[tuple[int, int], ...]:
+    """Comparator pairs that move the f smallest of ``k`` values to positions ``0..f-1`` and the f largest to
+    ``k-f..k-1``, both ascending, and leave the rest unsorted between them: f bubble passes from each end."""
+    low = [(i, j) for i in range(f) for j in range(i + 1, k)]
+    high = [(j, k - 1 - i) for i in range(f) for j in range(f, k - 1 - i)]
+    return tuple(low + high)
+
+
+def compare_exchange(values: list[jax.Array], pairs) -> list[jax.Array]:
+    """Apply comparator pairs ``(i, j)``, ``(v_i, v_j) <- (min, max)``, to a list of equally shaped arrays."""
     s = list(values)
-    for i, j in sorting_network(len(s)):
+    for i, j in pairs:
         a, b = s[i], s[j]
         s[i], s[j] = jnp.minimum(a, b), jnp.maximum(a, b)
     return s
+
+
+def sort_rows(values: list[jax.Array]) -> list[jax.Array]:
+    """Sort a list of equally shaped arrays elementwise (position-wise ascending) with :func:`sorting_network`."""
+    return compare_exchange(values, sorting_network(len(values)))
 
 
 def _pick(s: list[jax.Array], index: jax.Array) -> jax.Array:
@@ -149,10 +163,11 @@ def trimmed_mean(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None
 
 
 def _partition_size(k: int, f: int) -> int:
-    """Comparators of :func:`_trimmed_mean_by_partition`: f min passes, f max passes and the anchor's median."""
+    """Comparators of :func:`_trimmed_mean_by_partition`: the partition and the anchor's median (a large number
+    when ``k < 2f + 1``, where it does not apply)."""
     if 2 * f + 1 > k:
         return 1 << 30
-    return sum(k - 1 - i for i in range(f)) + sum(k - 1 - f - i for i in range(f)) + len(sorting_network(2 * f + 1))
+    return len(partition_network(k, f)) + len(sorting_network(2 * f + 1))
 
 
 def _trimmed_mean_by_partition(x: jax.Array, mask: jax.Array, f: int) -> jax.Array:
@@ -175,14 +190,8 @@ def _trimmed_mean_by_partition(x: jax.Array, mask: jax.Array, f: int) -> jax.Arr
     else:
         first = jnp.argsort(~mask, stable=True)[:2 * f + 1]
         c = sort_rows([nan_to_inf(take_row(x, j).astype(dt)) for j in first])[f]
-    s = [jnp.where(mask[j], nan_to_inf(x[j].astype(dt)), c) for j in range(k)]
-    for i in range(f):
-        for j in range(i + 1, k):
-            s[i], s[j] = jnp.minimum(s[i], s[j]), jnp.maximum(s[i], s[j])
-    for i in range(f):
-        top = k - 1 - i
-        for j in range(f, top):
-            s[j], s[top] = jnp.minimum(s[j], s[top]), jnp.maximum(s[j], s[top])
+    s = compare_exchange([jnp.where(mask[j], nan_to_inf(x[j].astype(dt)), c) for j in range(k)],
+                         partition_network(k, f))
     out = s[f]
     for j in range(f + 1, k - f):
         out = out + s[j]
