@@ -308,13 +308,14 @@ def inert_settings(cfg: Config) -> list[str]:
         inert("attack", ["search_max"], "attack.adaptive = false")
     agg = cfg.aggregation
     if agg.rule == "clipped_gossip":
-        inert("aggregation", ["tau"] if agg.get("adaptive") else ["f"],
-              f"aggregation.adaptive = {str(bool(agg.get('adaptive'))).lower()} (the radius is "
-              + ("the distance of the (m - f)-th closest of the m neighbours)" if agg.get("adaptive") else "tau)"))
+        adaptive = bool(agg.get("adaptive"))
+        radius = "the distance of the (m - f)-th closest of the m neighbours" if adaptive else "tau"
+        inert("aggregation", ["tau"] if adaptive else ["f"],
+              f"aggregation.adaptive = {str(adaptive).lower()} (the radius is {radius})")
     if not plain_gossip(cfg):
         inert("aggregation", ["gossip"], "a robust rule, attack or pre-aggregator exchanges through the robust path")
         # bucketing averages by weight; dissensus and isolation aim with them; other rules may be user rules
-        pre_names = {p if isinstance(p, str) else p[0] for p in agg.pre}
+        pre_names = {item if isinstance(item, str) else item[0] for item in agg.pre}
         uses_weights = (agg.rule not in aggregators.UNWEIGHTED_RULES or "bucketing" in pre_names
                         or (a.byzantine > 0 and a.name in attacks.WEIGHTED_ATTACKS))
         if not uses_weights and t.dynamic != "matching":
