@@ -247,23 +247,27 @@ def bucketed(counts, s):
     return 1 + (counts - 1 + s - 1) // s
 
 
+#: The condition behind :func:`min_rows` for the rules whose f it bounds, for error messages.
+_NEEDS = {"trimmed_mean": "2f < n", "meamed": "2f < n", "monna": "2f < n", "nnm": "2f < n",
+          "krum": "n - f - 2 >= 1", "multi_krum": "n - f - 2 >= 1", "bulyan": "n >= 4f + 3",
+          "ios": "f < number of neighbours", "clipped_gossip": "f < number of neighbours in adaptive mode"}
+
+
 def _check_sizes(name: str, h: Mapping, n_min: int, where: str) -> None:
     """Raise if f (or m) is too large for the smallest neighbourhood n_min (valid rows incl. self)."""
     f = h.get("f", 0)
-    # (largest f the smallest neighbourhood allows, the condition), per rule
-    bounds = {"trimmed_mean": ((n_min - 1) // 2, "2f < n"), "meamed": ((n_min - 1) // 2, "2f < n"),
-              "monna": ((n_min - 1) // 2, "2f < n"), "nnm": ((n_min - 1) // 2, "2f < n"),
-              "krum": (n_min - 3, "n - f - 2 >= 1"), "multi_krum": (n_min - 3, "n - f - 2 >= 1"),
-              "bulyan": ((n_min - 3) // 4, "n >= 4f + 3"), "ios": (n_min - 2, "f < number of neighbours")}
-    if name == "clipped_gossip" and h.get("adaptive"):
-        bounds[name] = (n_min - 2, "f < number of neighbours in adaptive mode")
-    if name in bounds and f > bounds[name][0]:
-        bound, need = bounds[name]
+
+    def rows(g):  # the rows f = g needs (multi-Krum's m is checked on its own below)
+        return min_rows(name, {**h, "f": g, "m": 0})
+
+    if name in _NEEDS and rows(f) > n_min:
+        bound = max((g for g in range(f) if rows(g) <= n_min), default=-1)  # the largest f that fits
         if bound < 0:  # not even f = 0 fits
-            raise ConfigError(f"{where}.f={f}: {name!r} needs {need}, which no f meets on the smallest neighbourhood "
-                              f"(n={n_min} rows, self included); use another rule or a graph with larger degrees")
+            raise ConfigError(f"{where}.f={f}: {name!r} needs {_NEEDS[name]}, which no f meets on the smallest "
+                              f"neighbourhood (n={n_min} rows, self included); use another rule or a graph with "
+                              "larger degrees")
         raise ConfigError(f"{where}.f={f} is too large for {name!r}: the smallest neighbourhood has n={n_min} rows "
-                          f"(self included) and {name} needs {need}, i.e. f <= {bound}")
+                          f"(self included) and {name} needs {_NEEDS[name]}, i.e. f <= {bound}")
     if name == "multi_krum" and h.get("m", 0) > n_min:
         raise ConfigError(f"{where}.m={h['m']} exceeds the smallest neighbourhood (n={n_min}); allowed: 0 (= n - f) "
                           f"to {n_min}")
