@@ -242,6 +242,12 @@ class InertSettingWarning(UserWarning):
     """A setting given a value that the rest of the config leaves without effect (see :func:`inert_settings`)."""
 
 
+def graph_changes(topology: Mapping[str, Any]) -> bool:
+    """Whether a ``[topology]`` section's graph changes per round: time-varying, node dropout or periodic bridges
+    (the config-side twin of :attr:`jaxdfl.simulation.Spec.graph_changes`)."""
+    return topology["dynamic"] != "static" or topology["node_dropout"] > 0 or topology["inter_every"] > 1
+
+
 def plain_gossip(cfg: Config) -> bool:
     """Whether the exchange is plain mean gossip (dense or sparse mixing): no robust rule, attack or pre-aggregator."""
     agg = cfg.aggregation
@@ -553,7 +559,7 @@ def validate(cfg: dict) -> None:
         raise ConfigError("topology.inter_every applies to kind = \"hierarchical\" only")
     if topo["drop_prob"] > 0 and topo["dynamic"] != "edge_dropout":
         raise ConfigError("topology.drop_prob needs topology.dynamic = \"edge_dropout\"")
-    changing = topo["dynamic"] != "static" or topo["node_dropout"] > 0 or topo["inter_every"] > 1
+    changing = graph_changes(topo)
     if not isinstance(topo["weights"], str) and changing:
         raise ConfigError("topology.weights: a user matrix needs a graph that stays fixed (topology.dynamic = "
                           "\"static\", no node_dropout, inter_every = 1); use \"metropolis\" or \"max_degree\"")

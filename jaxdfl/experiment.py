@@ -23,7 +23,8 @@ import numpy as np
 
 from jaxdfl import aggregators, attacks, byzantine, checkpoint, gossip, models, simulation, topology
 from jaxdfl import data as data_mod
-from jaxdfl.config import Config, InertSettingWarning, inert_settings, load_config, make_config, plain_gossip
+from jaxdfl.config import (Config, InertSettingWarning, graph_changes, inert_settings, load_config, make_config,
+                           plain_gossip)
 from jaxdfl.errors import ConfigError
 from jaxdfl.privacy import accounting
 from jaxdfl.training import LocalSpec
@@ -205,7 +206,7 @@ def build(cfg: Config | dict | str) -> Experiment:
     p = cfg.privacy
 
     plain = plain_gossip(cfg)
-    static_graph = t.dynamic == "static" and t.node_dropout == 0 and t.inter_every == 1
+    static_graph = not graph_changes(t)
     path = gossip.choose_path(t.n, topo.neighbors.shape[1], agg.gossip) if plain else "robust"
     if not static_graph and path == "dense":
         path = "sparse"  # the graph changes every round: mix through the round's neighbour table
