@@ -88,13 +88,25 @@ def chained(fn, args, calls: int):
     return lambda: prog(*args)
 
 
-def steady_time(fn, args, reps: int, calls: tuple[int, int] = (2, 10)) -> float:
-    """Seconds per call in steady state: ``(T(c2) - T(c1)) / (c2 - c1)`` for :func:`chained` programs.
+def steady_timer(fn, args, calls: tuple[int, int] = (2, 10)):
+    """A function ``measure(reps)`` giving the seconds per call of ``fn(*args)`` in steady state:
+    ``(T(c2) - T(c1)) / (c2 - c1)`` for :func:`chained` programs, each ``T`` the best of ``reps`` runs.
 
-    When timer noise swamps the difference (tiny calls), ``T(c2) / c2`` (fixed costs included) is returned instead.
+    The two programs are compiled once, so ``measure`` can be called again later (interleaved timing passes). When
+    timer noise swamps the difference (tiny calls), ``T(c2) / c2`` (fixed costs included) is returned instead.
     """
     c1, c2 = calls
-    t1 = best_time(chained(fn, args, c1), reps)
-    t2 = best_time(chained(fn, args, c2), reps)
-    per_call = (t2 - t1) / (c2 - c1)
-    return per_call if per_call > 0 else t2 / c2
+    short, long = chained(fn, args, c1), chained(fn, args, c2)
+
+    def measure(reps: int) -> float:
+        t1 = best_time(short, reps)
+        t2 = best_time(long, reps)
+        per_call = (t2 - t1) / (c2 - c1)
+        return per_call if per_call > 0 else t2 / c2
+
+    return measure
+
+
+def steady_time(fn, args, reps: int, calls: tuple[int, int] = (2, 10)) -> float:
+    """Seconds per call in steady state, measured once (:func:`steady_timer`)."""
+    return steady_timer(fn, args, calls)(reps)

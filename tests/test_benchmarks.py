@@ -1,5 +1,6 @@
 """The benchmarks' timing helpers and tiny end-to-end runs of the scripts (so they cannot rot)."""
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -34,6 +35,29 @@ def test_steady_time_removes_the_fixed_cost(monkeypatch):
     assert common.steady_time(None, (), reps=1, calls=(2, 10)) == pytest.approx(0.01)
     monkeypatch.setattr(common, "best_time", lambda calls, reps: 0.5)
     assert common.steady_time(None, (), reps=1, calls=(2, 10)) == pytest.approx(0.05)
+
+
+def test_steady_timer_compiles_once_and_measures_again(monkeypatch):
+    built = []
+    monkeypatch.setattr(common, "chained", lambda fn, args, calls: built.append(calls) or calls)
+    times = iter([0.52, 0.60, 0.51, 0.55])  # T(2), T(10) of the first pass, then of the second
+    monkeypatch.setattr(common, "best_time", lambda calls, reps: next(times))
+    measure = common.steady_timer(None, (), calls=(2, 10))
+    assert measure(1) == pytest.approx(0.01)
+    assert measure(1) == pytest.approx(0.005)
+    assert built == [2, 10]  # the two programs are built once, not per measurement
+
+
+def test_passes_keep_each_rules_best_time_and_the_best_bandwidth(monkeypatch):
+    """Interleaved passes: each rule keeps its fastest pass, the roofline the fastest copy seen."""
+    per_rule = {"mean": iter([0.03, 0.01, 0.02]), "median": iter([0.05, 0.06, 0.04])}
+    monkeypatch.setattr(bench, "steady_timer", lambda agg, args: lambda reps: next(per_rule[agg.keywords["rule"]]))
+    copies = iter([10.0, 30.0, 20.0])
+    monkeypatch.setattr(bench, "bandwidth_gbs", lambda: next(copies))
+    args = argparse.Namespace(reps=1, passes=3, loop_reps=1, loop_nodes=2, eager_nodes=1, numpy_nodes=1)
+    rows, bandwidth = bench.run_size(4, 3, 16, ["mean", "median"], args)
+    assert bandwidth == 30.0
+    assert [r["ms"] for r in rows] == pytest.approx([10.0, 40.0])
 
 
 def test_script_writes_table_with_targets(tmp_path):
