@@ -469,7 +469,9 @@ def alie(key: jax.Array, ctx: AttackContext, z=None, adaptive: bool = False, sea
     receiver from n_i (valid rows, self included) and b_i (Byzantine senders): s_i = floor(n_i/2 + 1) - b_i,
     z_i = Phi^-1((n_i - b_i - s_i)/(n_i - b_i)) (see `alie_z`). With adaptive=True, z_i is instead chosen per
     receiver among the non-adaptive z_i and [0, search_max] to maximise ||rule(attacked block_i) - mu_i||
-    (bounded grid + golden-section search, see `_search_scale`), as the "optimal" ALIE variants do.
+    (bounded grid + golden-section search, see `_search_scale`), as the "optimal" ALIE variants do. In small
+    neighbourhoods z_max is close to 0 and the attack nearly harmless: n_i = 7, b_i = 1 gives s_i = 3 and
+    z_max = Phi^-1(1/2) = 0, the honest mean itself; pass z or adaptive=True to study a stronger attacker.
 
     Args:
         key: PRNG key (unused).
@@ -499,7 +501,9 @@ def ipm(key: jax.Array, ctx: AttackContext, eps=0.1, adaptive: bool = False, sea
 
     Definition: m_{b->i} = -eps_i * mu_i, eps_i = eps, or with adaptive=True the value among eps and
     [0, search_max] maximising ||rule(attacked block_i) - mu_i|| per receiver (bounded grid + golden-section
-    search, see `_search_scale`).
+    search, see `_search_scale`). The paper attacks gradients; here mu_i is the mean of what honest nodes send
+    (models with `train.share = "model"`, updates with `"update"`), so on models a small eps sends a model near
+    zero rather than a reversed step.
 
     Args:
         key: PRNG key (unused).
