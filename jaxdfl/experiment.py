@@ -443,9 +443,9 @@ class Runner:
         ``progress(rounds_done, rounds)`` is called on the host after every segment.
         """
         exp = exp or self.exp
-        if program_key(exp) != program_key(self.exp):
-            raise ValueError("Runner: this experiment differs from the compiled one in a static setting or in its "
-                             "DP-SGD buffer")
+        if runner_key(exp) != (program_key(self.exp), self.components):
+            raise ValueError("Runner: this experiment differs from the compiled one in a static setting, its DP-SGD "
+                             "buffer, its data or model shapes, or a registered rule, attack or model function")
         c = exp.config
         arrays = self.arrays if exp is self.exp else _shard(exp, exp.arrays, 0)
         state, k_rounds = self._start(exp)
@@ -544,13 +544,16 @@ def same_program(a: Config, b: Config) -> bool:
 
 
 def program_key(exp: Experiment) -> tuple:
-    """What fixes an experiment's compiled program: its static config and its DP-SGD buffer.
+    """What fixes an experiment's compiled program: its static config, its DP-SGD buffer, and the shapes of its
+    data and model.
 
     The buffer is a shape sized from the run's privacy target (:func:`plan_privacy`), so two configs that differ
     only in the noise multiplier or the target epsilon can need different programs; a program run with another
-    experiment's buffer would not have the overflow probability its epsilon is accounted with.
+    experiment's buffer would not have the overflow probability its epsilon is accounted with. The shapes change
+    under an unchanged config when a data file or a registered dataset is replaced.
     """
-    return static_part(exp.config), exp.privacy.buffer
+    shapes = tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(exp.arrays))
+    return static_part(exp.config), exp.privacy.buffer, shapes, exp.model.dim
 
 
 def runner_key(exp: Experiment) -> tuple:

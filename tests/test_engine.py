@@ -168,6 +168,41 @@ def test_run_reuses_the_last_program_for_dynamic_changes_on_the_new_configs_data
     assert experiment._last_runner is not runner
 
 
+def test_a_data_file_rewritten_with_other_shapes_compiles_anew(small_cfg, tmp_path):
+    """Same config, data file replaced by one with another feature count: the kept program does not fit it."""
+    from jaxdfl import experiment
+
+    path = tmp_path / "d.npz"
+
+    def write(features):
+        r = np.random.default_rng(features)
+        np.savez(path, x_train=r.random((64, features)).astype(np.float32), y_train=r.integers(0, 3, 64),
+                 x_test=r.random((16, features)).astype(np.float32), y_test=r.integers(0, 3, 16))
+
+    cfg = small_cfg(**{"data.name": "npz", "data.path": str(path), "topology.n": 4, "model.name": "logreg"})
+    write(5)
+    jaxdfl.run(cfg)
+    write(7)
+    wider = jaxdfl.run(cfg)
+    assert wider.summary["compile_seconds"] > 0
+    assert experiment._last_runner.exp.model.dim == 7 * 3 + 3
+    runner = experiment._last_runner
+    write(5)
+    with pytest.raises(ValueError, match="data or model shapes"):
+        runner(experiment.build(cfg))
+
+
+def test_a_runner_refuses_an_experiment_whose_rule_was_registered_again(small_cfg, monkeypatch):
+    from jaxdfl import aggregators, experiment
+
+    monkeypatch.setitem(aggregators.REGISTRY, "own", lambda x, mask, weights=None: x[0])
+    cfg = small_cfg(**{"aggregation.rule": "own"})
+    runner = experiment.Runner(experiment.build(cfg))
+    monkeypatch.setitem(aggregators.REGISTRY, "own", lambda x, mask, weights=None: aggregators.mean(x, mask))
+    with pytest.raises(ValueError, match="registered rule"):
+        runner(experiment.build(cfg))
+
+
 def test_a_rule_registered_at_run_time_is_a_config_value_with_checked_hyper_parameters(small_cfg, monkeypatch):
     from jaxdfl import aggregators
     from jaxdfl.errors import ConfigError
