@@ -68,7 +68,9 @@ class AttackContext(NamedTuple):
 
     The engine may serve the receivers in chunks: then ``block``, ``neighbors``, ``mask`` and ``weights`` hold R < N
     receivers' rows while ``messages`` and ``byzantine`` stay global, so an attack must treat receivers row by row
-    (every attack here does) and size node-id checks on ``messages``.
+    (every attack here does) and size node-id checks on ``messages``. Every chunk gets the same attack ``key``: an
+    attack that draws random numbers should fold the receiver id ``neighbors[:, 0]`` into it, as :func:`gaussian`
+    does, or receivers in the same position of different chunks get the same draws.
 
     Fields:
         messages: [N, D] what every node would send if honest (Byzantine rows: what it computed training honestly).
