@@ -35,6 +35,7 @@ from jax.scipy.stats import norm
 
 from jaxdfl import rng
 from jaxdfl.errors import ConfigError
+from jaxdfl.errors import first_line
 
 __all__ = [
     "AttackContext",
@@ -660,6 +661,9 @@ REGISTRY: dict[str, Callable] = {
     "isolation": isolation,
 }
 
+#: What jaxdfl registers under each attack name: the built-in hyper-parameter checks hold only for these functions.
+_SHIPPED: dict[str, Callable] = dict(REGISTRY)
+
 # Attacks that act through the Byzantine nodes' training data rather than on their messages.
 POISONING = {"label_flip"}
 
@@ -709,6 +713,11 @@ def _need(ok: bool, key: str, what: str, v) -> None:
         raise ConfigError(f"attack.{key}: must be {what}, got {v!r}")
 
 
+def shipped(name: str) -> bool:
+    """Whether ``name`` is registered to the attack jaxdfl ships under it (not a user's function)."""
+    return name in REGISTRY and REGISTRY[name] is _SHIPPED.get(name)
+
+
 def validate(name: str, hyper: dict | None = None) -> None:
     """Check an attack name and its hyper-parameters on the host, before compilation.
 
@@ -727,6 +736,8 @@ def validate(name: str, hyper: dict | None = None) -> None:
         if key not in allowed:
             names = ", ".join(sorted(allowed)) or "none"
             raise ConfigError(f"attack.{key}: not a setting of attack {name!r}; allowed: {names}")
+    if not shipped(name):
+        return  # a user's attack: config checks its values' types against its DEFAULTS, their ranges are its own
     for key, v in hyper.items():
         finite = _is_real(v) and math.isfinite(float(v))
         if key in ("scale", "search_max") or (key == "eps"):
@@ -746,6 +757,33 @@ def validate(name: str, hyper: dict | None = None) -> None:
         elif key == "target" and name == "mimic":
             ok = v is None or (isinstance(v, numbers.Integral) and not isinstance(v, bool) and int(v) >= 0)
             _need(ok, key, "None (per receiver) or a node id >= 0", v)
+
+
+def check_contract(name: str, hyper: dict | None, n: int, k: int, d: int, dtype=jnp.float32) -> None:
+    """Trace a registered attack once on the run's shapes (on the host, nothing is compiled) and raise if it does not
+    follow the contract ``attack(key, ctx: AttackContext, **hyper) -> (block [N, K, D], mask [N, K] bool)``.
+
+    Raises:
+        ConfigError: one line naming ``attack.name``, the contract and what the attack did instead.
+    """
+    fn = REGISTRY[name]
+    h = resolve(name, hyper)
+    ctx = AttackContext(
+        messages=jax.ShapeDtypeStruct((n, d), dtype), block=jax.ShapeDtypeStruct((n, k, d), dtype),
+        neighbors=jax.ShapeDtypeStruct((n, k), jnp.int32), mask=jax.ShapeDtypeStruct((n, k), jnp.bool_),
+        weights=jax.ShapeDtypeStruct((n, k), jnp.float32), byzantine=jax.ShapeDtypeStruct((n,), jnp.bool_))
+    contract = (f"attack.name={name!r}: an attack is called as attack(key, ctx, **hyper) -> (block [N, K, D], "
+                "mask [N, K] bool)")
+    try:
+        out = jax.eval_shape(lambda key, c: fn(key, c._replace(rule=lambda x, m, w: x[0]), **h),
+                             jax.random.key(0), ctx)
+    except Exception as err:  # any failure to trace is the attack's: report it on one line
+        raise ConfigError(f"{contract}; with N={n}, K={k}, D={d} it raised {first_line(err)}") from None
+    want = ((n, k, d), dtype), ((n, k), jnp.bool_)
+    got = tuple((o.shape, o.dtype) for o in out) if isinstance(out, tuple) and len(out) == 2 else None
+    if got is None or any(g[0] != w[0] or g[1] != jnp.dtype(w[1]) for g, w in zip(got, want)):
+        shown = ", ".join(f"{o.dtype}{list(o.shape)}" for o in jax.tree.leaves(out))
+        raise ConfigError(f"{contract}; with N={n}, K={k}, D={d} it returned ({shown})")
 
 
 def resolve(name: str, hyper: dict | None = None) -> dict[str, object]:

@@ -216,6 +216,13 @@ def build(cfg: Config | dict | str) -> Experiment:
 
     model = models.make(cfg.model.name, ds.num_classes, ds.input_shape, cfg.model.hidden,
                         dtype=cfg.model.compute_dtype, conv=cfg.model.conv)
+    if path == "robust":  # a user's rule or attack is traced once here, so a broken one fails with its name
+        k = max(g.neighbors.shape[1] for g in pool)
+        if not aggregators.shipped(agg.rule):
+            aggregators.check_contract(agg.rule, rule_hyper, k, model.dim)
+        if not attacks.shipped(att.name):
+            attacks.check_contract(att.name, {k: att[k] for k in attacks.DEFAULTS.get(att.name, {})}, t.n, k,
+                                   model.dim)
     local = LocalSpec(apply=model.apply, optimizer=tr.optimizer, batch_size=tr.batch_size,
                       local_steps=tr.local_steps, dp_example=p.mode == "example", dp_buffer=plan.buffer,
                       unravel=model.unravel, apply_params=model.apply_params,

@@ -224,6 +224,51 @@ def test_a_rule_registered_at_run_time_is_a_config_value_with_checked_hyper_para
         jaxdfl.run(small_cfg(**{"aggregation.rule": "scaled_mean", "aggregation.tau": 1.0}))
 
 
+def test_a_users_rule_and_attack_keep_their_own_ranges_for_names_the_built_ins_use(small_cfg, monkeypatch):
+    """Built-in range checks are for the shipped functions: a user's `s`, `tol`, `value` or `center` is its own."""
+    from jaxdfl import aggregators, attacks, experiment
+
+    monkeypatch.setitem(aggregators.REGISTRY, "soft", lambda x, mask, weights, *, s=0.5, tol=-1.0: x[0])
+    monkeypatch.setitem(aggregators.DEFAULTS, "soft", {"s": 0.5, "tol": -1.0})
+    monkeypatch.setitem(attacks.REGISTRY, "shift", lambda key, ctx, *, value=5.0, center="median": (
+        ctx.block + value, ctx.mask))
+    monkeypatch.setitem(attacks.DEFAULTS, "shift", {"value": 5.0, "center": "median"})
+    experiment.build(small_cfg(**{"aggregation.rule": "soft", "attack.name": "shift", "attack.byzantine": 1}))
+    # a user's function registered under a shipped name gets none of that name's built-in checks
+    monkeypatch.setitem(aggregators.REGISTRY, "trimmed_mean", lambda x, mask, weights, *, f=1: x[0])
+    assert not aggregators.shipped("trimmed_mean") and aggregators.min_rows("trimmed_mean", {"f": 5}) == 1
+    experiment.build(small_cfg(**{"aggregation.rule": "trimmed_mean", "aggregation.f": 5}))
+
+
+@pytest.mark.parametrize("rule, match", [
+    (lambda x, mask: x[0], r"aggregation\.rule='mine': a rule is called as rule\(x \[K, D\], mask \[K\], "
+                           r"weights \[K\].*it raised TypeError"),
+    (lambda x, mask, weights: x[:1], r"aggregation\.rule='mine'.*returned float32\[1, 650\], not float32\[650\]"),
+    (lambda x, mask, weights: x[0].astype(int), r"aggregation\.rule='mine'.*returned int32\[650\]"),
+])
+def test_a_broken_rule_is_named_before_compiling(small_cfg, monkeypatch, rule, match):
+    from jaxdfl import aggregators, experiment
+    from jaxdfl.errors import ConfigError
+
+    monkeypatch.setitem(aggregators.REGISTRY, "mine", rule)
+    with pytest.raises(ConfigError, match=match) as err:
+        experiment.build(small_cfg(**{"aggregation.rule": "mine"}))
+    assert "\n" not in str(err.value)
+
+
+def test_a_broken_attack_is_named_before_compiling(small_cfg, monkeypatch):
+    from jaxdfl import attacks, experiment
+    from jaxdfl.errors import ConfigError
+
+    monkeypatch.setitem(attacks.REGISTRY, "half", lambda key, ctx: ctx.block)  # forgot the mask
+    with pytest.raises(ConfigError, match=r"attack\.name='half': an attack is called as .*returned "
+                                          r"\(float32\[8, 3, 650\]\)"):
+        experiment.build(small_cfg(**{"attack.name": "half", "attack.byzantine": 1, "aggregation.rule": "median"}))
+    monkeypatch.setitem(attacks.REGISTRY, "half", lambda key, ctx, *, eps: (ctx.block, ctx.mask))
+    with pytest.raises(ConfigError, match=r"attack\.name='half'.*it raised TypeError"):
+        experiment.build(small_cfg(**{"attack.name": "half", "attack.byzantine": 1, "aggregation.rule": "median"}))
+
+
 def test_a_run_warns_about_settings_without_effect_and_lists_them_in_its_summary(small_cfg):
     with pytest.warns(jaxdfl.config.InertSettingWarning, match="data.alpha"):
         r = jaxdfl.run(small_cfg(**{"data.alpha": 0.1}))

@@ -70,8 +70,10 @@ from jaxdfl.aggregators.network import STATIC_HYPER
 from jaxdfl.aggregators.network import UNWEIGHTED_RULES
 from jaxdfl.aggregators.network import aggregate
 from jaxdfl.aggregators.network import auto_chunk
+from jaxdfl.aggregators.network import check_contract
 from jaxdfl.aggregators.network import enough_rows
 from jaxdfl.aggregators.network import min_rows
+from jaxdfl.aggregators.network import shipped
 from jaxdfl.aggregators.network import validate
 from jaxdfl.aggregators.order_stats import meamed
 from jaxdfl.aggregators.order_stats import median
@@ -91,8 +93,10 @@ __all__ = [
     "UNWEIGHTED_RULES",
     "aggregate",
     "auto_chunk",
+    "check_contract",
     "enough_rows",
     "min_rows",
+    "shipped",
     "bucketing",
     "bulyan",
     "centered_clip",

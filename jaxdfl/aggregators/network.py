@@ -18,6 +18,7 @@ from jaxdfl.aggregators import distance
 from jaxdfl.aggregators import order_stats
 from jaxdfl.aggregators import pre as pre_mod
 from jaxdfl.errors import ConfigError
+from jaxdfl.errors import first_line
 
 REGISTRY: dict[str, Callable] = {
     "mean": distance.mean,
@@ -57,6 +58,18 @@ DEFAULTS: dict[str, dict[str, object]] = {
     "bucketing": {"s": 2},
     "clip": {"tau": 1.0, "self_centered": False},
 }
+
+#: What jaxdfl registers under each rule and pre-aggregator name. A name's built-in checks (hyper-parameter ranges,
+#: the rows its f needs) hold only while that function is registered under it (:func:`shipped`).
+_SHIPPED: dict[str, Callable] = {**REGISTRY, **PRE_REGISTRY}
+
+
+def shipped(name: str) -> bool:
+    """Whether ``name`` is registered to the rule or pre-aggregator jaxdfl ships under it (not a user's function,
+    which gets no built-in hyper-parameter or neighbourhood-size checks)."""
+    fn = REGISTRY.get(name, PRE_REGISTRY.get(name))
+    return fn is not None and fn is _SHIPPED.get(name)
+
 
 #: Built-in rules that ignore the mixing weights (server-style, unweighted). Every other rule, a user's included, is
 #: taken to read them (``mean`` is gossip, ``clipped_gossip`` and ``ios`` weigh by ``W_ij``).
@@ -180,6 +193,8 @@ def _check_number(where: str, value, *, integer=False, minimum=None, strict=Fals
 
 
 def _check_hyper(name: str, h: Mapping, where: str) -> None:
+    if not shipped(name):  # a user's rule: config checks its values' types against its DEFAULTS, ranges are its own
+        return
     for key, value in h.items():
         at = f"{where}.{key}"
         if key in ("f", "m"):
@@ -200,6 +215,8 @@ def min_rows(name: str, hyper: Mapping | None = None) -> int:
 
     The engine keeps a node's own message when a round leaves it fewer (crashed or dropped neighbours).
     """
+    if not shipped(name):
+        return 1
     h = {**DEFAULTS.get(name, {}), **(hyper or {})}
     f = h.get("f", 0)  # a Python int, or a traced scalar inside a program
     if name in ("trimmed_mean", "meamed", "monna", "nnm"):
@@ -268,7 +285,7 @@ def _check_sizes(name: str, h: Mapping, n_min: int, where: str) -> None:
                               "larger degrees")
         raise ConfigError(f"{where}.f={f} is too large for {name!r}: the smallest neighbourhood has n={n_min} rows "
                           f"(self included) and {name} needs {_NEEDS[name]}, i.e. f <= {bound}")
-    if name == "multi_krum" and h.get("m", 0) > n_min:
+    if name == "multi_krum" and shipped(name) and h.get("m", 0) > n_min:
         raise ConfigError(f"{where}.m={h['m']} exceeds the smallest neighbourhood (n={n_min}); allowed: 0 (= n - f) "
                           f"to {n_min}")
 
@@ -299,3 +316,25 @@ def validate(rule: str, hyper: Mapping | None, sizes, pre: Sequence = ()) -> Non
     h = _merged(rule, hyper, REGISTRY, "aggregation")
     _check_hyper(rule, h, "aggregation")
     _check_sizes(rule, h, int(sizes.min()), "aggregation")
+
+
+def check_contract(rule: str, hyper: Mapping | None, k: int, d: int, dtype=jnp.float32) -> None:
+    """Trace a registered rule once on one node's shapes (on the host, nothing is compiled) and raise if it does not
+    follow the contract ``rule(x [K, D], mask [K], weights [K], **hyper) -> [D]`` in the dtype of ``x``.
+
+    Raises:
+        ConfigError: one line naming ``aggregation.rule``, the contract and what the rule did instead.
+    """
+    fn = REGISTRY[rule]
+    h = _merged(rule, hyper, REGISTRY, "aggregation")
+    args = (jax.ShapeDtypeStruct((k, d), dtype), jax.ShapeDtypeStruct((k,), jnp.bool_),
+            jax.ShapeDtypeStruct((k,), jnp.float32))
+    contract = f"aggregation.rule={rule!r}: a rule is called as rule(x [K, D], mask [K], weights [K], **hyper) -> [D]"
+    try:
+        out = jax.eval_shape(lambda x, m, w: fn(x, m, w, **h), *args)
+    except Exception as err:  # any failure to trace is the rule's: report it on one line
+        raise ConfigError(f"{contract}; with K={k}, D={d} it raised {first_line(err)}") from None
+    if getattr(out, "shape", None) != (d,) or getattr(out, "dtype", None) != jnp.dtype(dtype):
+        got = f"{out.dtype}{list(out.shape)}" if hasattr(out, "shape") else type(out).__name__
+        raise ConfigError(f"{contract} in the dtype of x; with K={k}, D={d} it returned {got}, not "
+                          f"{jnp.dtype(dtype)}[{d}]")
