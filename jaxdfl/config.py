@@ -300,7 +300,7 @@ def inert_settings(cfg: Config) -> list[str]:
               f"topology.kind = {t.kind!r} is not drawn at random")
     if t.dynamic == "matching":
         inert("topology", ["weights"], "a matching round weighs each pair 1/2")
-    if t.kind == "hierarchical" and t.get("cluster_size", topology.PARAMS["hierarchical"]["cluster_size"]) >= t.n:
+    if t.kind == "hierarchical" and topology.family_params(t.kind, t)["cluster_size"] >= t.n:
         inert("topology", ["inter_every"], f"one cluster holds all {t.n} nodes, so there are no bridge links")
     if cfg.model.name not in ("mlp", "cnn"):
         inert("model", ["hidden"], f"model.name = {cfg.model.name!r} has a fixed architecture")
@@ -657,6 +657,9 @@ def validate(cfg: dict) -> None:
 
     for section in ("topology", "data", "attack"):
         _check_seed(f"{section}.seed", cfg[section]["seed"])
+    if topo["dynamic"] == "resample" and topo["seed"] + topo["pool"] > 2**32:
+        raise ConfigError(f"topology.pool={topo['pool']}: the pool's graphs are drawn with seeds topology.seed to "
+                          f"topology.seed + pool - 1, which must stay below 2^32 (topology.seed={topo['seed']})")
 
     par = cfg["parallel"]
     _check_section(par, DEFAULTS["parallel"], "parallel", {})

@@ -174,7 +174,7 @@ def build(cfg: Config | dict | str) -> Experiment:
     """Build and validate an experiment from a config (a Config, a dict tree or a TOML path)."""
     cfg = _as_config(cfg)
     t, d, tr = cfg.topology, cfg.data, cfg.train
-    topo_params = _listify({k: v for k, v in t.items() if k in topology.PARAMS[t.kind]})
+    topo_params = _listify(topology.family_params(t.kind, t))
     topo = topology.make(t.kind, t.n, seed=t.seed, weights=_listify(t.weights), **topo_params)
     pool = [topo]  # resample: the configured graph and pool - 1 more of its family
     if t.dynamic == "resample":
@@ -291,7 +291,7 @@ def inter_links(topo: topology.Topology, t) -> np.ndarray:
     """``[N, K]`` True on the entries linking two clusters of a hierarchical topology."""
     if t.kind != "hierarchical":
         return np.zeros(topo.neighbors.shape, bool)
-    cluster = topology.clusters(topo, t.cluster_size)
+    cluster = topology.clusters(topo, topology.family_params(t.kind, t)["cluster_size"])
     return topo.mask & (cluster[topo.neighbors] != cluster[:, None])
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -496,6 +497,12 @@ PARAMS: dict[str, dict[str, Any]] = {
     "hierarchical": {"cluster_size": 8},
     "edges": {"edges": []},
 }
+
+
+def family_params(kind: str, section: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters of topology family ``kind``: its :data:`PARAMS` defaults updated by those set in ``section``
+    (a config's ``[topology]`` table, which lists only the keys a user gave)."""
+    return {key: section.get(key, default) for key, default in PARAMS[kind].items()}
 
 
 def _check_param_type(key: str, value: Any, default: Any) -> Any:

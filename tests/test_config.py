@@ -66,6 +66,8 @@ def test_int_accepted_for_float():
     ({"train": {"lr": 1e-300}}, "train.lr=1e-300 is outside float32"),  # was 0 in the program: no training
     ({"privacy": {"mode": "update", "clip_norm": 1e300}}, "privacy.clip_norm"),  # was inf
     ({"attack": {"name": "sign_flip", "byzantine": 1, "scale": -1e300}}, "attack.scale"),
+    # the pool's last graph seed was refused naming a value no one gave (topology.seed=4294967296)
+    ({"topology": {"kind": "erdos_renyi", "dynamic": "resample", "seed": 2**32 - 1}}, "topology.pool=16"),
 ])
 def test_errors_name_the_key(tree, needle):
     with pytest.raises(ConfigError) as info:

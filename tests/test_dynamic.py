@@ -191,6 +191,18 @@ def test_hierarchical_bridges_live_every_inter_every_rounds(small_cfg):
     np.testing.assert_allclose(np.asarray(g1.weights).sum(1), 1.0, atol=1e-6)
 
 
+def test_a_hierarchical_graph_without_cluster_size_takes_the_default(small_cfg):
+    """Regression: the bridges were located with the config's cluster_size, absent when the default was meant."""
+    from jaxdfl import experiment, topology
+
+    base = {"topology.kind": "hierarchical", "topology.n": 16, "topology.inter_every": 2}
+    implicit = experiment.build(small_cfg(**base))
+    explicit = experiment.build(small_cfg(**base, **{"topology.cluster_size":
+                                                     topology.PARAMS["hierarchical"]["cluster_size"]}))
+    np.testing.assert_array_equal(np.asarray(implicit.arrays.inter), np.asarray(explicit.arrays.inter))
+    assert np.asarray(implicit.arrays.inter).sum() > 0
+
+
 def test_resample_draws_from_a_pool_of_graphs(small_cfg):
     cfg = small_cfg(**{"topology.kind": "random_regular", "topology.degree": 3, "topology.dynamic": "resample",
                        "topology.pool": 4})
