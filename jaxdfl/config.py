@@ -508,7 +508,7 @@ def _pre_defaults(name: str, cfg: dict) -> dict:
     (clipping whole models around zero would be meaningless) and on zero when updates are."""
     from jaxdfl import aggregators
 
-    out = dict(aggregators.DEFAULTS[name])
+    out = dict(aggregators.DEFAULTS.get(name, {}))
     if name == "clip":
         out["self_centered"] = cfg["train"]["share"] == "model"
     return out
@@ -548,7 +548,7 @@ def validate(cfg: dict) -> None:
     topo = cfg["topology"]
     if not isinstance(topo.get("kind"), str) or topo["kind"] not in topology.KINDS:  # first: it decides the keys
         raise ConfigError(f"topology.kind must be one of {', '.join(topology.KINDS)}; got {topo.get('kind')!r}")
-    _check_section(topo, DEFAULTS["topology"], "topology", topology.PARAMS[topo["kind"]])
+    _check_section(topo, DEFAULTS["topology"], "topology", topology.PARAMS.get(topo["kind"], {}))
     if topo["n"] < 2:
         raise ConfigError(f"topology.n must be >= 2, got {topo['n']}")
     for key in ("drop_prob", "node_dropout", "stragglers"):
@@ -631,7 +631,7 @@ def validate(cfg: dict) -> None:
             if p not in pre:
                 raise ConfigError(f"[aggregation.{p}] is set but {p!r} is not listed in aggregation.pre")
             merged = {**_pre_defaults(p, cfg), **agg[p]}
-            _check_section(merged, {}, f"aggregation.{p}", aggregators.DEFAULTS[p])
+            _check_section(merged, {}, f"aggregation.{p}", aggregators.DEFAULTS.get(p, {}))
             agg[p] = merged
     for p in pre:
         agg.setdefault(p, _pre_defaults(p, cfg))

@@ -502,7 +502,7 @@ PARAMS: dict[str, dict[str, Any]] = {
 def family_params(kind: str, section: Mapping[str, Any]) -> dict[str, Any]:
     """The parameters of topology family ``kind``: its :data:`PARAMS` defaults updated by those set in ``section``
     (a config's ``[topology]`` table, which lists only the keys a user gave)."""
-    return {key: section.get(key, default) for key, default in PARAMS[kind].items()}
+    return {key: section.get(key, default) for key, default in PARAMS.get(kind, {}).items()}
 
 
 def _check_param_type(key: str, value: Any, default: Any) -> Any:
@@ -576,7 +576,7 @@ def make(kind: str, n: int, *, seed: int = 0, weights: Any = "metropolis", **par
         raise ConfigError(f"topology.n: must be >= 2, got {n}")
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**32:
         raise ConfigError(f"topology.seed: expected an integer in [0, 2^32), got {seed!r}")
-    allowed = PARAMS[kind]
+    allowed = PARAMS.get(kind, {})  # a user family without parameters needs no PARAMS entry
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         names = ", ".join(f"topology.{k}" for k in allowed) or "none"

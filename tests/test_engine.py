@@ -240,6 +240,19 @@ def test_a_users_rule_and_attack_keep_their_own_ranges_for_names_the_built_ins_u
     experiment.build(small_cfg(**{"aggregation.rule": "trimmed_mean", "aggregation.f": 5}))
 
 
+def test_a_registered_graph_family_and_pre_aggregator_need_no_defaults_entry(small_cfg, monkeypatch):
+    """Regression: without a PARAMS / DEFAULTS entry they failed with a bare KeyError."""
+    import networkx as nx
+
+    from jaxdfl import aggregators, experiment, topology
+
+    monkeypatch.setitem(topology.KINDS, "path", lambda n, seed: nx.path_graph(n))
+    monkeypatch.setitem(aggregators.PRE_REGISTRY, "keep", lambda key, x, mask, weights: (x, mask, weights))
+    exp = experiment.build(small_cfg(**{"topology.kind": "path", "aggregation.rule": "median",
+                                        "aggregation.pre": ["keep"]}))
+    assert exp.topology.num_edges == 7
+
+
 @pytest.mark.parametrize("rule, match", [
     (lambda x, mask: x[0], r"aggregation\.rule='mine': a rule is called as rule\(x \[K, D\], mask \[K\], "
                            r"weights \[K\].*it raised TypeError"),
