@@ -302,9 +302,10 @@ def inert_settings(cfg: Config) -> list[str]:
         inert("topology", ["weights"], "a matching round weighs each pair 1/2")
     if t.kind == "hierarchical" and topology.family_params(t.kind, t)["cluster_size"] >= t.n:
         inert("topology", ["inter_every"], f"one cluster holds all {t.n} nodes, so there are no bridge links")
-    if cfg.model.name not in ("mlp", "cnn"):
+    shipped_model = models.shipped(cfg.model.name)  # a user's model is handed hidden and conv: it may read them
+    if shipped_model and cfg.model.name not in ("mlp", "cnn"):
         inert("model", ["hidden"], f"model.name = {cfg.model.name!r} has a fixed architecture")
-    if cfg.model.name not in models.CONV_MODELS:
+    if shipped_model and cfg.model.name not in models.CONV_MODELS:
         inert("model", ["conv"], f"model.name = {cfg.model.name!r} has no convolution")
     if d.name not in data.SPLIT_BY_FRACTION:
         inert("data", ["test_fraction"], f"data.name = {d.name!r} comes with its own test set")

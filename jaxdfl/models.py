@@ -208,6 +208,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "cifar_cnn": lambda classes, hidden, dtype, conv: CifarCNN(classes, dtype=dtype, conv=conv),
 }
 
+#: The models jaxdfl registers: what it knows of their layers (DP clipping, fixed architectures) is for these only.
+_SHIPPED: dict[str, Callable[..., nn.Module]] = dict(MODELS)
+
 #: Lowerings of :class:`Conv` for ``model.conv`` ("auto": im2col on CPU, XLA's convolution on other backends).
 CONV_IMPLS = ("auto", "xla", "im2col")
 
@@ -217,6 +220,11 @@ CONV_MODELS = frozenset({"cnn", "lenet5", "cifar_cnn"})
 #: Models with parameters outside ``nn.Dense`` and :class:`Conv` layers (``cifar_cnn``: GroupNorm), which DP-SGD's
 #: ghost clipping does not cover.
 NOT_AFFINE_MODELS = frozenset({"cifar_cnn"})
+
+
+def shipped(name: str) -> bool:
+    """Whether ``name`` is registered to the model jaxdfl ships under it (not a user's model)."""
+    return name in MODELS and MODELS[name] is _SHIPPED.get(name)
 
 
 def conv_impl(conv: str) -> str:
@@ -232,8 +240,11 @@ def dp_clipping(name: str, conv: str = "auto") -> str:
     """How DP-SGD forms model ``name``'s clipped gradient sum (``training.clipped_gradient_sum``) with convolutions
     lowered as ``conv``: ``"ghost"`` (norms and sum from the layers' inputs and output gradients in one backward pass)
     when every parameter sits in an ``nn.Dense`` layer or an im2col :class:`Conv`, else ``"stored"`` (clip the stored
-    per-example gradients): for each case the method ``benchmarks/rounds.py`` measured fastest."""
-    if name in NOT_AFFINE_MODELS or (name in CONV_MODELS and conv_impl(conv) != "im2col"):
+    per-example gradients): for each case the method ``benchmarks/rounds.py`` measured fastest. A user's model
+    (registered in :data:`MODELS`) gets ``"stored"``, which holds for any layers."""
+    if not shipped(name) or name in NOT_AFFINE_MODELS:
+        return "stored"
+    if name in CONV_MODELS and conv_impl(conv) != "im2col":
         return "stored"
     return "ghost"
 

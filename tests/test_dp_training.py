@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+import jaxdfl
 from jaxdfl import experiment
 from jaxdfl import models
 from jaxdfl import simulation
@@ -111,6 +112,31 @@ def test_each_model_family_gets_its_clipping_method(small_cfg):
         exp = experiment.build(small_cfg(**{"privacy.mode": "example", "privacy.noise_multiplier": 1.0,
                                             "model.name": name, "model.conv": conv}))
         assert exp.spec.local.dp_clipping == mode
+
+
+class _NormedMLP(nn.Module):
+    classes: int
+    hidden: tuple
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.LayerNorm()(x.reshape(x.shape[0], -1))
+        for h in self.hidden:
+            x = nn.relu(nn.Dense(h)(x))
+        return nn.Dense(self.classes)(x)
+
+
+def test_a_users_model_trains_under_dp_sgd_through_stored_gradients(small_cfg, monkeypatch):
+    """Regression: a registered model with a LayerNorm got ghost clipping, which refused it at trace time, and its
+    model.hidden was reported as having no effect although the model reads it."""
+    monkeypatch.setitem(models.MODELS, "normed", lambda classes, hidden, dtype, conv: _NormedMLP(classes,
+                                                                                              tuple(hidden)))
+    cfg = small_cfg(**{"model.name": "normed", "model.hidden": [8], "privacy.mode": "example",
+                       "privacy.noise_multiplier": 1.0, "rounds": 2, "eval_every": 2})
+    assert not models.shipped("normed") and models.dp_clipping("normed") == "stored"
+    assert not any("model.hidden" in note for note in jaxdfl.inert_settings(cfg))
+    result = jaxdfl.run(cfg)
+    assert np.isfinite(result.history["loss_mean"]).all()
 
 
 def test_ghost_refuses_a_model_with_parameters_outside_its_layers():
