@@ -369,13 +369,26 @@ def load_config(path: str | None = None, overrides: Iterable[str] | Mapping[str,
 def make_config(tree: Mapping[str, Any] | None = None,
                 overrides: Iterable[str] | Mapping[str, Any] = ()) -> Config:
     """Merge ``tree`` and dotted ``overrides`` over :data:`DEFAULTS` and validate the result."""
-    user = copy.deepcopy(dict(tree or {}))
+    user = _plain(dict(tree or {}))
     for key, value in _parse_overrides(overrides):
+        value = _plain(value)
         _switch_family(user, key, value)
         _set_dotted(user, key, value)
     merged = _merge(DEFAULTS, user, prefix="")
     validate(merged)
     return Config(merged)
+
+
+def _plain(value: Any) -> Any:
+    """A copy of ``value`` made of the Python values a TOML file gives: NumPy (or JAX) scalars and arrays become
+    numbers and lists, ranges and tuples lists, mappings dicts."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, range)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return _plain(value.tolist())
+    return copy.deepcopy(value)
 
 
 def parse_value(text: str, key: str | None = None) -> Any:

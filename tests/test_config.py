@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jaxdfl import sweep
@@ -35,6 +36,17 @@ def test_a_bare_inf_names_the_inf_attack_but_stays_a_float_for_numbers():
     assert cfg.attack.name == "inf" and cfg.attack.value == float("-inf")
     assert parse_value("inf") == float("inf") and parse_value("nan", "attack.name") == "nan"
     assert sweep.parse_grid(["attack.name=sign_flip,inf"]) == [("attack.name", ["sign_flip", "inf"])]
+
+
+def test_numpy_values_are_taken_as_the_python_values_toml_gives():
+    """Regression: np.int64 for an int key, a NumPy array for a list key or range(3) for seeds were refused."""
+    cfg = make_config({"topology": {"n": np.int64(8)}, "train": {"lr": np.float32(0.5)}, "seeds": range(3),
+                       "attack": {"name": "sign_flip", "byzantine": 1, "ids": np.array([2])}},
+                      {"train.batch_size": np.int32(4)})
+    assert cfg.topology.n == 8 and type(cfg.topology.n) is int and type(cfg.train.batch_size) is int
+    assert cfg.train.lr == 0.5 and cfg.seeds == (0, 1, 2) and cfg.attack.ids == (2,)
+    assert cfg == make_config({"topology": {"n": 8}, "train": {"lr": 0.5, "batch_size": 4}, "seeds": [0, 1, 2],
+                               "attack": {"name": "sign_flip", "byzantine": 1, "ids": [2]}})
 
 
 def test_int_accepted_for_float():
