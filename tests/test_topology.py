@@ -490,6 +490,39 @@ def test_large_sparse_spectral_gap_matches_closed_form():
     assert ring.spectral_gap == pytest.approx(expected, rel=1e-6)
 
 
+def _bipartite_cover(base: nx.Graph) -> nx.Graph:
+    """The bipartite double cover: u -> (u, 0), (u, 1); each edge u-v becomes (u,0)-(v,1) and (v,0)-(u,1)."""
+    n = base.number_of_nodes()
+    g = nx.empty_graph(2 * n)
+    g.add_edges_from((u, n + v) for u, v in base.edges())
+    g.add_edges_from((v, n + u) for u, v in base.edges())
+    return g
+
+
+@pytest.mark.parametrize("graph", [
+    nx.random_regular_graph(4, 1100, seed=1),  # l_2 by plain Lanczos (large gap)
+    nx.cycle_graph(1100),  # l_2 by shift-invert (tiny gap); Gershgorin rules l_N out
+    nx.star_graph(1099),
+    _bipartite_cover(nx.random_regular_graph(8, 550, seed=2)),  # |l_N| = 7/9 > l_2: the SLEM is the smallest
+])
+def test_sparse_spectral_gap_equals_the_dense_solve(graph):
+    """Above DENSE_EIG_MAX the gap comes from (shift-invert) Lanczos on the sparse W; it equals eigvalsh's."""
+    topo = T.from_networkx(graph)
+    assert topo.n > T.DENSE_EIG_MAX and "mixing" not in vars(topo)  # no dense W was made for it
+    dense = np.sort(np.abs(np.linalg.eigvalsh(topo.mixing)))
+    assert topo.spectral_gap == pytest.approx(1.0 - dense[-2], rel=1e-8, abs=1e-13)
+
+
+def test_a_large_graph_keeps_a_sparse_mixing_matrix_with_the_table_weights():
+    topo = T.make("random_regular", 1500, degree=4)
+    w = topo.sparse_mixing
+    assert w.nnz == 1500 * 5
+    rows = np.repeat(np.arange(1500), topo.width)
+    np.testing.assert_allclose(np.asarray(w[rows, topo.neighbors.ravel()]).reshape(1500, -1)[topo.mask],
+                               topo.weights[topo.mask], rtol=1e-7)
+    np.testing.assert_allclose(np.asarray(w.sum(axis=1)).ravel(), 1.0, atol=1e-12)
+
+
 @pytest.mark.parametrize("kind, params", [("erdos_renyi", {"p": 0.1}), ("random_regular", {"degree": 2})])
 def test_seeds_give_distinct_graphs_when_draws_are_retried(kind, params):
     """A disconnected draw was retried with seed + 1, the next seed's first draw: seeds 0 and 1 gave one graph."""
