@@ -90,6 +90,16 @@ def test_noise_script_times_both_sources():
     assert all(r["jax"] > 0 and r["rng"] > 0 and r["loop"] > 0 and r["limit"] > 0 for r in rows)
 
 
+def test_topology_script_agrees_with_the_dense_baseline(capsys):
+    import topology as topology_bench
+
+    rows = topology_bench.main(["--sizes", "1100", "--dense-max", "1100"])
+    assert [r["kind"] for r in rows] == [kind for kind, _ in topology_bench.FAMILIES]
+    for r in rows:
+        assert r["gap"] == pytest.approx(r["dense_gap"], rel=1e-8, abs=1e-13)
+    assert capsys.readouterr().out.count("| 1100 |") == len(rows)
+
+
 def test_cpu_devices_worker_reports_a_run_and_the_table_compares_two(monkeypatch, capsys):
     import json
 
