@@ -36,6 +36,7 @@ from jax.scipy.stats import norm
 from jaxdfl import rng
 from jaxdfl.errors import ConfigError
 from jaxdfl.errors import first_line
+from jaxdfl.registry import Shipped
 
 __all__ = [
     "AttackContext",
@@ -661,8 +662,8 @@ REGISTRY: dict[str, Callable] = {
     "isolation": isolation,
 }
 
-#: What jaxdfl registers under each attack name: the built-in hyper-parameter checks hold only for these functions.
-_SHIPPED: dict[str, Callable] = dict(REGISTRY)
+#: Whether an attack name is registered to jaxdfl's own function (the built-in hyper-parameter checks hold only then).
+shipped = Shipped(REGISTRY)
 
 # Attacks that act through the Byzantine nodes' training data rather than on their messages.
 POISONING = {"label_flip"}
@@ -713,11 +714,6 @@ def _need(ok: bool, key: str, what: str, v) -> None:
         raise ConfigError(f"attack.{key}: must be {what}, got {v!r}")
 
 
-def shipped(name: str) -> bool:
-    """Whether ``name`` is registered to the attack jaxdfl ships under it (not a user's function)."""
-    return name in REGISTRY and REGISTRY[name] is _SHIPPED.get(name)
-
-
 def validate(name: str, hyper: dict | None = None) -> None:
     """Check an attack name and its hyper-parameters on the host, before compilation.
 
@@ -759,31 +755,40 @@ def validate(name: str, hyper: dict | None = None) -> None:
             _need(ok, key, "None (per receiver) or a node id >= 0", v)
 
 
-def check_contract(name: str, hyper: dict | None, n: int, k: int, d: int, dtype=jnp.float32) -> None:
-    """Trace a registered attack once on the run's shapes (on the host, nothing is compiled) and raise if it does not
-    follow the contract ``attack(key, ctx: AttackContext, **hyper) -> (block [N, K, D], mask [N, K] bool)``.
+def check_contract(name: str, hyper: dict | None, n: int, k: int, d: int, receivers: int | None = None,
+                   dtype=jnp.float32) -> None:
+    """Trace a registered attack on the run's shapes (on the host, nothing is compiled) and raise if it does not
+    follow the contract ``attack(key, ctx: AttackContext, **hyper) -> (block [R, K, D], mask [R, K] bool)``.
+
+    It is traced for all N receivers at once and, when the engine serves them in chunks of ``receivers``, for such
+    a chunk too (``block``, ``neighbors``, ``mask`` and ``weights`` then hold R < N rows, ``messages`` and
+    ``byzantine`` all N).
 
     Raises:
         ConfigError: one line naming ``attack.name``, the contract and what the attack did instead.
     """
     fn = REGISTRY[name]
     h = resolve(name, hyper)
-    ctx = AttackContext(
-        messages=jax.ShapeDtypeStruct((n, d), dtype), block=jax.ShapeDtypeStruct((n, k, d), dtype),
-        neighbors=jax.ShapeDtypeStruct((n, k), jnp.int32), mask=jax.ShapeDtypeStruct((n, k), jnp.bool_),
-        weights=jax.ShapeDtypeStruct((n, k), jnp.float32), byzantine=jax.ShapeDtypeStruct((n,), jnp.bool_))
-    contract = (f"attack.name={name!r}: an attack is called as attack(key, ctx, **hyper) -> (block [N, K, D], "
-                "mask [N, K] bool)")
-    try:
-        out = jax.eval_shape(lambda key, c: fn(key, c._replace(rule=lambda x, m, w: x[0]), **h),
-                             jax.random.key(0), ctx)
-    except Exception as err:  # any failure to trace is the attack's: report it on one line
-        raise ConfigError(f"{contract}; with N={n}, K={k}, D={d} it raised {first_line(err)}") from None
-    want = ((n, k, d), dtype), ((n, k), jnp.bool_)
-    got = tuple((o.shape, o.dtype) for o in out) if isinstance(out, tuple) and len(out) == 2 else None
-    if got is None or any(g[0] != w[0] or g[1] != jnp.dtype(w[1]) for g, w in zip(got, want)):
-        shown = ", ".join(f"{o.dtype}{list(o.shape)}" for o in jax.tree.leaves(out))
-        raise ConfigError(f"{contract}; with N={n}, K={k}, D={d} it returned ({shown})")
+    contract = (f"attack.name={name!r}: an attack is called as attack(key, ctx, **hyper) -> (block [R, K, D], "
+                "mask [R, K] bool) for R receivers")
+    for r in sorted({n, receivers or n}, reverse=True):
+        ctx = AttackContext(
+            messages=jax.ShapeDtypeStruct((n, d), dtype), block=jax.ShapeDtypeStruct((r, k, d), dtype),
+            neighbors=jax.ShapeDtypeStruct((r, k), jnp.int32), mask=jax.ShapeDtypeStruct((r, k), jnp.bool_),
+            weights=jax.ShapeDtypeStruct((r, k), jnp.float32), byzantine=jax.ShapeDtypeStruct((n,), jnp.bool_))
+        shapes = f"N={n}, R={r}, K={k}, D={d}"
+        try:
+            out = jax.eval_shape(lambda key, c: fn(key, c._replace(rule=lambda x, m, w: x[0]), **h),
+                                 jax.random.key(0), ctx)
+        except Exception as err:  # any failure to trace is the attack's: report it on one line
+            raise ConfigError(f"{contract}; with {shapes} it raised {first_line(err)}") from err
+        leaves = jax.tree.leaves(out)
+        shown = ", ".join(f"{o.dtype}{list(o.shape)}" for o in leaves)
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise ConfigError(f"{contract}; with {shapes} it returned ({shown}), not a (block, mask) pair")
+        want = (((r, k, d), jnp.dtype(dtype)), ((r, k), jnp.dtype(jnp.bool_)))
+        if tuple((getattr(o, "shape", None), getattr(o, "dtype", None)) for o in out) != want:
+            raise ConfigError(f"{contract}; with {shapes} it returned ({shown})")
 
 
 def resolve(name: str, hyper: dict | None = None) -> dict[str, object]:

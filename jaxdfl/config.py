@@ -295,7 +295,7 @@ def inert_settings(cfg: Config) -> list[str]:
         inert("data", ["path"], f"data.name = {d.name!r} needs no files")
     if t.dynamic != "resample":
         inert("topology", ["pool"], f"topology.dynamic = {t.dynamic!r}")
-    if t.kind not in topology.RANDOM_KINDS:
+    if topology.shipped(t.kind) and t.kind not in topology.RANDOM_KINDS:
         inert("topology", ["seed", "dynamic"] if t.dynamic == "resample" else ["seed"],
               f"topology.kind = {t.kind!r} is not drawn at random")
     if t.dynamic == "matching":
@@ -307,7 +307,7 @@ def inert_settings(cfg: Config) -> list[str]:
         inert("model", ["hidden"], f"model.name = {cfg.model.name!r} has a fixed architecture")
     if shipped_model and cfg.model.name not in models.CONV_MODELS:
         inert("model", ["conv"], f"model.name = {cfg.model.name!r} has no convolution")
-    if d.name not in data.SPLIT_BY_FRACTION:
+    if data.shipped(d.name) and d.name not in data.SPLIT_BY_FRACTION:
         inert("data", ["test_fraction"], f"data.name = {d.name!r} comes with its own test set")
     if a.placement != "random":
         inert("attack", ["seed"], f"attack.placement = {a.placement!r} is not drawn at random")
@@ -369,9 +369,9 @@ def load_config(path: str | None = None, overrides: Iterable[str] | Mapping[str,
 def make_config(tree: Mapping[str, Any] | None = None,
                 overrides: Iterable[str] | Mapping[str, Any] = ()) -> Config:
     """Merge ``tree`` and dotted ``overrides`` over :data:`DEFAULTS` and validate the result."""
-    user = _plain(dict(tree or {}))
+    user = plain(dict(tree or {}))
     for key, value in _parse_overrides(overrides):
-        value = _plain(value)
+        value = plain(value)
         _switch_family(user, key, value)
         _set_dotted(user, key, value)
     merged = _merge(DEFAULTS, user, prefix="")
@@ -379,15 +379,15 @@ def make_config(tree: Mapping[str, Any] | None = None,
     return Config(merged)
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """A copy of ``value`` made of the Python values a TOML file gives: NumPy (or JAX) scalars and arrays become
     numbers and lists, ranges and tuples lists, mappings dicts."""
     if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, range)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
-        return _plain(value.tolist())
+        return plain(value.tolist())
     return copy.deepcopy(value)
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxdfl import datasets
 from jaxdfl.errors import ConfigError
+from jaxdfl.registry import Shipped
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,9 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 
 #: Datasets whose test set is a ``data.test_fraction`` split made here (the others come with their official split).
 SPLIT_BY_FRACTION = ("digits", "synthetic", "mnist1d")
+
+#: Whether a dataset name is registered to jaxdfl's own loader (a user's loader may read ``data.test_fraction``).
+shipped = Shipped(DATASETS)
 
 
 def load(cfg_data, n_nodes: int) -> Dataset:

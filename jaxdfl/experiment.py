@@ -216,13 +216,6 @@ def build(cfg: Config | dict | str) -> Experiment:
 
     model = models.make(cfg.model.name, ds.num_classes, ds.input_shape, cfg.model.hidden,
                         dtype=cfg.model.compute_dtype, conv=cfg.model.conv)
-    if path == "robust":  # a user's rule or attack is traced once here, so a broken one fails with its name
-        k = max(g.neighbors.shape[1] for g in pool)
-        if not aggregators.shipped(agg.rule):
-            aggregators.check_contract(agg.rule, rule_hyper, k, model.dim)
-        if not attacks.shipped(att.name):
-            attacks.check_contract(att.name, {k: att[k] for k in attacks.DEFAULTS.get(att.name, {})}, t.n, k,
-                                   model.dim)
     local = LocalSpec(apply=model.apply, optimizer=tr.optimizer, batch_size=tr.batch_size,
                       local_steps=tr.local_steps, dp_example=p.mode == "example", dp_buffer=plan.buffer,
                       unravel=model.unravel, apply_params=model.apply_params,
@@ -238,6 +231,13 @@ def build(cfg: Config | dict | str) -> Experiment:
         node_dropout=t.node_dropout > 0, stragglers=t.stragglers > 0,
         inter_every=t.inter_every if t.kind == "hierarchical" else 0, message_bytes=4 * model.dim,
         accuracy_threshold=cfg.accuracy_threshold)
+    if path == "robust":  # a user's rule or attack is traced here, so a broken one fails with its name
+        k = max(g.neighbors.shape[1] for g in pool)
+        if not aggregators.shipped(agg.rule):
+            aggregators.check_contract(agg.rule, rule_hyper, k, model.dim)
+        if not attacks.shipped(att.name):
+            attacks.check_contract(att.name, attack_hyper, t.n, k, model.dim,
+                                   receivers=simulation.exchange_chunk(spec, t.n, k, model.dim))
     mixing = topo.mixing if path == "dense" else np.zeros((1, 1))
     if cfg.eval_nodes and cfg.eval_nodes > honest.sum():
         raise ConfigError(f"eval_nodes={cfg.eval_nodes} exceeds the {int(honest.sum())} honest nodes")
@@ -557,10 +557,11 @@ def program_key(exp: Experiment) -> tuple:
     The buffer is a shape sized from the run's privacy target (:func:`plan_privacy`), so two configs that differ
     only in the noise multiplier or the target epsilon can need different programs; a program run with another
     experiment's buffer would not have the overflow probability its epsilon is accounted with. The shapes change
-    under an unchanged config when a data file or a registered dataset is replaced.
+    under an unchanged config when a data file or a registered dataset is replaced, and the graph's edge count
+    (the per-edge draws of matching and edge dropout) when a graph family is registered again.
     """
     shapes = tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(exp.arrays))
-    return static_part(exp.config), exp.privacy.buffer, shapes, exp.model.dim
+    return static_part(exp.config), exp.privacy.buffer, shapes, exp.model.dim, exp.spec.n_edges
 
 
 def runner_key(exp: Experiment) -> tuple:

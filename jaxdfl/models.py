@@ -17,6 +17,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from jaxdfl.errors import ConfigError
+from jaxdfl.registry import Shipped
 
 
 class LogReg(nn.Module):
@@ -208,8 +209,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "cifar_cnn": lambda classes, hidden, dtype, conv: CifarCNN(classes, dtype=dtype, conv=conv),
 }
 
-#: The models jaxdfl registers: what it knows of their layers (DP clipping, fixed architectures) is for these only.
-_SHIPPED: dict[str, Callable[..., nn.Module]] = dict(MODELS)
+#: Whether a model name is registered to jaxdfl's own model: what it knows of their layers (DP clipping, fixed
+#: architectures, convolutions) holds only then.
+shipped = Shipped(MODELS)
 
 #: Lowerings of :class:`Conv` for ``model.conv`` ("auto": im2col on CPU, XLA's convolution on other backends).
 CONV_IMPLS = ("auto", "xla", "im2col")
@@ -220,11 +222,6 @@ CONV_MODELS = frozenset({"cnn", "lenet5", "cifar_cnn"})
 #: Models with parameters outside ``nn.Dense`` and :class:`Conv` layers (``cifar_cnn``: GroupNorm), which DP-SGD's
 #: ghost clipping does not cover.
 NOT_AFFINE_MODELS = frozenset({"cifar_cnn"})
-
-
-def shipped(name: str) -> bool:
-    """Whether ``name`` is registered to the model jaxdfl ships under it (not a user's model)."""
-    return name in MODELS and MODELS[name] is _SHIPPED.get(name)
 
 
 def conv_impl(conv: str) -> str:

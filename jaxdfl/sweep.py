@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from jaxdfl import experiment, results
-from jaxdfl.config import Config, parse_value
+from jaxdfl.config import Config, parse_value, plain
 from jaxdfl.errors import ConfigError
 
 FINAL = ("accuracy_mean", "accuracy_min", "accuracy_max", "loss_mean", "consensus_distance", "epsilon")
@@ -67,7 +67,7 @@ def expand(base: Config, grid: Sequence[tuple[str, list]]) -> list[tuple[dict[st
     """The cartesian product of ``grid`` over ``base``: ``[(overrides, config), ...]`` (all validated first)."""
     keys = [k for k, _ in grid]
     out = []
-    for values in itertools.product(*(v for _, v in grid)):
+    for values in itertools.product(*(plain(v) for _, v in grid)):  # NumPy grids as the lists TOML gives
         overrides = dict(zip(keys, values, strict=True))
         with _named(f"setting {setting_id(overrides)}"):
             out.append((overrides, base.replace(overrides)))

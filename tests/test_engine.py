@@ -253,6 +253,33 @@ def test_a_registered_graph_family_and_pre_aggregator_need_no_defaults_entry(sma
     assert exp.topology.num_edges == 7
 
 
+def test_a_graph_family_registered_again_with_another_edge_count_compiles_anew(small_cfg, monkeypatch):
+    """Matching and edge dropout draw per edge: a kept program with the old edge count would share draws."""
+    import networkx as nx
+
+    from jaxdfl import experiment, topology
+
+    monkeypatch.setitem(topology.KINDS, "mine", lambda n, seed: nx.path_graph(n))
+    cfg = small_cfg(**{"topology.kind": "mine", "topology.dynamic": "edge_dropout", "topology.drop_prob": 0.3})
+    jaxdfl.run(cfg)
+    monkeypatch.setitem(topology.KINDS, "mine", lambda n, seed: nx.cycle_graph(n))
+    again = jaxdfl.run(cfg)
+    assert again.summary["compile_seconds"] > 0 and experiment._last_runner.exp.spec.n_edges == 8
+
+
+def test_a_users_graph_family_and_dataset_may_read_the_settings_built_ins_ignore(small_cfg, monkeypatch):
+    import networkx as nx
+
+    from jaxdfl import data, topology
+
+    monkeypatch.setitem(topology.KINDS, "drawn", lambda n, seed: nx.connected_watts_strogatz_graph(n, 4, 0.3,
+                                                                                                   seed=seed))
+    monkeypatch.setitem(data.DATASETS, "mine", data.DATASETS["digits"])
+    notes = jaxdfl.inert_settings(small_cfg(**{"topology.kind": "drawn", "topology.seed": 5, "data.name": "mine",
+                                               "data.test_fraction": 0.5}))
+    assert not any("topology.seed" in n or "data.test_fraction" in n for n in notes), notes
+
+
 @pytest.mark.parametrize("rule, match", [
     (lambda x, mask: x[0], r"aggregation\.rule='mine': a rule is called as rule\(x \[K, D\], mask \[K\], "
                            r"weights \[K\].*it raised TypeError"),
@@ -274,12 +301,22 @@ def test_a_broken_attack_is_named_before_compiling(small_cfg, monkeypatch):
     from jaxdfl.errors import ConfigError
 
     monkeypatch.setitem(attacks.REGISTRY, "half", lambda key, ctx: ctx.block)  # forgot the mask
+    cfg = small_cfg(**{"attack.name": "half", "attack.byzantine": 1, "aggregation.rule": "median"})
     with pytest.raises(ConfigError, match=r"attack\.name='half': an attack is called as .*returned "
-                                          r"\(float32\[8, 3, 650\]\)"):
-        experiment.build(small_cfg(**{"attack.name": "half", "attack.byzantine": 1, "aggregation.rule": "median"}))
+                                          r"\(float32\[8, 3, 650\]\), not a \(block, mask\) pair"):
+        experiment.build(cfg)
     monkeypatch.setitem(attacks.REGISTRY, "half", lambda key, ctx, *, eps: (ctx.block, ctx.mask))
     with pytest.raises(ConfigError, match=r"attack\.name='half'.*it raised TypeError"):
-        experiment.build(small_cfg(**{"attack.name": "half", "attack.byzantine": 1, "aggregation.rule": "median"}))
+        experiment.build(cfg)
+    # a list is a pair too (the engine unpacks it)
+    monkeypatch.setitem(attacks.REGISTRY, "half", lambda key, ctx: [ctx.block, ctx.mask])
+    experiment.build(cfg)
+    # served in chunks of 3 receivers, an attack sized on all N messages breaks: found before compiling
+    monkeypatch.setitem(attacks.REGISTRY, "half", lambda key, ctx: (
+        jnp.where(ctx.byzantine[:, None, None], 0.0, ctx.block), ctx.mask))
+    experiment.build(cfg)
+    with pytest.raises(ConfigError, match=r"attack\.name='half'.*with N=8, R=3, K=3, D=650 it raised"):
+        experiment.build(cfg.replace({"parallel.chunk_size": 3}))
 
 
 def test_a_run_warns_about_settings_without_effect_and_lists_them_in_its_summary(small_cfg):

@@ -513,6 +513,12 @@ def test_sparse_spectral_gap_equals_the_dense_solve(graph):
     assert topo.spectral_gap == pytest.approx(1.0 - dense[-2], rel=1e-8, abs=1e-13)
 
 
+def test_the_sparse_gap_repeats_to_the_last_digit_and_a_nested_list_is_a_matrix():
+    topo = T.make("random_regular", 1100, degree=4)
+    assert len({T.spectral_gap(topo.sparse_mixing) for _ in range(3)}) == 1  # ARPACK's start is fixed
+    assert T.spectral_gap([[0.5, 0.5], [0.5, 0.5]]) == 1.0
+
+
 def test_a_large_graph_keeps_a_sparse_mixing_matrix_with_the_table_weights():
     topo = T.make("random_regular", 1500, degree=4)
     w = topo.sparse_mixing

@@ -150,6 +150,15 @@ def test_grid_values_with_lists():
         sweep.parse_grid(["train.lr"])
 
 
+def test_a_python_grid_of_numpy_values_gives_the_settings_of_the_lists_toml_gives():
+    """Regression: a setting's id hashed the raw values, and json refused np.int64."""
+    base = jaxdfl.make_config({"topology": {"n": 8}})
+    settings = sweep.expand(base, [("topology.n", np.arange(8, 17, 8)), ("train.lr", np.array([0.5, 0.25]))])
+    plain = sweep.expand(base, [("topology.n", [8, 16]), ("train.lr", [0.5, 0.25])])
+    assert [o for o, _ in settings] == [o for o, _ in plain]
+    assert [sweep.setting_id(o) for o, _ in settings] == [sweep.setting_id(o) for o, _ in plain]
+
+
 @pytest.mark.parametrize("items, message", [
     (["train.lr=0.1", "train.lr=0.2"], "given twice"),  # the second --grid silently replaced the first
     (["train.lr=0.1,0.2,0.1"], "more than once"),

@@ -19,6 +19,7 @@ from jaxdfl.aggregators import order_stats
 from jaxdfl.aggregators import pre as pre_mod
 from jaxdfl.errors import ConfigError
 from jaxdfl.errors import first_line
+from jaxdfl.registry import Shipped
 
 REGISTRY: dict[str, Callable] = {
     "mean": distance.mean,
@@ -59,16 +60,9 @@ DEFAULTS: dict[str, dict[str, object]] = {
     "clip": {"tau": 1.0, "self_centered": False},
 }
 
-#: What jaxdfl registers under each rule and pre-aggregator name. A name's built-in checks (hyper-parameter ranges,
-#: the rows its f needs) hold only while that function is registered under it (:func:`shipped`).
-_SHIPPED: dict[str, Callable] = {**REGISTRY, **PRE_REGISTRY}
-
-
-def shipped(name: str) -> bool:
-    """Whether ``name`` is registered to the rule or pre-aggregator jaxdfl ships under it (not a user's function,
-    which gets no built-in hyper-parameter or neighbourhood-size checks)."""
-    fn = REGISTRY.get(name, PRE_REGISTRY.get(name))
-    return fn is not None and fn is _SHIPPED.get(name)
+#: Whether a rule or pre-aggregator name is registered to jaxdfl's own function: its built-in checks
+#: (hyper-parameter ranges, the rows its f needs) hold only then, not for a user's function under that name.
+shipped = Shipped(REGISTRY, PRE_REGISTRY)
 
 
 #: Built-in rules that ignore the mixing weights (server-style, unweighted). Every other rule, a user's included, is
@@ -333,7 +327,7 @@ def check_contract(rule: str, hyper: Mapping | None, k: int, d: int, dtype=jnp.f
     try:
         out = jax.eval_shape(lambda x, m, w: fn(x, m, w, **h), *args)
     except Exception as err:  # any failure to trace is the rule's: report it on one line
-        raise ConfigError(f"{contract}; with K={k}, D={d} it raised {first_line(err)}") from None
+        raise ConfigError(f"{contract}; with K={k}, D={d} it raised {first_line(err)}") from err
     if getattr(out, "shape", None) != (d,) or getattr(out, "dtype", None) != jnp.dtype(dtype):
         got = f"{out.dtype}{list(out.shape)}" if hasattr(out, "shape") else type(out).__name__
         raise ConfigError(f"{contract} in the dtype of x; with K={k}, D={d} it returned {got}, not "
