@@ -686,6 +686,11 @@ def finish(exp: Experiment, history: dict, state, compile_s: float, run_s: float
     if summary["diverged"]:
         bad = int(np.min(np.where(np.any(diverged > 0, axis=-1), first_bad, 10**9)))
         summary["diverged_round"] = int(eval_rounds[bad])
+    # A divergence stop cuts the metrics at an evaluation, but the returned state (and a checkpoint of it) is where
+    # the program stopped, at its segment's end: its models may have trained, and spent privacy, for more rounds.
+    summary["state_round"] = _round(state)
+    summary["state_epsilon"] = (None if exp.config.privacy.mode == "none"
+                                else _num(exp.epsilons(summary["state_round"])[honest].max()))
     if rounds_axis.ndim == 1:
         summary["final"] = {k: _num(v) for k, v in final.items()}
     else:

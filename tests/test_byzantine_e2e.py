@@ -111,3 +111,19 @@ def test_a_diverged_run_reports_the_same_stop_whatever_its_segments(small_cfg):
         assert r.summary["final"] == runs[0].summary["final"]
         for k in ("accuracy_mean", "loss_mean", "diverged"):
             np.testing.assert_array_equal(r.history[k], runs[0].history[k])
+
+
+def test_after_a_divergence_stop_the_summary_says_what_the_returned_models_spent(small_cfg):
+    """The metrics end at the diverging evaluation, the returned state at its segment's end: with DP, the models
+    handed back trained (and spent privacy) for more rounds than rounds_done, which summary.epsilon covers."""
+    from jaxdfl import experiment
+
+    cfg = small_cfg(**{"attack.name": "inf", "attack.byzantine": 1, "rounds": 12, "eval_every": 2,
+                       "checkpoint_every": 6, "privacy.mode": "update", "privacy.noise_multiplier": 2.0})
+    r = jaxdfl.run(cfg)
+    exp = experiment.build(cfg)
+    assert r.summary["rounds_done"] == 2 and r.summary["state_round"] == int(np.max(np.asarray(r.state.round))) == 6
+    honest = ~exp.byzantine
+    assert r.summary["final"]["epsilon"] == pytest.approx(exp.epsilons(2)[honest].max())
+    assert r.summary["state_epsilon"] == pytest.approx(exp.epsilons(6)[honest].max())
+    assert r.summary["state_epsilon"] > r.summary["final"]["epsilon"]
