@@ -239,9 +239,7 @@ def dp_clipping(name: str, conv: str = "auto") -> str:
     when every parameter sits in an ``nn.Dense`` layer or an im2col :class:`Conv`, else ``"stored"`` (clip the stored
     per-example gradients): for each case the method ``benchmarks/rounds.py`` measured fastest. A user's model
     (registered in :data:`MODELS`) gets ``"stored"``, which holds for any layers."""
-    if not shipped(name) or name in NOT_AFFINE_MODELS:
-        return "stored"
-    if name in CONV_MODELS and conv_impl(conv) != "im2col":
+    if not shipped(name) or name in NOT_AFFINE_MODELS or (name in CONV_MODELS and conv_impl(conv) != "im2col"):
         return "stored"
     return "ghost"
 
