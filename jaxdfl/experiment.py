@@ -546,6 +546,17 @@ def components(cfg: Config) -> tuple:
             attacks.REGISTRY.get(cfg.attack.name), models.MODELS.get(cfg.model.name))
 
 
+def user_components(cfg: Config) -> list[str]:
+    """The settings of ``cfg`` that name a user's registered function rather than jaxdfl's own, e.g.
+    ``["aggregation.rule = 'mine'"]``: results stored under a config cannot tell an edited function from the old."""
+    agg = cfg.aggregation
+    named = [("aggregation.rule", agg.rule, aggregators.shipped), ("attack.name", cfg.attack.name, attacks.shipped),
+             ("model.name", cfg.model.name, models.shipped), ("topology.kind", cfg.topology.kind, topology.shipped),
+             ("data.name", cfg.data.name, data_mod.shipped)]
+    named += [("aggregation.pre", p, aggregators.shipped) for p in agg.pre]
+    return [f"{key} = {name!r}" for key, name, shipped in named if not shipped(name)]
+
+
 def same_program(a: Config, b: Config) -> bool:
     return static_part(a) == static_part(b)
 

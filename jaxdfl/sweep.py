@@ -184,7 +184,10 @@ def run_grid(base: Config, grid: Sequence[tuple[str, list]], out: str | Path | N
         sid = setting_id(overrides)
         if cid in done:
             if log:
-                log(f"[{index + 1}/{len(settings)}] {sid}: done earlier, skipped")
+                mine = experiment.user_components(cfg)
+                log(f"[{index + 1}/{len(settings)}] {sid}: done earlier, skipped" + (
+                    f" (it uses your {', '.join(mine)}: to run it again after editing that function, delete its "
+                    f"row from sweep.csv)" if mine else ""))
             continue
         exp = experiment.build(cfg)
         result = experiment.runner_for(exp, runners)(exp)

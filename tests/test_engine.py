@@ -337,6 +337,21 @@ def test_a_sweep_compiles_anew_for_a_rule_registered_again_under_its_name(small_
     assert experiment.runner_for(experiment.build(small_cfg(**{"aggregation.rule": "mine"})), runners) is not first
 
 
+def test_a_sweep_that_skips_a_setting_done_earlier_names_the_users_functions_it_used(small_cfg, monkeypatch,
+                                                                                        tmp_path):
+    """A stored result cannot tell an edited user function from the old one: the skip says which it relied on."""
+    from jaxdfl import aggregators, sweep
+
+    monkeypatch.setitem(aggregators.REGISTRY, "mine", lambda x, mask, weights=None: aggregators.mean(x, mask, weights))
+    cfg = small_cfg(**{"aggregation.rule": "mine", "rounds": 2, "eval_every": 2})
+    assert experiment.user_components(cfg) == ["aggregation.rule = 'mine'"]
+    assert experiment.user_components(small_cfg()) == []
+    lines = []
+    for _ in range(2):
+        sweep.run_grid(cfg, [("train.lr", [0.1])], out=tmp_path, log=lines.append)
+    assert "done earlier, skipped (it uses your aggregation.rule = 'mine'" in lines[-1]
+
+
 def test_run_takes_an_experiment_already_built_without_building_it_again(small_cfg, monkeypatch):
     cfg = small_cfg()
     exp = experiment.build(cfg)
