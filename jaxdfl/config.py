@@ -598,8 +598,9 @@ def validate(cfg: dict) -> None:
     if n_syn < 0 or 0 < n_syn and n_syn - max(1, round(n_syn * data["test_fraction"])) < 1:
         raise ConfigError(f"data.synthetic_samples must be 0 (lognormal sizes) or leave at least one training "
                           f"example per node after the test_fraction split, got {n_syn}")
-    if data["mnist1d_samples"] < 10:
-        raise ConfigError(f"data.mnist1d_samples must be >= 10, got {data['mnist1d_samples']}")
+    if data["mnist1d_samples"] < 10 or data["mnist1d_samples"] % 10:
+        raise ConfigError(f"data.mnist1d_samples must be a multiple of 10 (signals per class x 10), got "
+                          f"{data['mnist1d_samples']}")
     if not 0 < data["test_fraction"] < 1:
         raise ConfigError(f"data.test_fraction must be in (0, 1), got {data['test_fraction']}")
 

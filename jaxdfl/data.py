@@ -137,6 +137,9 @@ def synthetic_fedprox(n_nodes: int, alpha: float = 1.0, beta: float = 1.0, seed:
         x = rng.normal(v, np.sqrt(sigma), (sizes[k], dim))
         y = np.argmax(x @ w.T + b, axis=1)
         n_test = max(1, int(round(sizes[k] * test_fraction)))
+        if n_test >= sizes[k]:
+            raise ConfigError(f"data.test_fraction={test_fraction} leaves node {k} none of its {sizes[k]} synthetic "
+                              "examples to train on; lower it (or set data.synthetic_samples)")
         xs_te.append(x[:n_test])
         ys_te.append(y[:n_test])
         xs_tr.append(x[n_test:])
@@ -192,6 +195,10 @@ def load(cfg_data, n_nodes: int) -> Dataset:
     if name not in DATASETS:
         raise ConfigError(f"data.name must be one of {', '.join(DATASETS)}; got {name!r}")
     ds = DATASETS[name](n_nodes=n_nodes, **kw)
+    for part, y in (("train", ds.y_train), ("test", ds.y_test)):
+        if len(y) and (y.min() < 0 or y.max() >= ds.num_classes):  # a label the model cannot output: NaN loss
+            raise ConfigError(f"data.name={name!r}: y_{part} labels must lie in [0, num_classes = {ds.num_classes}),"
+                              f" got {int(y.min())} to {int(y.max())}")
     if name in SPLIT_BY_FRACTION and (len(ds.y_test) == 0 or len(ds.y_train) == 0):
         raise ConfigError(f"data.test_fraction={kw['test_fraction']} leaves {len(ds.y_train)} training and "
                           f"{len(ds.y_test)} test examples of {name}: both need at least one")
@@ -271,7 +278,8 @@ def partition_dirichlet(y: np.ndarray, n: int, rng: np.random.Generator, alpha: 
     Without ``shares`` (Yurochkin et al. 2019; NIID-Bench, Li et al. 2022): for every class c, proportions
     p_c ~ Dir(alpha * 1_n) over nodes split that class's examples; re-drawn (bounded) until every node has at least
     ``min_size`` examples. Node sizes vary with alpha too (2-105 examples at alpha = 0.1 over 32 digits nodes). Hsu
-    et al. 2019 instead draw each client's label mix q ~ Dir(alpha p) at equal sizes: the branch below, with shares.
+    et al. 2019 instead draw each client's label mix q ~ Dir(alpha p) at equal sizes; the branch below (with
+    shares, so only with a quantity skew) draws it as Dir(alpha C p), so its ``alpha`` is Hsu's divided by C.
 
     With ``shares`` (quantity skew; Acar et al. 2021): node sizes s = apportion(S, shares, min_size) are fixed
     first; node k draws a label prior pi_k ~ Dir(alpha * C * p), p the pooled label frequencies (Dir(alpha * 1_C)
@@ -393,6 +401,11 @@ def partition(ds: Dataset, n: int, kind: str = "iid", seed: int = 0, alpha: floa
         if quantity_skew != "none":
             raise ConfigError(f"data.quantity_skew={quantity_skew!r} does not apply to {ds.name}, whose natural "
                               f"clients already have their own sizes; use \"none\"")
+        groups = np.unique(ds.groups)
+        if len(groups) != n or not np.array_equal(groups, np.arange(n)):  # more would be dropped, fewer left empty
+            raise ConfigError(f"topology.n={n}: {ds.name}'s training examples belong to {len(groups)} natural "
+                              f"clients (groups {int(groups.min())}..{int(groups.max())}), one per node; set "
+                              f"topology.n = {len(groups)} and number them 0..{len(groups) - 1}")
         parts = [np.flatnonzero(ds.groups == k) for k in range(n)]
     else:
         if kind not in PARTITIONS:

@@ -376,6 +376,13 @@ def load_npz(path: str | Path) -> Split:
         xs.append(x[..., None] if x.ndim == 3 else x)
     if xs[0].shape[1:] != xs[1].shape[1:]:
         raise ConfigError(f"{p}: x_train rows are {xs[0].shape[1:]} but x_test rows are {xs[1].shape[1:]}")
+    if (arrays["x_train"].dtype == np.uint8) != (arrays["x_test"].dtype == np.uint8):  # scaled differently
+        raise ConfigError(f"{p}: x_train is {arrays['x_train'].dtype} but x_test {arrays['x_test'].dtype}: uint8 "
+                          "images are divided by 255 and other dtypes used as given; store both alike")
+    for part in ("train", "test"):
+        y = arrays[f"y_{part}"]
+        if len(y) and y.max() >= 2**31:
+            raise ConfigError(f"{p}: y_{part} has labels up to {y.max()}; class labels must be below 2^31")
     y_tr, y_te = arrays["y_train"].astype(np.int32), arrays["y_test"].astype(np.int32)
     if len(y_tr) == 0 or len(y_te) == 0:
         raise ConfigError(f"{p}: x_{'train' if len(y_tr) == 0 else 'test'} is empty")
@@ -422,8 +429,8 @@ def make_mnist1d(samples: int = 5000, seed: int = 42, test_fraction: float = 0.2
     except ImportError as exc:
         raise ConfigError(f"data.name='mnist1d' needs the optional mnist1d package: pip install mnist1d "
                           f"({exc})") from None
-    if samples < 10:
-        raise ConfigError(f"data.mnist1d_samples must be >= 10, got {samples}")
+    if samples < 10 or samples % 10:
+        raise ConfigError(f"data.mnist1d_samples must be a multiple of 10 (signals per class x 10), got {samples}")
     args = get_dataset_args()
     args.num_samples, args.seed, args.train_split = int(samples), int(seed), 1.0 - float(test_fraction)
     np_state, py_state = np.random.get_state(), random.getstate()

@@ -125,3 +125,39 @@ def test_a_test_fraction_that_empties_a_side_is_a_config_error(fraction):
     with pytest.raises(ConfigError, match=r"data\.test_fraction=.*both need at least one"):
         data.load({**DEFAULTS["data"], "test_fraction": fraction}, 4)
     assert len(data.load({**DEFAULTS["data"], "test_fraction": 0.001}, 4).y_test) == 2
+
+
+def _digits_with(monkeypatch, changes):
+    """Register 'mine': the bundled digits with some fields changed, as a user's loader might return them."""
+    import dataclasses
+
+    def loader(n_nodes, **kw):
+        return dataclasses.replace(data.load_digits(**kw), **changes(data.load_digits(**kw)))
+
+    monkeypatch.setitem(data.DATASETS, "mine", loader)
+
+
+def test_a_registered_loaders_natural_clients_must_be_the_nodes(monkeypatch):
+    """Regression (fourth audit): with 64 writers on 32 nodes, writers 32..63's examples were silently dropped."""
+    _digits_with(monkeypatch, changes=lambda ds: {"groups": np.arange(len(ds.y_train)) % 64})
+    ds = data.load({**DEFAULTS["data"], "name": "mine"}, 32)
+    with pytest.raises(ConfigError, match=r"topology\.n=32: .* belong to 64 natural clients .*topology\.n = 64"):
+        data.partition(ds, 32, "iid", seed=0)
+    assert data.partition(ds, 64, "iid", seed=0).sizes.sum() == len(ds.y_train)
+
+
+def test_a_registered_loaders_labels_must_fit_its_classes(monkeypatch):
+    """Regression (fourth audit): labels 1..10 with 10 classes trained silently with a NaN loss."""
+    _digits_with(monkeypatch, changes=lambda ds: {"y_train": ds.y_train + 1})
+    with pytest.raises(ConfigError, match=r"data\.name='mine': y_train labels must lie in \[0, num_classes = 10\)"):
+        data.load({**DEFAULTS["data"], "name": "mine"}, 8)
+
+
+def test_a_test_fraction_that_empties_a_synthetic_node_is_named():
+    with pytest.raises(ConfigError, match=r"data\.test_fraction=0\.99 leaves node \d+ none of its 50"):
+        data.load({**DEFAULTS["data"], "name": "synthetic", "test_fraction": 0.99}, 200)
+
+
+def test_mnist1d_samples_must_be_a_multiple_of_ten():
+    with pytest.raises(ConfigError, match=r"data\.mnist1d_samples must be a multiple of 10"):
+        make_config({"data": {"mnist1d_samples": 15}})

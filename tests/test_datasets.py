@@ -239,6 +239,18 @@ def test_npz_uint8_images_and_float_features(tmp_path):
     np.testing.assert_allclose(ds.x_train, xf[:16].astype(np.float32))
 
 
+def test_npz_refuses_train_and_test_scaled_apart_and_labels_past_int32(tmp_path):
+    """Regression (fourth audit): uint8 x_train was divided by 255 and float x_test not; 2^32 + y wrapped to y."""
+    f = tmp_path / "d.npz"
+    x = np.arange(24, dtype=np.uint8).reshape(6, 4)
+    np.savez(f, x_train=x, y_train=np.arange(6) % 3, x_test=x.astype(np.float32), y_test=np.arange(6) % 3)
+    with pytest.raises(ConfigError, match=r"x_train is uint8 but x_test float32"):
+        data.load(section("npz", f), 2)
+    np.savez(f, x_train=x, y_train=np.arange(6) % 3 + 2**32, x_test=x, y_test=np.arange(6) % 3)
+    with pytest.raises(ConfigError, match=r"y_train has labels up to 4294967298; class labels must be below 2\^31"):
+        data.load(section("npz", f), 2)
+
+
 def test_npz_errors(tmp_path):
     f = tmp_path / "d.npz"
     with pytest.raises(ConfigError, match=r"data\.path=.*d\.npz.*not a file.*x_train, y_train, x_test, y_test"):
