@@ -233,8 +233,8 @@ def build(cfg: Config | dict | str) -> Experiment:
         accuracy_threshold=cfg.accuracy_threshold)
     if path == "robust":  # a user's rule or attack is traced here, so a broken one fails with its name
         k = max(g.neighbors.shape[1] for g in pool)
-        if not aggregators.shipped(agg.rule):
-            aggregators.check_contract(agg.rule, rule_hyper, k, model.dim)
+        if not all(aggregators.shipped(name) for name in (agg.rule, *agg.pre)):
+            aggregators.check_contract(agg.rule, rule_hyper, k, model.dim, pre)
         if not attacks.shipped(att.name):
             attacks.check_contract(att.name, attack_hyper, t.n, k, model.dim,
                                    receivers=simulation.exchange_chunk(spec, t.n, k, model.dim))

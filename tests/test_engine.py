@@ -296,6 +296,21 @@ def test_a_broken_rule_is_named_before_compiling(small_cfg, monkeypatch, rule, m
     assert "\n" not in str(err.value)
 
 
+def test_a_broken_pre_aggregator_is_named_before_compiling(small_cfg, monkeypatch):
+    from jaxdfl import aggregators, experiment
+    from jaxdfl.errors import ConfigError
+
+    cfg = {"aggregation.rule": "median", "aggregation.pre": ["half"]}
+    monkeypatch.setitem(aggregators.PRE_REGISTRY, "half", lambda key, x, mask, weights: (x, mask))
+    with pytest.raises(ConfigError, match=r"aggregation\.pre='half': a pre-aggregator is called as .*returned "
+                                          r"\(float32\[3, 650\], bool\[3\]\)"):
+        experiment.build(small_cfg(**cfg))
+    # a user's pre-aggregator that keeps the contract: the shipped rule after it is traced on its output
+    monkeypatch.setitem(aggregators.PRE_REGISTRY, "half", lambda key, x, mask, weights: (x[:2], mask[:2],
+                                                                                         weights[:2]))
+    experiment.build(small_cfg(**cfg))
+
+
 def test_a_broken_attack_is_named_before_compiling(small_cfg, monkeypatch):
     from jaxdfl import attacks, experiment
     from jaxdfl.errors import ConfigError

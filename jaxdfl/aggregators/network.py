@@ -312,23 +312,42 @@ def validate(rule: str, hyper: Mapping | None, sizes, pre: Sequence = ()) -> Non
     _check_sizes(rule, h, int(sizes.min()), "aggregation")
 
 
-def check_contract(rule: str, hyper: Mapping | None, k: int, d: int, dtype=jnp.float32) -> None:
-    """Trace a registered rule once on one node's shapes (on the host, nothing is compiled) and raise if it does not
-    follow the contract ``rule(x [K, D], mask [K], weights [K], **hyper) -> [D]`` in the dtype of ``x``.
+def check_contract(rule: str, hyper: Mapping | None, k: int, d: int, pre: Sequence = (), dtype=jnp.float32) -> None:
+    """Trace the one-node pipeline, ``pre`` then ``rule``, on one node's shapes (on the host, nothing is compiled) and
+    raise if a step does not follow its contract: a pre-aggregator maps ``(key, x [K, D], mask [K], weights [K],
+    **hyper)`` to ``(x [K', D], mask [K'] bool, weights [K'])``, the rule ``(x [K, D], mask [K], weights [K],
+    **hyper)`` to ``[D]``, each in the dtype of ``x``.
 
     Raises:
-        ConfigError: one line naming ``aggregation.rule``, the contract and what the rule did instead.
+        ConfigError: one line naming the setting (``aggregation.pre`` or ``aggregation.rule``), the contract and
+        what the function did instead.
     """
-    fn = REGISTRY[rule]
-    h = _merged(rule, hyper, REGISTRY, "aggregation")
-    args = (jax.ShapeDtypeStruct((k, d), dtype), jax.ShapeDtypeStruct((k,), jnp.bool_),
-            jax.ShapeDtypeStruct((k,), jnp.float32))
+    x, m, w = (jax.ShapeDtypeStruct((k, d), dtype), jax.ShapeDtypeStruct((k,), jnp.bool_),
+               jax.ShapeDtypeStruct((k,), jnp.float32))
+    key = jax.random.key(0)
+    for name, ph in _named_pre(pre):
+        fn = PRE_REGISTRY[name]
+        contract = (f"aggregation.pre={name!r}: a pre-aggregator is called as pre(key, x [K, D], mask [K], "
+                    "weights [K], **hyper) -> (x [K', D], mask [K'], weights [K'])")
+        out = _traced(contract, f"K={x.shape[0]}, D={d}", lambda *a, fn=fn, ph=ph: fn(*a, **ph), key, x, m, w)
+        rows = getattr(out[0], "shape", (None,))[0] if isinstance(out, (tuple, list)) and len(out) == 3 else None
+        want = (((rows, d), jnp.dtype(dtype)), ((rows,), jnp.dtype(jnp.bool_)), ((rows,), jnp.dtype(jnp.float32)))
+        if rows is None or tuple((getattr(o, "shape", None), getattr(o, "dtype", None)) for o in out) != want:
+            shown = ", ".join(f"{o.dtype}{list(o.shape)}" for o in jax.tree.leaves(out))
+            raise ConfigError(f"{contract}; with K={x.shape[0]}, D={d} it returned ({shown})")
+        x, m, w = out
+    fn, h = REGISTRY[rule], _merged(rule, hyper, REGISTRY, "aggregation")
     contract = f"aggregation.rule={rule!r}: a rule is called as rule(x [K, D], mask [K], weights [K], **hyper) -> [D]"
-    try:
-        out = jax.eval_shape(lambda x, m, w: fn(x, m, w, **h), *args)
-    except Exception as err:  # any failure to trace is the rule's: report it on one line
-        raise ConfigError(f"{contract}; with K={k}, D={d} it raised {first_line(err)}") from err
+    out = _traced(contract, f"K={x.shape[0]}, D={d}", lambda *a: fn(*a, **h), x, m, w)
     if getattr(out, "shape", None) != (d,) or getattr(out, "dtype", None) != jnp.dtype(dtype):
         got = f"{out.dtype}{list(out.shape)}" if hasattr(out, "shape") else type(out).__name__
-        raise ConfigError(f"{contract} in the dtype of x; with K={k}, D={d} it returned {got}, not "
+        raise ConfigError(f"{contract} in the dtype of x; with K={x.shape[0]}, D={d} it returned {got}, not "
                           f"{jnp.dtype(dtype)}[{d}]")
+
+
+def _traced(contract: str, shapes: str, fn: Callable, *args):
+    """``jax.eval_shape(fn, *args)``; a failure to trace is the function's, reported on one line."""
+    try:
+        return jax.eval_shape(fn, *args)
+    except Exception as err:
+        raise ConfigError(f"{contract}; with {shapes} it raised {first_line(err)}") from err
