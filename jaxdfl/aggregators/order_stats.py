@@ -190,8 +190,7 @@ def _trimmed_mean_by_partition(x: jax.Array, mask: jax.Array, f: int) -> jax.Arr
     else:
         first = jnp.argsort(~mask, stable=True)[:2 * f + 1]
         c = sort_rows([nan_to_inf(take_row(x, j).astype(dt)) for j in first])[f]
-    s = compare_exchange([jnp.where(mask[j], nan_to_inf(x[j].astype(dt)), c) for j in range(k)],
-                         partition_network(k, f))
+    s = compare_exchange(rows(x, mask, c), partition_network(k, f))
     out = s[f]
     for j in range(f + 1, k - f):
         out = out + s[j]
