@@ -35,8 +35,7 @@ from jax.scipy.stats import norm
 
 from jaxdfl import rng
 from jaxdfl.errors import ConfigError
-from jaxdfl.errors import first_line
-from jaxdfl.registry import Shipped
+from jaxdfl.registry import Shipped, layout, shown, traced
 
 __all__ = [
     "AttackContext",
@@ -777,18 +776,13 @@ def check_contract(name: str, hyper: dict | None, n: int, k: int, d: int, receiv
             neighbors=jax.ShapeDtypeStruct((r, k), jnp.int32), mask=jax.ShapeDtypeStruct((r, k), jnp.bool_),
             weights=jax.ShapeDtypeStruct((r, k), jnp.float32), byzantine=jax.ShapeDtypeStruct((n,), jnp.bool_))
         shapes = f"N={n}, R={r}, K={k}, D={d}"
-        try:
-            out = jax.eval_shape(lambda key, c: fn(key, c._replace(rule=lambda x, m, w: x[0]), **h),
-                                 jax.random.key(0), ctx)
-        except Exception as err:  # any failure to trace is the attack's: report it on one line
-            raise ConfigError(f"{contract}; with {shapes} it raised {first_line(err)}") from err
-        leaves = jax.tree.leaves(out)
-        shown = ", ".join(f"{o.dtype}{list(o.shape)}" for o in leaves)
-        if not (isinstance(out, (tuple, list)) and len(out) == 2):
-            raise ConfigError(f"{contract}; with {shapes} it returned ({shown}), not a (block, mask) pair")
-        want = (((r, k, d), jnp.dtype(dtype)), ((r, k), jnp.dtype(jnp.bool_)))
-        if tuple((getattr(o, "shape", None), getattr(o, "dtype", None)) for o in out) != want:
-            raise ConfigError(f"{contract}; with {shapes} it returned ({shown})")
+        out = traced(contract, shapes, lambda key, c: fn(key, c._replace(rule=lambda x, m, w: x[0]), **h),
+                     jax.random.key(0), ctx)
+        got = layout(out)
+        if got is None or len(got) != 2:
+            raise ConfigError(f"{contract}; with {shapes} it returned ({shown(out)}), not a (block, mask) pair")
+        if got != (((r, k, d), jnp.dtype(dtype)), ((r, k), jnp.dtype(jnp.bool_))):
+            raise ConfigError(f"{contract}; with {shapes} it returned ({shown(out)})")
 
 
 def resolve(name: str, hyper: dict | None = None) -> dict[str, object]:

@@ -2,12 +2,17 @@
 
 Rules, attacks, models, graph families and datasets live in plain dicts that users extend or overwrite. What jaxdfl
 knows of its own entries (hyper-parameter ranges, neighbourhood sizes, layer types, whether a family is random)
-must not be assumed of a user's function registered under a shipped name.
+must not be assumed of a user's function registered under a shipped name; a user's function is instead traced once
+against its contract before compiling (:func:`traced`, :func:`layout`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+
+import jax
+
+from jaxdfl.errors import ConfigError
 
 
 class Shipped:
@@ -26,3 +31,26 @@ class Shipped:
             if name in registry:
                 return registry[name] is self._snapshot.get(name)
         return False
+
+
+def traced(contract: str, shapes: str, fn: Callable, *args):
+    """``jax.eval_shape(fn, *args)`` for a user's function checked against its ``contract`` (on the host, nothing is
+    compiled); a failure to trace is the function's, raised as one ConfigError line naming the contract."""
+    try:
+        return jax.eval_shape(fn, *args)
+    except Exception as err:
+        text = str(err).strip()
+        what = f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+        raise ConfigError(f"{contract}; with {shapes} it raised {what}") from err
+
+
+def layout(out) -> tuple | None:
+    """``((shape, dtype), ...)`` of a tuple or list of arrays, what a contract compares; None for anything else."""
+    if isinstance(out, (tuple, list)) and all(hasattr(o, "shape") for o in out):
+        return tuple((o.shape, o.dtype) for o in out)
+    return None
+
+
+def shown(out) -> str:
+    """The arrays a function returned, as ``float32[8, 650], bool[8]``, for an error message."""
+    return ", ".join(f"{o.dtype}{list(o.shape)}" for o in jax.tree.leaves(out))

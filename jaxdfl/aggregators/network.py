@@ -18,8 +18,7 @@ from jaxdfl.aggregators import distance
 from jaxdfl.aggregators import order_stats
 from jaxdfl.aggregators import pre as pre_mod
 from jaxdfl.errors import ConfigError
-from jaxdfl.errors import first_line
-from jaxdfl.registry import Shipped
+from jaxdfl.registry import Shipped, layout, shown, traced
 
 REGISTRY: dict[str, Callable] = {
     "mean": distance.mean,
@@ -329,25 +328,18 @@ def check_contract(rule: str, hyper: Mapping | None, k: int, d: int, pre: Sequen
         fn = PRE_REGISTRY[name]
         contract = (f"aggregation.pre={name!r}: a pre-aggregator is called as pre(key, x [K, D], mask [K], "
                     "weights [K], **hyper) -> (x [K', D], mask [K'], weights [K'])")
-        out = _traced(contract, f"K={x.shape[0]}, D={d}", lambda *a, fn=fn, ph=ph: fn(*a, **ph), key, x, m, w)
-        rows = getattr(out[0], "shape", (None,))[0] if isinstance(out, (tuple, list)) and len(out) == 3 else None
+        out = traced(contract, f"K={x.shape[0]}, D={d}", lambda *a, fn=fn, ph=ph: fn(*a, **ph), key, x, m, w)
+        got = layout(out)
+        rows = got[0][0][0] if got is not None and len(got) == 3 and got[0][0] else None
         want = (((rows, d), jnp.dtype(dtype)), ((rows,), jnp.dtype(jnp.bool_)), ((rows,), jnp.dtype(jnp.float32)))
-        if rows is None or tuple((getattr(o, "shape", None), getattr(o, "dtype", None)) for o in out) != want:
-            shown = ", ".join(f"{o.dtype}{list(o.shape)}" for o in jax.tree.leaves(out))
-            raise ConfigError(f"{contract}; with K={x.shape[0]}, D={d} it returned ({shown})")
+        if rows is None or got != want:
+            raise ConfigError(f"{contract}; with K={x.shape[0]}, D={d} it returned ({shown(out)})")
         x, m, w = out
     fn, h = REGISTRY[rule], _merged(rule, hyper, REGISTRY, "aggregation")
     contract = f"aggregation.rule={rule!r}: a rule is called as rule(x [K, D], mask [K], weights [K], **hyper) -> [D]"
-    out = _traced(contract, f"K={x.shape[0]}, D={d}", lambda *a: fn(*a, **h), x, m, w)
+    out = traced(contract, f"K={x.shape[0]}, D={d}", lambda *a: fn(*a, **h), x, m, w)
     if getattr(out, "shape", None) != (d,) or getattr(out, "dtype", None) != jnp.dtype(dtype):
         got = f"{out.dtype}{list(out.shape)}" if hasattr(out, "shape") else type(out).__name__
         raise ConfigError(f"{contract} in the dtype of x; with K={x.shape[0]}, D={d} it returned {got}, not "
                           f"{jnp.dtype(dtype)}[{d}]")
 
-
-def _traced(contract: str, shapes: str, fn: Callable, *args):
-    """``jax.eval_shape(fn, *args)``; a failure to trace is the function's, reported on one line."""
-    try:
-        return jax.eval_shape(fn, *args)
-    except Exception as err:
-        raise ConfigError(f"{contract}; with {shapes} it raised {first_line(err)}") from err
