@@ -322,9 +322,8 @@ def inert_settings(cfg: Config) -> list[str]:
     if not plain_gossip(cfg):
         inert("aggregation", ["gossip"], "a robust rule, attack or pre-aggregator exchanges through the robust path")
         # bucketing averages by weight; dissensus and isolation aim with them; other rules may be user rules
-        pre_names = {item if isinstance(item, str) else item[0] for item in agg.pre}
         uses_weights = (agg.rule not in aggregators.UNWEIGHTED_RULES or not aggregators.shipped(agg.rule)
-                        or "bucketing" in pre_names
+                        or "bucketing" in agg.pre  # validation keeps aggregation.pre a list of names
                         or (a.byzantine > 0 and a.name in attacks.WEIGHTED_ATTACKS))
         if not uses_weights and t.dynamic != "matching":
             inert("topology", ["weights"], f"aggregation.rule = {agg.rule!r} ignores mixing weights (only the "
