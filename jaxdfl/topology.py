@@ -290,14 +290,14 @@ def spectral_gap(mixing) -> float:
     """
     import scipy.sparse as sp
 
-    if not sp.issparse(mixing):
-        mixing = np.asarray(mixing, np.float64)
+    sparse = sp.issparse(mixing)
+    mixing = sp.csc_matrix(mixing, dtype=np.float64) if sparse else np.asarray(mixing, np.float64)
     n = mixing.shape[0]
-    nnz = mixing.nnz if sp.issparse(mixing) else np.count_nonzero(mixing)
+    nnz = mixing.nnz if sparse else np.count_nonzero(mixing)
     if n > DENSE_EIG_MAX and nnz < 0.05 * n * n:
-        slem = _sparse_slem(sp.csc_matrix(mixing, dtype=np.float64))
+        slem = _sparse_slem(sp.csc_matrix(mixing))
     else:
-        w = mixing.toarray() if sp.issparse(mixing) else np.asarray(mixing, np.float64)
+        w = mixing.toarray() if sparse else mixing
         mod = np.sort(np.abs(np.linalg.eigvalsh(w)))
         slem = mod[-2] if mod.size > 1 else 0.0
     return float(np.clip(1.0 - slem, 0.0, 1.0))
