@@ -69,6 +69,7 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 32,
         "local_steps": 1,
         "share": "model",
+        "order": "atc",
     },
     "aggregation": {"rule": "mean", "pre": [], "gossip": "auto"},
     "attack": {"name": "none", "byzantine": 0, "placement": "random", "ids": [], "seed": 0},
@@ -103,6 +104,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.seed_mode": ("auto", "vmap", "map"),
     "train.optimizer": ("sgd", "adam"),
     "train.share": ("model", "update"),
+    "train.order": ("atc", "cta", "parallel"),
     "aggregation.gossip": ("auto", "dense", "sparse"),
     "attack.placement": ("random", "degree", "ids"),
     "privacy.mode": ("none", "example", "update"),
@@ -622,6 +624,9 @@ def validate(cfg: dict) -> None:
     if train["share"] == "update" and model["init"] == "independent":
         raise ConfigError("train.share = \"update\" with model.init = \"independent\": nodes add aggregated updates to "
                           "their own models, so models that start apart never meet; use model.init = \"same\"")
+    if train["share"] == "update" and train["order"] != "atc":
+        raise ConfigError(f"train.order = \"{train['order']}\" needs train.share = \"model\" (an update exists only "
+                          "after local training, so update sharing is adapt-then-combine); use train.order = \"atc\"")
     _positive(cfg, "train.batch_size", integer=True)
     _positive(cfg, "train.local_steps", integer=True)
 

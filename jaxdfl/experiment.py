@@ -223,7 +223,7 @@ def build(cfg: Config | dict | str) -> Experiment:
     attack_hyper = {k: att[k] for k in attacks.DEFAULTS.get(att.name, {})}
     spec = simulation.Spec(
         n=t.n, local=local, model_init=model.init, model_apply=model.apply, rounds=cfg.rounds,
-        eval_every=cfg.eval_every, init=cfg.model.init, share=tr.share, exchange=path, rule=agg.rule,
+        eval_every=cfg.eval_every, init=cfg.model.init, share=tr.share, order=tr.order, exchange=path, rule=agg.rule,
         rule_hyper=_freeze(rule_hyper), pre=tuple((n, _freeze(h)) for n, h in pre), attack=att.name,
         attack_hyper=_freeze(attack_hyper), privacy=p.mode, mechanism=p.mechanism,
         chunk_size=cfg.parallel.chunk_size or None, dynamic=t.dynamic,

@@ -2,7 +2,9 @@
 
 One communication round (all nodes at once, node axis leading):
 
-1. local training: ``local_train`` for one node, lifted with ``vmap``;
+1. local training: ``local_train`` for one node, lifted with ``vmap`` (``order = "atc"``, adapt then combine; with
+   ``"cta"`` it runs after the exchange, from the combined model; with ``"parallel"``, D-PSGD, it runs from the
+   round-start model and its update is added to the combined round-start models, which are the messages);
 2. message formation: the model (``share = "model"``) or the update since the round start (``"update"``),
    clipped and noised first when ``privacy.mode = "update"`` (the message never leaves a node un-noised);
 3. exchange: plain gossip ``W @ X`` (dense or sparse) when the rule is the mean and nobody attacks; otherwise the
@@ -83,6 +85,7 @@ class Spec:
     eval_every: int
     init: str = "same"  # "same" | "independent"
     share: str = "model"  # "model" | "update"
+    order: str = "atc"  # "atc" | "cta" | "parallel": local training before, after, or beside the exchange
     exchange: str = "sparse"  # "dense" | "sparse" | "robust"
     rule: str = "mean"
     rule_hyper: tuple = ()  # sorted (name, value) pairs
@@ -429,17 +432,31 @@ def round_step(spec: Spec, hyper, arrays: Arrays, state: State, key) -> tuple[St
         steps = jnp.where(slow, jax.random.randint(k_steps, (spec.n,), 0, spec.local.local_steps), steps)
     steps = jnp.where(online, steps, 0)
     train = jax.vmap(lambda k, t, o, x, y, s, st: local_train(spec.local, k, t, o, x, y, s, hyper, st))
-    theta1, opt_state, loss = train(jax.random.split(k_train, spec.n), state.theta, state.opt_state,
-                                    arrays.x, arrays.y, arrays.sizes, steps)
-    delta = theta1 - state.theta
-    if spec.privacy == "update":
-        noisy = jax.vmap(lambda k, d: mechanisms.privatize_update(
-            k, d, hyper["clip_norm"], hyper["noise_multiplier"], spec.mechanism))
-        delta = noisy(jax.random.split(k_priv, spec.n), delta)
-    msg = delta if spec.share == "update" else state.theta + delta
+
+    def adapt(theta):
+        """Local training from ``theta``: the (privatised) update and the new optimiser state."""
+        theta1, opt_state, _ = train(jax.random.split(k_train, spec.n), theta, state.opt_state,
+                                     arrays.x, arrays.y, arrays.sizes, steps)
+        delta = theta1 - theta
+        if spec.privacy == "update":
+            noisy = jax.vmap(lambda k, d: mechanisms.privatize_update(
+                k, d, hyper["clip_norm"], hyper["noise_multiplier"], spec.mechanism))
+            delta = noisy(jax.random.split(k_priv, spec.n), delta)
+        return delta, opt_state
+
     graph = round_graph(spec, hyper, arrays, k_graph, state.round, online)
-    agg, kept_own = exchange(spec, k_exchange, msg, arrays, graph)
-    theta = state.theta + agg if spec.share == "update" else agg
+
+    def combine(msg):
+        return exchange(spec, k_exchange, msg, arrays, graph)
+
+    if spec.order == "atc":  # train, then combine the trained models (or the updates)
+        delta, opt_state = adapt(state.theta)
+        agg, kept_own = combine(delta if spec.share == "update" else state.theta + delta)
+        theta = state.theta + agg if spec.share == "update" else agg
+    else:  # combine the round-start models; add the update trained from the combination (cta) or beside it (D-PSGD)
+        mixed, kept_own = combine(state.theta)
+        delta, opt_state = adapt(mixed if spec.order == "cta" else state.theta)
+        theta = mixed + delta
     theta = jnp.where(online[:, None], theta, state.theta)  # an offline node neither trains nor mixes
     honest = ~arrays.byzantine
     sent = jnp.sum(jnp.where(honest[:, None], graph.mask[:, 1:], False))

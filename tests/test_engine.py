@@ -45,6 +45,46 @@ def test_scan_program_equals_round_loop(small_cfg, share):
     np.testing.assert_array_equal(hist_scan["round"], [2, 4, 6])
 
 
+@pytest.mark.parametrize("order", ["atc", "cta", "parallel"])
+def test_each_round_order_composes_local_training_and_gossip_as_defined(small_cfg, order):
+    """atc: x <- W T(x); cta: x <- T(W x); parallel (D-PSGD): x <- W x + (T(x) - x), T = local training."""
+    exp = experiment.build(small_cfg(**{"train.order": order, "train.momentum": 0.5}))
+    spec, a, n = exp.spec, exp.arrays, exp.spec.n
+    state = simulation.init_state(spec, jax.random.key(0), exp.hyper)
+    state = state._replace(theta=state.theta + jax.random.normal(jax.random.key(1), state.theta.shape))
+    key = jax.random.key(7)
+    new, _ = jax.jit(simulation.round_step, static_argnums=0)(spec, exp.hyper, a, state, key)
+
+    keys = jax.random.split(jax.random.split(key, 5)[0], n)
+    train = jax.vmap(lambda k, t, o, x, y, s: local_train(spec.local, k, t, o, x, y, s, exp.hyper))
+    w = np.asarray(exp.topology.mixing, np.float64)
+    x0 = np.asarray(state.theta, np.float64)
+
+    def trained(theta):
+        out, opt, _ = train(keys, jnp.asarray(theta, jnp.float32), state.opt_state, a.x, a.y, a.sizes)
+        return np.asarray(out, np.float64), opt
+
+    if order == "atc":
+        t, opt = trained(x0)
+        want = w @ t
+    elif order == "cta":
+        t, opt = trained(w @ x0)
+        want = t
+    else:
+        t, opt = trained(x0)
+        want = w @ x0 + (t - x0)
+    np.testing.assert_allclose(new.theta, want, rtol=1e-4, atol=1e-5)
+    for got, ref in zip(jax.tree.leaves(new.opt_state), jax.tree.leaves(opt)):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_the_orders_differ_and_need_model_sharing(small_cfg):
+    runs = {o: jaxdfl.run(small_cfg(**{"train.order": o})).history["consensus_distance"] for o in ("atc", "cta")}
+    assert not np.allclose(runs["atc"], runs["cta"])
+    with pytest.raises(jaxdfl.ConfigError, match="train.order = \"parallel\" needs train.share = \"model\""):
+        small_cfg(**{"train.order": "parallel", "train.share": "update"})
+
+
 def test_same_seed_same_result_other_seed_differs(small_cfg):
     a = jaxdfl.run(small_cfg())
     b = jaxdfl.run(small_cfg())
