@@ -34,9 +34,16 @@ def _series(directory: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _to_host(leaf):
-    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-        return np.asarray(jax.random.key_data(leaf))
+def to_host(leaf) -> np.ndarray:
+    """A NumPy copy of ``leaf`` (typed keys as their raw key data). An array sharded over devices of other
+    processes (a multi-host run) is gathered from all of them first: every process must call this together."""
+    if isinstance(leaf, jax.Array):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        if not leaf.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            leaf = multihost_utils.process_allgather(leaf, tiled=True)
     return np.asarray(leaf)
 
 
@@ -46,8 +53,8 @@ def save(directory: str | Path, round_: int, tree, meta: dict, history: dict | N
     directory = Path(directory)
     leaves = jax.tree.leaves(tree)
     buf = io.BytesIO()
-    arrays = {f"leaf_{i:05d}": _to_host(leaf) for i, leaf in enumerate(leaves)}
-    arrays.update({f"history/{k}": np.asarray(v) for k, v in (history or {}).items()})
+    arrays = {f"leaf_{i:05d}": to_host(leaf) for i, leaf in enumerate(leaves)}
+    arrays.update({f"history/{k}": to_host(v) for k, v in (history or {}).items()})
     np.savez(buf, meta=np.frombuffer(json.dumps({**meta, "round": round_}).encode(), np.uint8), **arrays)
     path = directory / f"round_{round_:06d}.npz"
     atomic_write(path, buf.getvalue())

@@ -462,7 +462,9 @@ class Runner:
             if path is None:
                 raise ConfigError(f"no checkpoint to resume from in {checkpoint_dir!r}")
             (state, k_rounds), meta, history = checkpoint.load(path, (state, k_rounds))
-            differ = checkpoint.config_differences(meta.get("config", {}), c.to_dict())
+            # the devices and the seed layout a run used do not change its results: any may resume it
+            differ = [key for key in checkpoint.config_differences(meta.get("config", {}), c.to_dict())
+                      if key not in ("parallel.devices", "parallel.seed_mode")]
             # Without privacy a run may be extended (with DP, rounds set z, the buffer and epsilon), from a round
             # where this config's segments start.
             segment_rounds = segment_chunks(c) * c.eval_every
@@ -487,7 +489,7 @@ class Runner:
         t0 = time.perf_counter()
         while _round(state) < c.rounds:
             history, state = self.segment(state, k_rounds, exp.hyper, arrays)
-            chunks.append(jax.tree.map(np.asarray, history))
+            chunks.append(jax.tree.map(checkpoint.to_host, history))
             done = _round(state)
             if checkpoint_dir is not None and (done == c.rounds or (c.checkpoint_every
                                                                     and done % c.checkpoint_every == 0)):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -86,6 +87,17 @@ def test_checkpoints_of_another_run_are_never_resumed(small_cfg, tmp_path):
         experiment.run(cfg, checkpoint_dir=str(tmp_path), resume=True)
 
 
+def test_a_checkpoint_resumes_with_another_device_count_or_seed_layout(small_cfg, tmp_path):
+    """An explicit parallel.devices tied a checkpoint to the machine size it was written on."""
+    cfg = small_cfg(checkpoint_every=2, seeds=2, **{"parallel.devices": 1, "parallel.seed_mode": "map"})
+    full = experiment.run(cfg)
+    experiment.run(cfg.replace({"rounds": 2, "eval_every": 2}), checkpoint_dir=str(tmp_path))
+    other = cfg.replace({"parallel.devices": "auto", "parallel.seed_mode": "vmap"})
+    resumed = experiment.run(other, checkpoint_dir=str(tmp_path), resume=True)
+    for k in full.history:
+        np.testing.assert_allclose(full.history[k], resumed.history[k], rtol=1e-5, atol=1e-6)
+
+
 def test_a_run_is_extended_only_from_a_segment_boundary(small_cfg, tmp_path):
     """Extending rounds 6 -> 8 with 4-round segments resumed at round 6 and ran to 10, past rounds."""
     experiment.run(small_cfg(checkpoint_every=4), checkpoint_dir=str(tmp_path))  # checkpoints at 4 and 6
@@ -159,6 +171,38 @@ def test_sharded_equals_single_device():
         assert devices == 4
         assert acc_err <= 1e-6 and cons_err <= 1e-4 * 1.0
     assert "parallel.devices" in out["error"]
+
+
+MULTIHOST = textwrap.dedent("""
+    import json, sys
+    import jax
+    jax.config.update("jax_num_cpu_devices", 2)
+    jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+    from jaxdfl import experiment
+    from jaxdfl.config import make_config
+    base = {"rounds": 4, "eval_every": 2, "checkpoint_every": 2, "topology": {"kind": "ring", "n": 8},
+            "model": {"name": "logreg"}, "train": {"batch_size": 8}}
+    r = experiment.run(make_config(base), checkpoint_dir=sys.argv[3])
+    print(json.dumps([jax.device_count(), r.summary["devices"], r.history["accuracy_per_node"].tolist()]))
+""")
+
+
+def test_a_multi_host_run_gathers_its_node_sharded_metrics_and_checkpoints(tmp_path):
+    """Two processes with two CPU devices each: per-node metrics and checkpoints span both processes' devices."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        address = f"localhost:{s.getsockname()[1]}"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-c", MULTIHOST, address, str(i), str(tmp_path / f"ck{i}")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    (g0, d0, acc0), (g1, d1, acc1) = (json.loads(out.strip().splitlines()[-1]) for out, _ in outs)
+    assert g0 == g1 == 4 and d0 == d1 == 4
+    assert acc0 == acc1 and len(acc0) == 2 and len(acc0[0]) == 8
+    assert (tmp_path / "ck0" / "round_000004.npz").exists() and (tmp_path / "ck1" / "round_000004.npz").exists()
 
 
 def test_program_size_does_not_grow_with_rounds_or_seeds(small_cfg):
