@@ -304,9 +304,14 @@ def cmd_privacy(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxdfl", description="Decentralized federated learning simulator")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for configuration errors")
+    # --debug is accepted after the command too (``jaxdfl run CONFIG --debug``); SUPPRESS keeps a flag given
+    # before the command from being reset by the subcommand's default
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks for configuration errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="run one experiment from a TOML config")
+    p = sub.add_parser("run", parents=[common], help="run one experiment from a TOML config")
     p.add_argument("config", nargs="?", help="TOML config file")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override, e.g. topology.n=64")
     p.add_argument("--out", metavar="DIR", help="write config.toml, metrics.csv, summary.json, accuracy.png here")
@@ -318,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--process-id", type=int, help="multi-host: this process's id")
     p.set_defaults(func=cmd_run)
 
-    w = sub.add_parser("sweep", help="run the cartesian product of settings")
+    w = sub.add_parser("sweep", parents=[common], help="run the cartesian product of settings")
     w.add_argument("config")
     w.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...")
     w.add_argument("--set", action="append", metavar="KEY=VALUE")
@@ -326,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", required=True, metavar="DIR")
     w.set_defaults(func=cmd_sweep)
 
-    v = sub.add_parser("privacy", help="privacy-utility curve: accuracy vs target epsilon")
+    v = sub.add_parser("privacy", parents=[common], help="privacy-utility curve: accuracy vs target epsilon")
     v.add_argument("config")
     v.add_argument("--epsilons", metavar="E1,E2,...", help="target epsilons to run")
     v.add_argument("--target-accuracy", type=float, help="also find the smallest epsilon reaching this accuracy")
@@ -337,14 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", metavar="DIR")
     v.set_defaults(func=cmd_privacy)
 
-    q = sub.add_parser("partition", help="samples per node and label histograms of a config's partition")
+    q = sub.add_parser("partition", parents=[common],
+                       help="samples per node and label histograms of a config's partition")
     q.add_argument("config")
     q.add_argument("--set", action="append", metavar="KEY=VALUE")
     q.add_argument("--plot", metavar="FILE.png", help="heat-map of label shares per node, with shard sizes")
     q.add_argument("--json", metavar="FILE", help="write the full report")
     q.set_defaults(func=cmd_partition)
 
-    t = sub.add_parser("topology", help="describe a graph: degrees, diameter, spectral gap, consensus rate")
+    t = sub.add_parser("topology", parents=[common],
+                       help="describe a graph: degrees, diameter, spectral gap, consensus rate")
     t.add_argument("kind")
     t.add_argument("--n", type=int, required=True)
     t.add_argument("--seed", type=int, default=0)

@@ -233,6 +233,18 @@ def _family_defaults(section: str, name: str) -> dict[str, Any]:
 
 _ANY_RULE = object()
 
+
+def _members_taking(section: str, key: str) -> list[str]:
+    """The members of ``section``'s family (topology kinds, rules, attacks) that take the setting ``key``."""
+    from jaxdfl import aggregators, attacks, topology
+
+    if section not in _SELECTOR:
+        return []
+    table = {"topology": topology.PARAMS, "attack": attacks.DEFAULTS}.get(section)
+    if table is None:
+        table = {k: v for k, v in aggregators.DEFAULTS.items() if k not in aggregators.PRE_REGISTRY}
+    return sorted(name for name, params in table.items() if key in params)
+
 #: The key that picks a section's family (see :data:`FAMILY_SELECTORS`).
 _SELECTOR = {section: field for section, field in FAMILY_SELECTORS}
 
@@ -485,7 +497,10 @@ def _check_section(section: dict, defaults: Mapping, prefix: str, extra: Mapping
     for key in list(section):
         name = f"{prefix}.{key}"
         if key not in allowed:
-            raise ConfigError(f"unknown key {name!r}; allowed in [{prefix}]: {', '.join(sorted(allowed))}")
+            owners = _members_taking(prefix, key)
+            hint = (f": {prefix}.{_SELECTOR[prefix]} = {section.get(_SELECTOR[prefix])!r} does not take it "
+                    f"(a setting of {', '.join(owners)})" if owners else "")
+            raise ConfigError(f"unknown key {name!r}{hint}; allowed in [{prefix}]: {', '.join(sorted(allowed))}")
         default = allowed[key]
         value = section[key]
         if name in TYPES:

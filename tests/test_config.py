@@ -71,6 +71,10 @@ def test_int_accepted_for_float():
     ({"data": {"name": "imagenet"}}, "data.name"),
     ({"train": "fast"}, "train"),
     ({"topology": {"kind": "random_regulr", "degree": 4}}, "topology.kind"),  # said: unknown key topology.degree
+    # a rule's setting with the default rule said only "unknown key": name the rules that take it
+    ({"aggregation": {"f": 1}}, "'mean' does not take it (a setting of bulyan, clipped_gossip, ios, krum"),
+    ({"topology": {"degree": 3}}, "topology.kind = 'ring' does not take it (a setting of random_regular)"),
+    ({"train": {"order": "cta", "share": "update"}}, "train.order"),
     ({"seeds": [1, 1]}, "seeds"),  # the spread over seeds would be understated
     ({"seeds": [True, False]}, "seeds"),
     ({"train": {"optimizer": "adam", "momentum": 0.9}}, "train.momentum"),  # was ignored by adam

@@ -75,6 +75,18 @@ def test_invalid_configs_exit_2_with_one_line(args, key):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("argv", [["--debug", "run"], ["run", "--debug"]])
+def test_debug_shows_the_traceback_before_or_after_the_command(argv, monkeypatch, capsys):
+    """The README writes `jaxdfl run CONFIG ... --debug`, which the parser once rejected."""
+    monkeypatch.setattr("jaxdfl.cli.compilation_cache", lambda: None)
+    bad = [str(ROOT / "configs/quickstart.toml"), "--set", "topology.n=abc"]
+    at = argv.index("run") + 1
+    with pytest.raises(ConfigError, match="topology.n"):
+        main(argv[:at] + bad + argv[at:])
+    assert main(["run"] + bad) == 2
+    assert "topology.n" in capsys.readouterr().err
+
+
 def test_run_cli_resume_matches_uninterrupted(tmp_path):
     common = ["--set", "rounds=6", "--set", "eval_every=2", "--set", "checkpoint_every=2", "--set", "topology.n=8",
               "--set", "model.name=\"logreg\"", "--quiet"]
