@@ -75,6 +75,17 @@ class Experiment:
         eps = accounting.update_epsilons(self.noise_multiplier, rounds_done, p.delta, p.mechanism, p.accountant)
         return np.full(self.topology.n, eps)
 
+    def epsilon(self, rounds_done: int) -> float:
+        """The largest epsilon over honest nodes after ``rounds_done`` rounds (what ``history["epsilon"]`` reports;
+        NaN for non-private runs), from the nodes that can hold it only (see ``accounting.example_epsilon_max``)."""
+        p = self.config.privacy
+        if p.mode != "example" or rounds_done == 0:
+            return float(self.epsilons(rounds_done)[~self.byzantine].max())
+        honest = ~self.byzantine
+        return accounting.example_epsilon_max(self.noise_multiplier, self.sample_rates[honest],
+                                              rounds_done * self.config.train.local_steps, p.delta, p.accountant,
+                                              self.privacy.overflow[honest])
+
 
 @dataclass
 class Result:
@@ -131,8 +142,9 @@ def plan_privacy(cfg: Config, shards: data_mod.Shards, rates: np.ndarray, honest
     if p.target_epsilon is not None:
         eps_end = p.target_epsilon
     else:
-        eps_end = float(accounting.example_epsilons(p.noise_multiplier, rates[honest], steps, p.delta,
-                                                    p.accountant).max())
+        # at the z the program runs with, whose accountant calls the run's epsilons then reuse
+        eps_end = accounting.example_epsilon_max(_float32_up(p.noise_multiplier), rates[honest], steps, p.delta,
+                                                 p.accountant)
     buffer = accounting.buffer_size(shards.sizes, rates, steps, p.delta, eps_end)
     # Rounded up to a multiple of BUFFER_STEP (never past the largest shard + 1, where overflow is impossible): a
     # larger buffer only lowers the overflow charged to delta, and nearby noise levels then share one program.
@@ -664,11 +676,9 @@ def _round(state) -> int:
 
 def finish(exp: Experiment, history: dict, state, compile_s: float, run_s: float) -> Result:
     """Add host-side metrics (epsilon) to a history and assemble the summary."""
-    honest = ~exp.byzantine
     rounds_axis = np.asarray(history["round"])
     eval_rounds = rounds_axis if rounds_axis.ndim == 1 else rounds_axis[0]
-    eps_rows = [exp.epsilons(int(r)) for r in eval_rounds]
-    eps = np.array([row[honest].max() for row in eps_rows])
+    eps = np.array([exp.epsilon(int(r)) for r in eval_rounds])
     history["epsilon"] = eps if rounds_axis.ndim == 1 else np.broadcast_to(eps, rounds_axis.shape).copy()
     final = {k: history[k][..., -1] for k in METRICS}
     diverged = np.asarray(history["diverged"])
@@ -688,7 +698,8 @@ def finish(exp: Experiment, history: dict, state, compile_s: float, run_s: float
         "compile_seconds": compile_s,
         "run_seconds": run_s,
         "noise_multiplier": exp.noise_multiplier,
-        "epsilon_per_node": None if exp.config.privacy.mode == "none" else eps_rows[-1].tolist(),
+        "epsilon_per_node": (None if exp.config.privacy.mode == "none"
+                             else exp.epsilons(int(eval_rounds[-1])).tolist()),
         "accuracy_per_node": accuracy_per_node(exp, history),
         "peak_bytes_estimate": peak_bytes(exp),
         "kept_own_share": _num(np.mean(history["kept_own_share"])),
@@ -703,7 +714,7 @@ def finish(exp: Experiment, history: dict, state, compile_s: float, run_s: float
     # the program stopped, at its segment's end: its models may have trained, and spent privacy, for more rounds.
     summary["state_round"] = _round(state)
     summary["state_epsilon"] = (None if exp.config.privacy.mode == "none"
-                                else _num(exp.epsilons(summary["state_round"])[honest].max()))
+                                else _num(exp.epsilon(summary["state_round"])))
     if rounds_axis.ndim == 1:
         summary["final"] = {k: _num(v) for k, v in final.items()}
     else:

@@ -152,6 +152,22 @@ def test_heterogeneous_shards_reference_and_cache():
     assert mixed[0] == eps[0] and mixed[1] < eps[1]
 
 
+def test_the_largest_epsilon_comes_from_the_pareto_maximal_nodes_only():
+    """history["epsilon"] once ran the accountant for every distinct shard size at every evaluation."""
+    rng = np.random.default_rng(3)
+    rates = 16 / rng.integers(300, 4000, 12)
+    steps = rng.choice([150, 200], 12)
+    etas = rng.choice([0.0, 1e-12, 1e-11], 12)
+    triples = accounting._node_triples(rates, steps, etas, "steps")
+    brute = {a for a in triples if not any(b != a and all(y >= x for x, y in zip(a, b)) for b in triples)}
+    kept = accounting._pareto_max(triples)
+    assert set(kept) == brute and len(kept) < len(set(triples))
+    accounting._rdp_per_step.cache_clear()
+    top = accounting.example_epsilon_max(1.1, rates, steps, DELTA, overflow_probs=etas)
+    assert accounting._rdp_per_step.cache_info().misses == len({q for q, _, _ in kept})
+    assert top == example_epsilons(1.1, rates, steps, DELTA, overflow_probs=etas).max()
+
+
 def test_example_epsilons_account_the_float32_rate_the_sampler_sees():
     # Find a rate whose float32 rounding is above it: the accountant must use
     # the larger value so the report stays an upper bound.

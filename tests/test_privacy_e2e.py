@@ -33,6 +33,7 @@ def test_example_mode_reports_accountant_epsilon(small_cfg):
         assert e == pytest.approx(ref)
     assert np.all(np.diff(r.history["epsilon"]) > 0)
     assert len(r.summary["epsilon_per_node"]) == 8
+    assert r.history["epsilon"][-1] == max(r.summary["epsilon_per_node"]) == r.summary["state_epsilon"]
 
 
 def test_update_mode_epsilon_and_noise(small_cfg):

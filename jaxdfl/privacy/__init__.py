@@ -9,7 +9,7 @@ from jaxdfl.privacy.accounting import calibrate_example_noise
 from jaxdfl.privacy.accounting import calibrate_noise
 from jaxdfl.privacy.accounting import calibrate_update_noise
 from jaxdfl.privacy.accounting import epsilon
-from jaxdfl.privacy.accounting import example_epsilons
+from jaxdfl.privacy.accounting import example_epsilon_max, example_epsilons
 from jaxdfl.privacy.accounting import overflow_probability
 from jaxdfl.privacy.accounting import update_epsilons
 from jaxdfl.privacy.accounting import validate
@@ -28,6 +28,7 @@ __all__ = [
     "clip_l2",
     "dp_sum",
     "epsilon",
+    "example_epsilon_max",
     "example_epsilons",
     "overflow_probability",
     "poisson_batch",

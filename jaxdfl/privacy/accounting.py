@@ -383,6 +383,36 @@ def _accounted_rates(sample_rates):
     return np.maximum(q, q.astype(np.float32).astype(np.float64))
 
 
+def _pareto_max(triples):
+    """The (q, T, eta) triples no other triple dominates (>= in all three): epsilon increases in each, so the
+    largest epsilon over all triples is among these (usually one to three, whatever the number of nodes)."""
+    kept = []
+    for q, t, e in sorted(set(triples), reverse=True):  # q descending: only later triples can be dominated
+        if not any(t2 >= t and e2 >= e for _, t2, e2 in kept):
+            kept.append((q, t, e))
+    return kept
+
+
+def _node_triples(sample_rates, steps, overflow_probs, name):
+    """Per-node (q_i rounded up to float32, T_i, eta_i) triples."""
+    rates = _accounted_rates(sample_rates)
+    n = rates.shape[0]
+    steps = _per_node(steps, n, name).astype(np.int64)
+    etas = _per_node(overflow_probs, n, "overflow_probs").astype(np.float64)
+    return list(zip(rates.tolist(), steps.tolist(), etas.tolist()))
+
+
+def example_epsilon_max(noise_multiplier, sample_rates, steps_done, delta, accountant="rdp", overflow_probs=0.0):
+    """``max(example_epsilons(...))`` from the Pareto-maximal nodes only (same arguments), so its cost does not
+    grow with the number of distinct shard sizes; 0.0 for no nodes."""
+    _check_z(noise_multiplier)
+    _check_delta(delta)
+    _check_accountant(accountant)
+    triples = _pareto_max(_node_triples(sample_rates, steps_done, overflow_probs, "steps_done"))
+    return max((epsilon(float(noise_multiplier), q, int(t), delta, accountant, e) for q, t, e in triples),
+               default=0.0)
+
+
 def example_epsilons(noise_multiplier, sample_rates, steps_done, delta, accountant="rdp",
                      overflow_probs=0.0):
     """Per-node epsilon in ``example`` mode (DP-SGD), cached over identical nodes.
@@ -408,11 +438,7 @@ def example_epsilons(noise_multiplier, sample_rates, steps_done, delta, accounta
     _check_z(noise_multiplier)
     _check_delta(delta)
     _check_accountant(accountant)
-    rates = _accounted_rates(sample_rates)
-    n = rates.shape[0]
-    steps = _per_node(steps_done, n, "steps_done").astype(np.int64)
-    etas = _per_node(overflow_probs, n, "overflow_probs").astype(np.float64)
-    keys = list(zip(rates.tolist(), steps.tolist(), etas.tolist()))
+    keys = _node_triples(sample_rates, steps_done, overflow_probs, "steps_done")
     cache = {}
     for k in set(keys):
         q, t, e = k
@@ -444,15 +470,11 @@ def calibrate_example_noise(target_epsilon, sample_rates, steps, delta, accounta
     _check_target(target_epsilon)
     _check_delta(delta)
     _check_accountant(accountant)
-    rates = _accounted_rates(sample_rates)
-    n = rates.shape[0]
-    steps = _per_node(steps, n, "steps").astype(np.int64)
-    etas = _per_node(overflow_probs, n, "overflow_probs").astype(np.float64)
-    for q in rates:
-        _check_rate(float(q))
-    # eps is increasing in q, T and eta, so only the Pareto-maximal nodes can
-    # bind; keeping the distinct triples is simple and already small.
-    triples = sorted(set(zip(rates.tolist(), steps.tolist(), etas.tolist())))
+    triples = _node_triples(sample_rates, steps, overflow_probs, "steps")
+    for q, _, _ in triples:
+        _check_rate(q)
+    # eps is increasing in q, T and eta, so only the Pareto-maximal nodes can bind
+    triples = _pareto_max(triples)
     return _calibrate([(q, t) for q, t, _ in triples], float(target_epsilon), float(delta),
                       accountant, [e for _, _, e in triples])
 
