@@ -291,12 +291,14 @@ def test_subset(n: int, samples: int, seed: int) -> np.ndarray | slice:
 
 def edge_ids(topo: topology.Topology) -> np.ndarray:
     """``[N, K]`` index of the undirected edge behind each neighbour-table entry (-1 on self and padding)."""
-    index = {tuple(e): i for i, e in enumerate(topo.edges.tolist())}
-    out = np.full(topo.neighbors.shape, -1, np.int32)
-    for i, k in zip(*np.nonzero(topo.mask[:, 1:]), strict=True):
-        j = int(topo.neighbors[i, k + 1])
-        out[i, k + 1] = index[(min(i, j), max(i, j))]
-    return out
+    n = topo.n
+    edges = topo.edges.astype(np.int64)  # (u < v), sorted: their keys u * N + v ascend
+    i = np.arange(n, dtype=np.int64)[:, None]
+    j = topo.neighbors.astype(np.int64)
+    found = np.searchsorted(edges[:, 0] * n + edges[:, 1], np.minimum(i, j) * n + np.maximum(i, j))
+    live = topo.mask.copy()
+    live[:, 0] = False
+    return np.where(live, found, -1).astype(np.int32)
 
 
 def inter_links(topo: topology.Topology, t) -> np.ndarray:

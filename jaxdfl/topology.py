@@ -125,14 +125,15 @@ class Topology:
         """Number of undirected edges E."""
         return int(self.graph.number_of_edges())
 
-    @property
+    @functools.cached_property
     def edges(self) -> np.ndarray:
         """[E, 2] int32 undirected edges (u < v), sorted lexicographically."""
         if self.graph.number_of_edges() == 0:
             return np.zeros((0, 2), np.int32)
         e = np.sort(np.asarray(list(self.graph.edges()), dtype=np.int64), axis=1)
-        e = e[np.lexsort((e[:, 1], e[:, 0]))]
-        return e.astype(np.int32)
+        e = e[np.lexsort((e[:, 1], e[:, 0]))].astype(np.int32)
+        e.setflags(write=False)
+        return e
 
     def __repr__(self) -> str:
         return (

@@ -73,6 +73,16 @@ def test_synthetic_follows_fedprox_shapes():
     assert not np.all(h[0] == h[1])
 
 
+def test_natural_clients_become_the_nodes_in_file_order():
+    ds = data.synthetic_fedprox(7, alpha=1.0, beta=1.0, seed=2)
+    sh = data.partition(ds, 7)
+    for k in range(7):
+        rows = np.flatnonzero(ds.groups == k)
+        assert sh.sizes[k] == len(rows)
+        np.testing.assert_array_equal(sh.x[k, : len(rows)], ds.x_train[rows])
+        np.testing.assert_array_equal(sh.y[k, : len(rows)], ds.y_train[rows])
+
+
 def test_synthetic_test_set_mixes_all_clients():
     """The pooled test set was in node order, so eval_samples = 100 tested only the first few clients."""
     ds = data.synthetic_fedprox(20, seed=0, samples=60)

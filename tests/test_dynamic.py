@@ -32,8 +32,10 @@ def test_in_program_weights_match_host_mixing_on_random_masks(scheme):
     np.testing.assert_allclose(dense, ref, atol=1e-6)
 
 
-def test_edge_ids_are_symmetric():
-    topo = topology.make("random_regular", 10, degree=3, seed=1)
+@pytest.mark.parametrize("kind, params", [("random_regular", {"degree": 3, "seed": 1}), ("star", {}),
+                                           ("complete", {}), ("hierarchical", {"cluster_size": 3})])
+def test_edge_ids_name_the_edge_behind_each_table_entry(kind, params):
+    topo = topology.make(kind, 10, **params)
     eid = experiment.edge_ids(topo)
     for i in range(10):
         for k in range(1, topo.neighbors.shape[1]):
@@ -41,6 +43,9 @@ def test_edge_ids_are_symmetric():
                 j = topo.neighbors[i, k]
                 back = list(topo.neighbors[j]).index(i)
                 assert eid[i, k] == eid[j, back] >= 0
+                assert topo.edges[eid[i, k]].tolist() == sorted([i, j])
+            else:
+                assert eid[i, k] == -1
     assert (eid[:, 0] == -1).all()
 
 
