@@ -198,6 +198,18 @@ def _thaw(x):
     return x
 
 
+def with_defaults(tree: Mapping, defaults: Mapping = DEFAULTS) -> dict:
+    """``tree`` plus every key of ``defaults`` it lacks, at its default (a config stored by an older jaxdfl, before
+    a setting existed, ran with that setting's default)."""
+    out = dict(tree)
+    for key, default in defaults.items():
+        if key not in out:
+            out[key] = default
+        elif isinstance(default, dict) and isinstance(out[key], Mapping):
+            out[key] = with_defaults(out[key], default)
+    return out
+
+
 #: (section, key) pairs that pick a family whose members take different settings.
 FAMILY_SELECTORS = {("topology", "kind"), ("aggregation", "rule"), ("attack", "name")}
 

@@ -24,7 +24,7 @@ import numpy as np
 from jaxdfl import aggregators, attacks, byzantine, checkpoint, gossip, models, simulation, topology
 from jaxdfl import data as data_mod
 from jaxdfl.config import (Config, InertSettingWarning, graph_changes, inert_settings, load_config, make_config,
-                           plain_gossip)
+                           plain_gossip, with_defaults)
 from jaxdfl.errors import ConfigError
 from jaxdfl.privacy import accounting
 from jaxdfl.training import LocalSpec
@@ -477,7 +477,8 @@ class Runner:
                 raise ConfigError(f"no checkpoint to resume from in {checkpoint_dir!r}")
             (state, k_rounds), meta, history = checkpoint.load(path, (state, k_rounds))
             # the devices and the seed layout a run used do not change its results: any may resume it
-            differ = [key for key in checkpoint.config_differences(meta.get("config", {}), c.to_dict())
+            stored = with_defaults(meta.get("config", {}))
+            differ = [key for key in checkpoint.config_differences(stored, c.to_dict())
                       if key not in ("parallel.devices", "parallel.seed_mode")]
             # Without privacy a run may be extended (with DP, rounds set z, the buffer and epsilon), from a round
             # where this config's segments start.

@@ -98,6 +98,24 @@ def test_a_checkpoint_resumes_with_another_device_count_or_seed_layout(small_cfg
         np.testing.assert_allclose(full.history[k], resumed.history[k], rtol=1e-5, atol=1e-6)
 
 
+def test_a_checkpoint_written_before_a_setting_existed_resumes_at_its_default(small_cfg, tmp_path):
+    """A checkpoint without train.order (written before it existed) was refused as "differs in train.order"."""
+    cfg = small_cfg(checkpoint_every=2)
+    full = experiment.run(cfg)
+    experiment.run(cfg.replace({"rounds": 2, "eval_every": 2}), checkpoint_dir=str(tmp_path))
+    path = checkpoint.latest(tmp_path)
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(arrays["meta"].tobytes())
+    del meta["config"]["train"]["order"]
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    np.savez(path, **arrays)
+    resumed = experiment.run(cfg, checkpoint_dir=str(tmp_path), resume=True)
+    np.testing.assert_array_equal(full.history["accuracy_mean"], resumed.history["accuracy_mean"])
+    with pytest.raises(ConfigError, match="differs in train.order"):
+        experiment.run(cfg.replace({"train.order": "cta"}), checkpoint_dir=str(tmp_path), resume=True)
+
+
 def test_a_run_is_extended_only_from_a_segment_boundary(small_cfg, tmp_path):
     """Extending rounds 6 -> 8 with 4-round segments resumed at round 6 and ran to 10, past rounds."""
     experiment.run(small_cfg(checkpoint_every=4), checkpoint_dir=str(tmp_path))  # checkpoints at 4 and 6
