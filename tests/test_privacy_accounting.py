@@ -162,10 +162,26 @@ def test_the_largest_epsilon_comes_from_the_pareto_maximal_nodes_only():
     brute = {a for a in triples if not any(b != a and all(y >= x for x, y in zip(a, b)) for b in triples)}
     kept = accounting._pareto_max(triples)
     assert set(kept) == brute and len(kept) < len(set(triples))
+    assert accounting.example_epsilon_max(1.1, rates, steps, DELTA, overflow_probs=etas) == \
+        example_epsilons(1.1, rates, steps, DELTA, overflow_probs=etas).max()
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_overflow_too_small_to_change_delta_costs_no_accountant_call(accountant):
+    """The overflow probability grows with the shard size while q shrinks, so every large shard was Pareto-maximal
+    (127 of 142 nodes of a synthetic N = 256 run): etas that cannot change delta are dropped first, exactly."""
+    sizes = np.arange(300, 306)
+    rates, etas = 16 / sizes, 1e-40 * sizes.astype(float)
+    etas[3] = 1e-7  # one that matters is kept
     accounting._rdp_per_step.cache_clear()
-    top = accounting.example_epsilon_max(1.1, rates, steps, DELTA, overflow_probs=etas)
-    assert accounting._rdp_per_step.cache_info().misses == len({q for q, _, _ in kept})
-    assert top == example_epsilons(1.1, rates, steps, DELTA, overflow_probs=etas).max()
+    accounting._pld_per_step.cache_clear()
+    top = accounting.example_epsilon_max(1.3, rates, 60, DELTA, accountant, etas)
+    calls = (accounting._rdp_per_step if accountant == "rdp" else accounting._pld_per_step).cache_info().misses
+    assert calls == 2  # the largest q (which also bounds every epsilon) and the node with a large eta
+    assert top == example_epsilons(1.3, rates, 60, DELTA, accountant, etas).max()
+    clean = example_epsilons(1.3, rates, 60, DELTA, accountant)
+    np.testing.assert_array_equal(np.delete(example_epsilons(1.3, rates, 60, DELTA, accountant, etas), 3),
+                                  np.delete(clean, 3))
 
 
 def test_example_epsilons_account_the_float32_rate_the_sampler_sees():

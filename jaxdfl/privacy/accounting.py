@@ -213,6 +213,20 @@ def _eps_at(z, q, steps, accountant):
     return lambda delta: float(pld.get_epsilon_for_delta(delta))
 
 
+def _with_margin(guess):
+    """The guess plus a margin, so that :func:`_with_overflow`'s fixed-point iteration ends in a few steps."""
+    return guess + 1e-9 * max(1.0, guess)
+
+
+def _negligible(eta, delta, eps_bound):
+    """Whether overflow ``eta`` leaves :func:`_with_overflow` at exactly its eta = 0 value for every epsilon up to
+    ``eps_bound``: its first charge ``(1 + e^g) eta`` does not change ``delta`` in floating point."""
+    try:
+        return delta - (1.0 + math.exp(_with_margin(eps_bound))) * eta == delta
+    except OverflowError:
+        return False
+
+
 def _with_overflow(eps_fn, delta, eta):
     """Smallest reported eps covering the (1 + e^eps) eta total-variation slack.
 
@@ -226,8 +240,7 @@ def _with_overflow(eps_fn, delta, eta):
     for _ in range(100):
         if not math.isfinite(guess):
             return math.inf
-        # Margin so that the fixed-point iteration terminates in a few steps.
-        guess = guess + 1e-9 * max(1.0, guess)
+        guess = _with_margin(guess)
         try:
             slack = (1.0 + math.exp(guess)) * eta
         except OverflowError:
@@ -345,7 +358,7 @@ def _calibrate(pairs, target, delta, accountant, etas):
         return 0.0
 
     def worst(z):
-        return max(_with_overflow(_eps_at(z, q, t, accountant), delta, e) for q, t, e in pairs)
+        return _largest(z, pairs, delta, accountant)
 
     # Start PLD from the (cheap, looser) RDP answer with a narrow bracket, so
     # PLD (about a second per call) is never evaluated at small z where it is
@@ -385,12 +398,22 @@ def _accounted_rates(sample_rates):
 
 def _pareto_max(triples):
     """The (q, T, eta) triples no other triple dominates (>= in all three): epsilon increases in each, so the
-    largest epsilon over all triples is among these (usually one to three, whatever the number of nodes)."""
+    largest epsilon over all triples is among these."""
     kept = []
     for q, t, e in sorted(set(triples), reverse=True):  # q descending: only later triples can be dominated
         if not any(t2 >= t and e2 >= e for _, t2, e2 in kept):
             kept.append((q, t, e))
     return kept
+
+
+def _largest(z, triples, delta, accountant):
+    """``max epsilon(z, q, T, delta, accountant, eta)`` over the (q, T, eta) triples, computed for the
+    Pareto-maximal ones after dropping the etas too small to matter (:func:`_negligible`, bounded by the epsilon of
+    the largest q and T): the overflow probability grows with the shard size while q shrinks, so otherwise every
+    large shard would be Pareto-maximal. Typically one accountant call, whatever the number of shard sizes."""
+    bound = _eps_at(z, max(q for q, _, _ in triples), max(t for _, t, _ in triples), accountant)(delta)
+    triples = [(q, t, 0.0 if _negligible(e, delta, bound) else e) for q, t, e in triples]
+    return max(_with_overflow(_eps_at(z, q, int(t), accountant), delta, e) for q, t, e in _pareto_max(triples))
 
 
 def _node_triples(sample_rates, steps, overflow_probs, name):
@@ -403,14 +426,17 @@ def _node_triples(sample_rates, steps, overflow_probs, name):
 
 
 def example_epsilon_max(noise_multiplier, sample_rates, steps_done, delta, accountant="rdp", overflow_probs=0.0):
-    """``max(example_epsilons(...))`` from the Pareto-maximal nodes only (same arguments), so its cost does not
-    grow with the number of distinct shard sizes; 0.0 for no nodes."""
+    """``max(example_epsilons(...))`` (same arguments; 0.0 for no nodes), from the nodes that can hold it only
+    (:func:`_largest`): its cost does not grow with the number of distinct shard sizes."""
     _check_z(noise_multiplier)
     _check_delta(delta)
     _check_accountant(accountant)
-    triples = _pareto_max(_node_triples(sample_rates, steps_done, overflow_probs, "steps_done"))
-    return max((epsilon(float(noise_multiplier), q, int(t), delta, accountant, e) for q, t, e in triples),
-               default=0.0)
+    triples = _node_triples(sample_rates, steps_done, overflow_probs, "steps_done")
+    for q, t, e in triples:
+        _check_rate(q)
+        _check_steps(t)
+        _check_overflow(e)
+    return _largest(float(noise_multiplier), triples, float(delta), accountant) if triples else 0.0
 
 
 def example_epsilons(noise_multiplier, sample_rates, steps_done, delta, accountant="rdp",
@@ -473,8 +499,6 @@ def calibrate_example_noise(target_epsilon, sample_rates, steps, delta, accounta
     triples = _node_triples(sample_rates, steps, overflow_probs, "steps")
     for q, _, _ in triples:
         _check_rate(q)
-    # eps is increasing in q, T and eta, so only the Pareto-maximal nodes can bind
-    triples = _pareto_max(triples)
     return _calibrate([(q, t) for q, t, _ in triples], float(target_epsilon), float(delta),
                       accountant, [e for _, _, e in triples])
 
