@@ -246,6 +246,13 @@ def _family_defaults(section: str, name: str) -> dict[str, Any]:
 _ANY_RULE = object()
 
 
+def _pre_taking(key: str) -> list[str]:
+    """The pre-aggregators that take the setting ``key``."""
+    from jaxdfl import aggregators
+
+    return sorted(p for p in aggregators.PRE_REGISTRY if key in aggregators.DEFAULTS.get(p, {}))
+
+
 def _members_taking(section: str, key: str) -> list[str]:
     """The members of ``section``'s family (topology kinds, rules, attacks) that take the setting ``key``."""
     from jaxdfl import aggregators, attacks, topology
@@ -512,6 +519,9 @@ def _check_section(section: dict, defaults: Mapping, prefix: str, extra: Mapping
             owners = _members_taking(prefix, key)
             hint = (f": {prefix}.{_SELECTOR[prefix]} = {section.get(_SELECTOR[prefix])!r} does not take it "
                     f"(a setting of {', '.join(owners)})" if owners else "")
+            pre = [p for p in _pre_taking(key) if p in section.get("pre", ())] if prefix == "aggregation" else []
+            if pre:
+                hint += f"; for the pre-aggregator write {' or '.join(f'{prefix}.{p}.{key}' for p in pre)}"
             raise ConfigError(f"unknown key {name!r}{hint}; allowed in [{prefix}]: {', '.join(sorted(allowed))}")
         default = allowed[key]
         value = section[key]

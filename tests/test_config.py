@@ -74,6 +74,7 @@ def test_int_accepted_for_float():
     # a rule's setting with the default rule said only "unknown key": name the rules that take it
     ({"aggregation": {"f": 1}}, "'mean' does not take it (a setting of bulyan, clipped_gossip, ios, krum"),
     ({"topology": {"degree": 3}}, "topology.kind = 'ring' does not take it (a setting of random_regular)"),
+    ({"aggregation": {"pre": ["clip"], "tau": 0.5}}, "for the pre-aggregator write aggregation.clip.tau"),
     ({"train": {"order": "cta", "share": "update"}}, "train.order"),
     ({"seeds": [1, 1]}, "seeds"),  # the spread over seeds would be understated
     ({"seeds": [True, False]}, "seeds"),
