@@ -228,7 +228,7 @@ def build(cfg: Config | dict | str) -> Experiment:
 
     model = models.make(cfg.model.name, ds.num_classes, ds.input_shape, cfg.model.hidden,
                         dtype=cfg.model.compute_dtype, conv=cfg.model.conv)
-    local = LocalSpec(apply=model.apply, optimizer=tr.optimizer, batch_size=tr.batch_size,
+    local = LocalSpec(apply=model.apply, optimizer=tr.optimizer, momentum=tr.momentum > 0, batch_size=tr.batch_size,
                       local_steps=tr.local_steps, dp_example=p.mode == "example", dp_buffer=plan.buffer,
                       unravel=model.unravel, apply_params=model.apply_params,
                       dp_clipping=models.dp_clipping(cfg.model.name, cfg.model.conv))
@@ -535,11 +535,12 @@ def until_all_diverged(history: dict, axis: int) -> dict:
 
 
 #: Config keys whose values reach the program as traced hyper-parameters (no recompilation when they change).
-DYNAMIC_KEYS = ("train.lr", "train.momentum", "privacy.clip_norm", "privacy.noise_multiplier",
-                "privacy.target_epsilon", "seed", "topology.drop_prob")
+DYNAMIC_KEYS = ("train.lr", "privacy.clip_norm", "privacy.noise_multiplier", "privacy.target_epsilon", "seed",
+                "topology.drop_prob")
 
-#: Traced values too, but whether they are 0 is static (it removes the code path): only that part is static.
-FLAG_KEYS = ("topology.node_dropout", "topology.stragglers")
+#: Traced values too, but whether they are 0 is static (it removes the code path, or SGD's momentum buffer): only
+#: that part is static.
+FLAG_KEYS = ("train.momentum", "topology.node_dropout", "topology.stragglers")
 
 
 def static_part(cfg: Config) -> dict:

@@ -121,7 +121,7 @@ def init_state(spec: Spec, key, hyper) -> State:
         theta = jnp.broadcast_to(spec.model_init(key), (spec.n, *spec.model_init(key).shape))
     else:
         theta = jax.vmap(spec.model_init)(jax.random.split(key, spec.n))
-    opt = make_optimizer(spec.local.optimizer, hyper["lr"], hyper["momentum"])
+    opt = make_optimizer(spec.local.optimizer, hyper["lr"], hyper["momentum"] if spec.local.momentum else None)
     return State(theta, jax.vmap(opt.init)(theta), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
 
 

@@ -32,6 +32,7 @@ class LocalSpec(NamedTuple):
     optimizer: str  # "sgd" | "adam"
     batch_size: int
     local_steps: int
+    momentum: bool = False  # SGD with heavy-ball momentum (its value is traced); without, no momentum buffer
     dp_example: bool = False
     dp_buffer: int = 0  # static Poisson buffer length (example mode)
     # The model as a function of its parameter pytree, for DP-SGD's per-example norms (example mode):
@@ -44,8 +45,11 @@ class LocalSpec(NamedTuple):
 DP_CLIPPING = ("ghost", "two_pass", "stored")
 
 
-def make_optimizer(name: str, lr, momentum=0.0) -> optax.GradientTransformation:
-    """optax optimizer with its numbers injected as state, so they can be traced (no recompilation on change)."""
+def make_optimizer(name: str, lr, momentum=None) -> optax.GradientTransformation:
+    """optax optimizer with its numbers injected as state, so they can be traced (no recompilation on change).
+
+    SGD with ``momentum=None`` keeps no momentum buffer; with a number (0 included) it carries one per parameter.
+    """
     if name == "sgd":
         return optax.inject_hyperparams(optax.sgd)(learning_rate=lr, momentum=momentum)
     if name == "adam":
@@ -252,7 +256,8 @@ def local_train(spec: LocalSpec, key, theta, opt_state, x, y, size, hyper, steps
     Returns:
       ``(theta [D], opt_state, mean loss over the steps)``.
     """
-    opt = make_optimizer(spec.optimizer, 0.0)  # numbers live in opt_state (injected hyper-parameters)
+    # numbers live in opt_state (injected hyper-parameters)
+    opt = make_optimizer(spec.optimizer, 0.0, 0.0 if spec.momentum else None)
 
     def step(carry, xs):
         theta, opt_state = carry

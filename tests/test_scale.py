@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_new_dynamic_values_do_not_recompile(small_cfg):
-    exp = experiment.build(small_cfg())
+    exp = experiment.build(small_cfg(**{"train.momentum": 0.1}))
     traces = []
 
     def program(key, hyper, arrays):
@@ -32,6 +32,19 @@ def test_new_dynamic_values_do_not_recompile(small_cfg):
     h2, _ = fn(jax.random.key(0), hyper2, exp.arrays)
     assert len(traces) == 1
     assert not np.allclose(h1["consensus_distance"], h2["consensus_distance"])
+
+
+def test_plain_sgd_keeps_no_momentum_buffer_and_momentum_compiles_once(small_cfg):
+    """momentum = 0 still carried an [N, D] momentum buffer (optax's trace with a traced 0), which a NaN never left."""
+    sizes = {}
+    for m in (0.0, 0.9):
+        exp = experiment.build(small_cfg(**{"train.momentum": m}))
+        state = simulation.init_state(exp.spec, jax.random.key(0), exp.hyper)
+        sizes[m] = sum(leaf.size for leaf in jax.tree.leaves(state.opt_state))
+    n, d = state.theta.shape
+    assert sizes[0.0] < n * d <= sizes[0.9] - sizes[0.0]
+    assert not experiment.same_program(small_cfg(), small_cfg(**{"train.momentum": 0.9}))
+    assert experiment.same_program(small_cfg(**{"train.momentum": 0.5}), small_cfg(**{"train.momentum": 0.9}))
 
 
 def test_checkpoint_resume_equals_uninterrupted(small_cfg, tmp_path):
