@@ -245,6 +245,9 @@ def _family_defaults(section: str, name: str) -> dict[str, Any]:
 
 _ANY_RULE = object()
 
+#: The key that picks a section's family (see :data:`FAMILY_SELECTORS`).
+_SELECTOR = {section: field for section, field in FAMILY_SELECTORS}
+
 
 def _pre_taking(key: str) -> list[str]:
     """The pre-aggregators that take the setting ``key``."""
@@ -264,8 +267,6 @@ def _members_taking(section: str, key: str) -> list[str]:
         table = {k: v for k, v in aggregators.DEFAULTS.items() if k not in aggregators.PRE_REGISTRY}
     return sorted(name for name, params in table.items() if key in params)
 
-#: The key that picks a section's family (see :data:`FAMILY_SELECTORS`).
-_SELECTOR = {section: field for section, field in FAMILY_SELECTORS}
 
 #: Datasets whose examples come with the package or are generated: ``data.path`` does not apply.
 _NO_PATH = ("digits", "synthetic", "mnist1d")

@@ -2,8 +2,8 @@
 
 Settings that differ only in dynamic values (:data:`jaxdfl.experiment.DYNAMIC_KEYS` and, beyond whether they are
 0, :data:`~jaxdfl.experiment.FLAG_KEYS`: learning rate, momentum, clipping norm, noise multiplier / target epsilon,
-seed) share one compiled program; settings that change shapes
-(N, the graph, the model, the rule) compile one after another.
+seed) share one compiled program; settings that change shapes (N, the graph, the model, the rule) compile one after
+another.
 """
 
 from __future__ import annotations
