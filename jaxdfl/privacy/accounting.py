@@ -417,12 +417,17 @@ def _largest(z, triples, delta, accountant):
 
 
 def _node_triples(sample_rates, steps, overflow_probs, name):
-    """Per-node (q_i rounded up to float32, T_i, eta_i) triples."""
+    """Per-node (q_i rounded up to float32, T_i, eta_i) triples, each checked."""
     rates = _accounted_rates(sample_rates)
     n = rates.shape[0]
     steps = _per_node(steps, n, name).astype(np.int64)
     etas = _per_node(overflow_probs, n, "overflow_probs").astype(np.float64)
-    return list(zip(rates.tolist(), steps.tolist(), etas.tolist()))
+    triples = list(zip(rates.tolist(), steps.tolist(), etas.tolist()))
+    for q, t, e in triples:
+        _check_rate(q)
+        _check_steps(t, name)
+        _check_overflow(e)
+    return triples
 
 
 def example_epsilon_max(noise_multiplier, sample_rates, steps_done, delta, accountant="rdp", overflow_probs=0.0):
@@ -432,10 +437,6 @@ def example_epsilon_max(noise_multiplier, sample_rates, steps_done, delta, accou
     _check_delta(delta)
     _check_accountant(accountant)
     triples = _node_triples(sample_rates, steps_done, overflow_probs, "steps_done")
-    for q, t, e in triples:
-        _check_rate(q)
-        _check_steps(t)
-        _check_overflow(e)
     return _largest(float(noise_multiplier), triples, float(delta), accountant) if triples else 0.0
 
 
@@ -497,8 +498,6 @@ def calibrate_example_noise(target_epsilon, sample_rates, steps, delta, accounta
     _check_delta(delta)
     _check_accountant(accountant)
     triples = _node_triples(sample_rates, steps, overflow_probs, "steps")
-    for q, _, _ in triples:
-        _check_rate(q)
     return _calibrate([(q, t) for q, t, _ in triples], float(target_epsilon), float(delta),
                       accountant, [e for _, _, e in triples])
 
