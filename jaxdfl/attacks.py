@@ -742,7 +742,7 @@ def validate(name: str, hyper: dict | None = None) -> None:
         elif key == "value":
             _need(_is_real(v) and not math.isfinite(float(v)), key, "a non-finite float (inf, -inf or nan)", v)
         elif key == "z":
-            _need(v is None or finite, key, "None (z_max from the neighbourhood sizes) or a finite number", v)
+            _need(v is None or finite, key, "unset (none: z_max from the neighbourhood sizes) or a finite number", v)
         elif key == "adaptive":
             _need(isinstance(v, bool), key, "true or false", v)
         elif key == "center":
@@ -751,7 +751,7 @@ def validate(name: str, hyper: dict | None = None) -> None:
             _need(v in ("mean", "own"), key, "'mean' or 'own'", v)
         elif key == "target" and name == "mimic":
             ok = v is None or (isinstance(v, numbers.Integral) and not isinstance(v, bool) and int(v) >= 0)
-            _need(ok, key, "None (per receiver) or a node id >= 0", v)
+            _need(ok, key, "unset (none: per receiver) or a node id >= 0", v)
 
 
 def check_contract(name: str, hyper: dict | None, n: int, k: int, d: int, receivers: int | None = None,

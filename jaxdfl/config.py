@@ -428,17 +428,31 @@ def parse_value(text: str, key: str | None = None) -> Any:
     """Parse one override value as a TOML value; a bare word that is not TOML is taken as a string.
 
     For a ``key`` whose default is a string, a bare ``inf`` or ``nan`` is that name (``attack.name=inf``), not a
-    float.
+    float. For a ``key`` whose default is unset (None), a bare ``none`` or ``null`` unsets it (TOML has no null).
     """
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         if any(c in text for c in "[]{}=\"'"):
             raise ConfigError(f"cannot parse value {text!r}: use TOML syntax, e.g. 3, 0.1, \"ring\", [1, 2]") from None
+        if key and text.lower() in ("none", "null") and _unset_by_default(key):
+            return None
         return text
     if isinstance(value, float) and not math.isfinite(value) and key and isinstance(_default_of(key), str):
         return text
     return value
+
+
+def _unset_by_default(key: str) -> bool:
+    """Whether ``key``'s default is None: in :data:`DEFAULTS`, or for a member of its section's family."""
+    section, _, field = key.partition(".")
+    if isinstance(DEFAULTS.get(section), Mapping) and field in DEFAULTS[section]:
+        return DEFAULTS[section][field] is None
+    if key in DEFAULTS:
+        return DEFAULTS[key] is None
+    if section not in _SELECTOR:
+        return False
+    return any(_family_defaults(section, name).get(field, 0) is None for name in _members_taking(section, field))
 
 
 def _default_of(key: str) -> Any:

@@ -162,6 +162,15 @@ def test_grid_values_with_lists():
         sweep.parse_grid(["train.lr"])
 
 
+def test_none_unsets_a_setting_whose_default_is_unset_and_stays_a_word_elsewhere():
+    """TOML has no null: `--grid attack.z=none,2.0` (ALIE's z_max against a fixed z) was refused."""
+    assert sweep.parse_grid(["attack.z=none,2.0"]) == [("attack.z", [None, 2.0])]
+    again = jaxdfl.load_config(str(ROOT / "configs/quickstart.toml"),
+                               ["privacy.mode=update", "privacy.noise_multiplier=null", "privacy.target_epsilon=8"])
+    assert again.privacy.noise_multiplier is None and again.privacy.target_epsilon == 8
+    assert sweep.parse_grid(["attack.name=none,alie"]) == [("attack.name", ["none", "alie"])]
+
+
 def test_a_python_grid_of_numpy_values_gives_the_settings_of_the_lists_toml_gives():
     """Regression: a setting's id hashed the raw values, and json refused np.int64."""
     base = jaxdfl.make_config({"topology": {"n": 8}})
