@@ -28,8 +28,9 @@ def timeit(fn, *args, repeat: int = 5, warmup: int = 1, stat=np.median) -> float
     return float(stat(times))
 
 
-def machine() -> str:
-    """CPU model, core count, jax version and device, and the load average when the run started."""
+def machine(load: float | None = None) -> str:
+    """CPU model, core count, jax version and device, and the load average when the run started (``load``, taken
+    by the caller before it timed anything, or now)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as fh:
@@ -37,7 +38,8 @@ def machine() -> str:
     except OSError:
         pass
     dev = jax.devices()[0]
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {dev.platform} ({dev.device_kind}), "
             f"load average at start {load:.1f}")
 

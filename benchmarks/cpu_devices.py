@@ -115,6 +115,7 @@ def main(argv=None) -> list[str]:
         return []
     if args.devices < 2:
         ap.error(f"--devices must be at least 2 (it is compared with one device), got {args.devices}")
+    load = os.getloadavg()[0]  # at the start, for the table's header
     with tempfile.TemporaryDirectory() as tmp:
         npz = str(random_images(Path(tmp) / "random28.npz"))
         one = measure(names, 1, args.reps, npz, args.config)
@@ -124,7 +125,7 @@ def main(argv=None) -> list[str]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import machine
 
-    lines = [f"# {machine()}", f"# one CPU device against JAX_NUM_CPU_DEVICES={args.devices}", *table(one, many)]
+    lines = [f"# {machine(load)}", f"# one CPU device against JAX_NUM_CPU_DEVICES={args.devices}", *table(one, many)]
     print("\n".join(lines))
     if args.json:
         from jaxdfl.results import atomic_write

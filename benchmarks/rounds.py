@@ -148,7 +148,8 @@ def main(argv=None):
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     gflops = matmul_gflops()
-    print(f"# machine: {machine()}; matmul {gflops:.1f} GFLOP/s")
+    host = machine()  # the load average at the start, kept for the JSON too
+    print(f"# machine: {host}; matmul {gflops:.1f} GFLOP/s")
     print(f"# ring, MLP[64] on digits, batch 16, 2 local steps, rule={args.rule}, privacy={args.privacy}")
     print("| N | engine ms/round | node-rounds/s | loop ms/round | speed-up | FLOP-limit ms | x limit |")
     print("|---|---|---|---|---|---|---|")
@@ -160,7 +161,7 @@ def main(argv=None):
         cfg = load_config(str(ROOT / "configs/quickstart.toml"), overrides)
         exp = experiment.build(cfg)
         eng = engine_round_seconds(exp)
-        loop = loop_round_seconds(exp) if n <= args.loop_max else float("nan")
+        loop = loop_round_seconds(exp, rule=args.rule) if n <= args.loop_max else float("nan")
         limit = round_flops(exp) / (gflops * 1e9)
         row = {"n": n, "engine_ms": eng * 1e3, "node_rounds_per_s": n / eng, "loop_ms": loop * 1e3,
                "speedup": loop / eng, "flop_limit_ms": limit * 1e3, "x_limit": eng / limit}
@@ -190,7 +191,7 @@ def main(argv=None):
               + ", ".join(f"{m} {v * 1e3:.1f}" for m, v in t.items())
               + f"; the engine uses {used}: {t['materialised'] / t[used]:.1f}x faster than materialised")
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows, "dp_ms": dp * 1e3,
+        Path(args.json).write_text(json.dumps({"machine": host, "rows": rows, "dp_ms": dp * 1e3,
                                                "plain_ms": plain * 1e3, "dp_clipping": clipping,
                                                "lenet5_engine_loop_ms": {n: [e * 1e3, lo * 1e3]
                                                                          for n, (e, lo) in conv.items()}},
