@@ -30,6 +30,7 @@ from common import machine, matmul_gflops, timeit  # noqa: E402
 
 from jaxdfl import experiment, models, simulation  # noqa: E402
 from jaxdfl.privacy import dp_sum  # noqa: E402
+from jaxdfl.results import atomic_write  # noqa: E402
 from jaxdfl.config import load_config  # noqa: E402
 from jaxdfl.training import DP_CLIPPING, LocalSpec, clipped_gradient_sum, local_train, loss_fn  # noqa: E402
 
@@ -146,6 +147,8 @@ def main(argv=None):
     ap.add_argument("--privacy", default="none", choices=["none", "example"])
     ap.add_argument("--conv", default="auto", choices=models.CONV_IMPLS, help="model.conv for the LeNet-5 rounds")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--rounds-only", action="store_true",
+                    help="only the rounds table: skip the DP-SGD, LeNet-5 and clipping sections (a quick run)")
     args = ap.parse_args(argv)
     gflops = matmul_gflops()
     host = machine()  # the load average at the start, kept for the JSON too
@@ -170,6 +173,10 @@ def main(argv=None):
         sp = "—" if np.isnan(loop) else f"{loop / eng:.0f}x"
         print(f"| {n} | {eng * 1e3:.2f} | {n / eng:,.0f} | {loop_s} | {sp} | {limit * 1e3:.3f} | "
               f"{eng / limit:.1f} |", flush=True)
+    if args.rounds_only:
+        if args.json:
+            atomic_write(args.json, json.dumps({"machine": host, "rows": rows}, indent=2))
+        return
     # DP-SGD overhead on the quickstart model: per-example gradients, clipping, Poisson batches, noise
     cfg = load_config(str(ROOT / "configs/quickstart.toml"))
     plain = engine_round_seconds(experiment.build(cfg))
@@ -191,11 +198,11 @@ def main(argv=None):
               + ", ".join(f"{m} {v * 1e3:.1f}" for m, v in t.items())
               + f"; the engine uses {used}: {t['materialised'] / t[used]:.1f}x faster than materialised")
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": host, "rows": rows, "dp_ms": dp * 1e3,
-                                               "plain_ms": plain * 1e3, "dp_clipping": clipping,
-                                               "lenet5_engine_loop_ms": {n: [e * 1e3, lo * 1e3]
-                                                                         for n, (e, lo) in conv.items()}},
-                                              indent=2))
+        atomic_write(args.json, json.dumps({"machine": host, "rows": rows, "dp_ms": dp * 1e3,
+                                            "plain_ms": plain * 1e3, "dp_clipping": clipping,
+                                            "lenet5_engine_loop_ms": {n: [e * 1e3, lo * 1e3]
+                                                                      for n, (e, lo) in conv.items()}},
+                                           indent=2))
 
 
 if __name__ == "__main__":

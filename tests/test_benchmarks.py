@@ -134,3 +134,19 @@ def test_the_host_matching_baseline_is_a_maximal_matching_of_the_graph():
     assert all(partner[j] == i for i, j in enumerate(partner) if j >= 0)
     assert all((min(i, j), max(i, j)) in set(edges) for i, j in enumerate(partner) if j >= 0)
     assert not any(partner[i] < 0 and partner[j] < 0 for i, j in edges)
+
+
+def test_rounds_script_times_the_loop_with_the_engines_rule(monkeypatch, tmp_path):
+    """`rounds.py --rule median` timed the per-node loop with the mean."""
+    import json
+
+    import rounds
+
+    seen = []
+    monkeypatch.setattr(rounds, "matmul_gflops", lambda: 100.0)
+    monkeypatch.setattr(rounds, "engine_round_seconds", lambda exp, **kw: seen.append(("engine", exp.spec.rule)) or 1.0)
+    monkeypatch.setattr(rounds, "loop_round_seconds", lambda exp, rule="mean", **kw: seen.append(("loop", rule)) or 2.0)
+    rounds.main(["--sizes", "8", "--loop-max", "8", "--rule", "median", "--rounds-only", "--json",
+                 str(tmp_path / "r.json")])
+    assert seen == [("engine", "median"), ("loop", "median")]
+    assert json.loads((tmp_path / "r.json").read_text())["rows"][0]["speedup"] == 2.0
