@@ -198,16 +198,10 @@ def _thaw(x):
     return x
 
 
-def with_defaults(tree: Mapping, defaults: Mapping = DEFAULTS) -> dict:
-    """``tree`` plus every key of ``defaults`` it lacks, at its default (a config stored by an older jaxdfl, before
-    a setting existed, ran with that setting's default)."""
-    out = dict(tree)
-    for key, default in defaults.items():
-        if key not in out:
-            out[key] = default
-        elif isinstance(default, dict) and isinstance(out[key], Mapping):
-            out[key] = with_defaults(out[key], default)
-    return out
+def with_defaults(tree: Mapping) -> dict:
+    """``tree`` plus every key of :data:`DEFAULTS` it lacks, at its default (a config stored by an older jaxdfl,
+    before a setting existed, ran with that setting's default)."""
+    return _merge(DEFAULTS, tree, prefix="")
 
 
 #: (section, key) pairs that pick a family whose members take different settings.
@@ -445,21 +439,24 @@ def parse_value(text: str, key: str | None = None) -> Any:
 
 def _unset_by_default(key: str) -> bool:
     """Whether ``key``'s default is None: in :data:`DEFAULTS`, or for a member of its section's family."""
+    default = _default_of(key, missing=_MISSING)
+    if default is not _MISSING:
+        return default is None
     section, _, field = key.partition(".")
-    if isinstance(DEFAULTS.get(section), Mapping) and field in DEFAULTS[section]:
-        return DEFAULTS[section][field] is None
-    if key in DEFAULTS:
-        return DEFAULTS[key] is None
     if section not in _SELECTOR:
         return False
     return any(_family_defaults(section, name).get(field, 0) is None for name in _members_taking(section, field))
 
 
-def _default_of(key: str) -> Any:
+_MISSING = object()
+
+
+def _default_of(key: str, missing: Any = None) -> Any:
+    """``key``'s value in :data:`DEFAULTS`, or ``missing`` for a key DEFAULTS does not hold."""
     node: Any = DEFAULTS
     for part in key.split("."):
         if not isinstance(node, Mapping) or part not in node:
-            return None
+            return missing
         node = node[part]
     return node
 
