@@ -774,7 +774,9 @@ def dumps_toml(tree: Mapping[str, Any]) -> str:
                 return "inf" if v > 0 else ("-inf" if v < 0 else "nan")
             return repr(v)
         if isinstance(v, str):
-            return json.dumps(v)
+            # TOML basic string: JSON's escapes are TOML's too, except that TOML has no surrogate pairs (characters
+            # beyond U+FFFF stay literal in the UTF-8 file) and DEL must be escaped.
+            return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
         if isinstance(v, list | tuple):
             return "[" + ", ".join(fmt(x) for x in v) + "]"
         raise TypeError(f"cannot write {v!r} as TOML")

@@ -109,6 +109,16 @@ def test_toml_round_trip(tmp_path):
     assert load_config(str(path)) == cfg
 
 
+@pytest.mark.parametrize("text", ["data\U0001F600/d.npz", "caf\u00e9 \"q\" back\\slash", "tab\tnew\nline\x7fdel\x01"])
+def test_strings_round_trip_through_the_written_toml(tmp_path, text):
+    """A path with a character beyond U+FFFF, quotes, backslashes and control characters reads back as written
+    (JSON's surrogate pairs and a raw DEL are not TOML: such a run's config.toml could not be resumed)."""
+    cfg = make_config({"data": {"name": "npz", "path": text}})
+    path = tmp_path / "r.toml"
+    path.write_bytes(dumps_toml(cfg.to_dict()).encode())
+    assert load_config(str(path)).data.path == text
+
+
 def test_cli_config_error_exit_2_one_line(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("[topology]\nkind = \"ring\"\nn = 8\ndegre = 2\n")
