@@ -501,8 +501,13 @@ class Runner:
         def joined():
             return {k: np.concatenate([h[k] for h in chunks], axis=axis) for k in chunks[0]}
 
+        def all_diverged():  # non-finite honest models in every seed: stop, keep the metrics so far (a seed that
+            # diverged alone runs on with NaN models, so the other seeds still equal their own runs); a resumed
+            # history that already stopped so runs no further segment
+            return bool(chunks) and bool(np.all(np.any(chunks[-1]["diverged"] > 0, axis=-1)))
+
         t0 = time.perf_counter()
-        while _round(state) < c.rounds:
+        while _round(state) < c.rounds and not all_diverged():
             history, state = self.segment(state, k_rounds, exp.hyper, arrays)
             chunks.append(jax.tree.map(checkpoint.to_host, history))
             done = _round(state)
@@ -511,9 +516,6 @@ class Runner:
                 checkpoint.save(Path(checkpoint_dir), done, (state, k_rounds), {"config": c.to_dict()}, joined())
             if progress is not None:
                 progress(done, c.rounds)
-            if np.all(np.any(chunks[-1]["diverged"] > 0, axis=-1)):
-                break  # non-finite honest models in every seed: stop, keep the metrics so far (a seed that
-                # diverged alone runs on with NaN models, so the other seeds still equal their own runs)
         run_s = time.perf_counter() - t0
         compile_s = self.compile_seconds if self.calls == 0 else 0.0
         self.calls += 1

@@ -113,6 +113,19 @@ def test_a_diverged_run_reports_the_same_stop_whatever_its_segments(small_cfg):
             np.testing.assert_array_equal(r.history[k], runs[0].history[k])
 
 
+def test_resuming_a_run_that_stopped_on_divergence_runs_no_further_segment(small_cfg, tmp_path):
+    """Regression: the resumed loop checked for divergence only after a new segment, so each resume of a diverged
+    run trained one more segment, wrote one more checkpoint and moved state_round (5 -> 10 -> 15)."""
+    cfg = small_cfg(**{"attack.name": "inf", "attack.byzantine": 1, "rounds": 12, "eval_every": 2,
+                       "checkpoint_every": 4})
+    full = jaxdfl.run(cfg, checkpoint_dir=str(tmp_path))
+    assert full.summary["diverged"] and full.summary["state_round"] == 4
+    for _ in range(2):
+        again = jaxdfl.run(cfg, checkpoint_dir=str(tmp_path), resume=True)
+        assert sorted(p.name for p in tmp_path.glob("*.npz")) == ["round_000004.npz"]
+        assert again.summary["state_round"] == 4 and again.summary["final"] == full.summary["final"]
+
+
 def test_after_a_divergence_stop_the_summary_says_what_the_returned_models_spent(small_cfg):
     """The metrics end at the diverging evaluation, the returned state at its segment's end: with DP, the models
     handed back trained (and spent privacy) for more rounds than rounds_done, which summary.epsilon covers."""
