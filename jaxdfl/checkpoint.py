@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import zipfile
 from pathlib import Path
 
 import jax
@@ -21,6 +22,7 @@ import numpy as np
 
 from jaxdfl.errors import ConfigError
 from jaxdfl.results import atomic_write
+from jaxdfl.results import remove_temporaries
 
 KEEP = 2
 
@@ -64,9 +66,16 @@ def save(directory: str | Path, round_: int, tree, meta: dict, history: dict | N
 
 
 def clear(directory: str | Path) -> None:
-    """Remove the checkpoints in ``directory`` (a fresh run replaces an earlier run's series)."""
+    """Remove the checkpoints in ``directory`` (a fresh run replaces an earlier run's series), and any partial
+    checkpoint a killed write left."""
     for old in _series(directory):
         old.unlink(missing_ok=True)
+    discard_partial(directory)
+
+
+def discard_partial(directory: str | Path) -> None:
+    """Remove the partial checkpoints (temporary files) that writes killed midway left in ``directory``."""
+    remove_temporaries(directory, "round_*.npz")
 
 
 def config_differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
@@ -90,10 +99,14 @@ def latest(directory: str | Path) -> Path | None:
 
 def load(path: str | Path, template) -> tuple[object, dict, dict]:
     """Read a checkpoint into the structure (and key types) of ``template``. Returns ``(tree, meta, history)``."""
-    with np.load(path) as f:
-        meta = json.loads(bytes(f["meta"]).decode())
-        stored = [f[name] for name in sorted(n for n in f.files if n.startswith("leaf_"))]
-        history = {n.split("/", 1)[1]: f[n] for n in f.files if n.startswith("history/")}
+    try:
+        with np.load(path) as f:
+            meta = json.loads(bytes(f["meta"]).decode())
+            stored = [f[name] for name in sorted(n for n in f.files if n.startswith("leaf_"))]
+            history = {n.split("/", 1)[1]: f[n] for n in f.files if n.startswith("history/")}
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # not written by save: damaged
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); move it away to resume "
+                          "from the one before") from None
     leaves, treedef = jax.tree.flatten(template)
     if len(stored) != len(leaves):
         raise ConfigError(f"checkpoint {path} does not match this config ({len(stored)} arrays, "

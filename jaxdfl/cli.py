@@ -76,12 +76,11 @@ def clear_outputs(out: Path) -> None:
     """Remove an earlier run's files from ``out``: :data:`RUN_FILES`, the temporary files a killed write left of
     them, and the checkpoints. A fresh run calls it before writing anything, so that a run stopped midway never
     leaves its config.toml beside another run's results. Files the tool does not write stay."""
-    from jaxdfl import checkpoint
+    from jaxdfl import checkpoint, results
 
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
-        for tmp in out.glob(f".{glob.escape(name)}.*.tmp"):  # results.atomic_write's temporary names
-            tmp.unlink(missing_ok=True)
+        results.remove_temporaries(out, glob.escape(name))
     checkpoint.clear(out / "checkpoints")
     with contextlib.suppress(OSError):  # kept when it holds anything else
         (out / "checkpoints").rmdir()
@@ -111,18 +110,36 @@ def write_outputs(out: Path, result) -> None:
     results.plot_consensus(out / "consensus.png", result.history)
 
 
-def out_folder(path: str, flag: str = "--out") -> Path:
-    """``path`` as the folder a command writes, checked before anything is built: it is a folder, or can be made
-    one (its nearest existing parent is a writable folder). Raises ConfigError naming ``flag``."""
-    out = Path(path)
-    probe = out
+def _writable(target: Path, flag: str, path: str, what: str) -> None:
+    """Raise ConfigError naming ``flag`` unless ``target`` is a folder, or can be made one: its nearest existing
+    parent is a writable folder."""
+    probe = target
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise ConfigError(f"{flag} {path}: {probe} is a file; give a folder (it is made when missing)")
+        raise ConfigError(f"{flag} {path}: {probe} is a file; give {what}")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"{flag} {path}: no permission to write in {probe}")
-    return out
+
+
+def out_folder(path: str, flag: str = "--out") -> Path:
+    """``path`` as the folder a command writes, checked before anything is built: it is a folder, or can be made
+    one (its nearest existing parent is a writable folder). Raises ConfigError naming ``flag``."""
+    if not path:
+        raise ConfigError(f"{flag}: the path is empty; give a folder (it is made when missing)")
+    _writable(Path(path), flag, path, "a folder (it is made when missing)")
+    return Path(path)
+
+
+def out_file(path: str, flag: str) -> Path:
+    """``path`` as a file a command writes (``--plot``, ``--json``), checked before the work: not a folder, and in
+    a folder that exists or can be made. Raises ConfigError naming ``flag``."""
+    if not path:
+        raise ConfigError(f"{flag}: the path is empty; give a file name")
+    if Path(path).is_dir():
+        raise ConfigError(f"{flag} {path}: is a folder; give a file name")
+    _writable(Path(path).parent, flag, path, "a file name in a folder")
+    return Path(path)
 
 
 def _distributed(args) -> None:
@@ -139,11 +156,13 @@ def cmd_run(args) -> int:
     from jaxdfl import experiment
 
     _distributed(args)
-    if args.resume:
+    if args.resume is not None:
+        if not args.resume:
+            raise ConfigError("--resume: the path is empty; give the --out folder of an earlier run")
         out = Path(args.resume)
         if not (out / "config.toml").exists():
             raise ConfigError(f"--resume {out}: no config.toml there (give the --out folder of an earlier run)")
-        if args.config or args.set or args.seeds is not None or args.out:
+        if args.config or args.set or args.seeds is not None or args.out is not None:
             raise ConfigError("--resume takes the run's own config.toml and folder; give no CONFIG, --set, --seeds "
                               "or --out with it")
         cfg = config_mod.load_config(str(out / "config.toml"))
@@ -154,7 +173,7 @@ def cmd_run(args) -> int:
         if not args.config:
             raise ConfigError("run needs a CONFIG file (or --resume DIR)")
         cfg = _base_config(args)
-        out = out_folder(args.out) if args.out else None
+        out = out_folder(args.out) if args.out is not None else None
     exp = experiment.build(cfg)  # host-side checks first, while the folder still holds the earlier run intact
     for note in config_mod.inert_settings(cfg):
         print(f"note: {note}", file=sys.stderr)
@@ -185,6 +204,9 @@ def cmd_partition(args) -> int:
     from jaxdfl import data, results
 
     cfg = _base_config(args)
+    for path, flag in ((args.plot, "--plot"), (args.json, "--json")):
+        if path is not None:
+            out_file(path, flag)
     d = cfg.data
     ds = data.load(d, cfg.topology.n)
     sh = data.partition(ds, cfg.topology.n, d.partition, seed=d.seed, alpha=d.alpha,
@@ -192,10 +214,10 @@ def cmd_partition(args) -> int:
                         quantity_alpha=d.quantity_alpha)
     report = data.partition_report(sh, ds.num_classes)
     print(data.format_partition_report(report))
-    if args.plot:
+    if args.plot is not None:
         data.plot_partition(args.plot, sh, ds.num_classes, title=f"{d.name}, {d.partition}, n={cfg.topology.n}")
         print(f"wrote {args.plot}")
-    if args.json:
+    if args.json is not None:
         results.write_json(args.json, report)
         print(f"wrote {args.json}")
     return 0
@@ -212,11 +234,13 @@ def cmd_topology(args) -> int:
             raise ConfigError(f"--param {item!r} must look like key=value")
         k, v = item.split("=", 1)
         params[k.strip()] = parse_value(v.strip())
+    if args.plot is not None:
+        out_file(args.plot, "--plot")
     topo = topology.make(args.kind, args.n, seed=args.seed, weights=args.weights, **params)
     info = topology.describe(topo)
     for k, v in info.items():
         print(f"{k:>24}: {v:.6g}" if isinstance(v, float) else f"{k:>24}: {v}")
-    if args.plot:
+    if args.plot is not None:
         byz = None
         if args.attack_config:
             from jaxdfl import byzantine
@@ -282,7 +306,7 @@ def cmd_privacy(args) -> int:
     _check_search(args)
     eps = _epsilons(args.epsilons) if args.epsilons is not None else []
     study = sweep.PrivacyUtility(_base_config(args), log=sweep.stderr_log)
-    out = out_folder(args.out) if args.out else None
+    out = out_folder(args.out) if args.out is not None else None
     if args.target_accuracy is not None:  # the search's two ends built (z calibrated) before anything compiles
         study.check([args.lo, args.hi])
     study.curve(eps)  # builds every target before the first compile
@@ -303,12 +327,12 @@ def cmd_privacy(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxdfl", description="Decentralized federated learning simulator")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for configuration errors")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     # --debug is accepted after the command too (``jaxdfl run CONFIG --debug``); SUPPRESS keeps a flag given
     # before the command from being reset by the subcommand's default
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show tracebacks for configuration errors")
+                        help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", parents=[common], help="run one experiment from a TOML config")
@@ -397,7 +421,21 @@ def compilation_cache() -> str | None:
     return folder
 
 
+def _interrupted(args) -> str:
+    """The line an interrupted command ends with, saying how to continue where that is possible."""
+    folder = getattr(args, "resume", None) or getattr(args, "out", None)
+    if args.command == "run" and folder and any((Path(folder) / "checkpoints").glob("round_*.npz")):
+        return f"jaxdfl: interrupted; continue with: jaxdfl run --resume {folder}"
+    if args.command == "sweep":
+        return "jaxdfl: interrupted; the same command continues the sweep (finished settings are skipped)"
+    return "jaxdfl: interrupted"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``jaxdfl`` command; returns its exit status. Errors are one line on stderr (``--debug``: the traceback):
+    2 for a config or command-line error, 1 for a file that cannot be read or written (and for a run whose honest
+    models diverged), 130 for Ctrl-C. Run as the command (``argv`` None), Ctrl-C ends the process at once after its
+    line: interpreter shutdown with a compilation in flight can crash inside XLA."""
     parser = build_parser()
     args = parser.parse_args(argv)
     compilation_cache()
@@ -408,6 +446,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"jaxdfl: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if args.debug:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"jaxdfl: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(_interrupted(args), file=sys.stderr)
+        if argv is None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
+        return 130
 
 
 if __name__ == "__main__":

@@ -390,6 +390,10 @@ def load_config(path: str | None = None, overrides: Iterable[str] | Mapping[str,
             raise ConfigError(f"config file {path!r} not found") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path!r} is not valid TOML: not UTF-8 text (byte {exc.start})") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path!r} cannot be read: {exc.strerror or exc}") from None
     return make_config(tree, overrides)
 
 

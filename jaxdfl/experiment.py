@@ -494,6 +494,7 @@ class Runner:
                                   "jaxdfl): it cannot be resumed; start the run again")
             state = _shard(exp, state, self.node_axis)
             chunks = [history]
+            checkpoint.discard_partial(checkpoint_dir)  # what the resumed run's killed writes left
         elif checkpoint_dir is not None:
             checkpoint.clear(checkpoint_dir)  # an earlier run's checkpoints in this folder must not be resumed
         axis = 0 if exp.seeds is None else 1

@@ -38,6 +38,13 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
         raise
 
 
+def remove_temporaries(folder: str | os.PathLike, name: str = "*") -> None:
+    """Delete the temporary files that :func:`atomic_write` calls killed mid-write left in ``folder`` for files
+    named ``name`` (a glob pattern; ``*``: any). They are never renamed into place, so nothing else removes them."""
+    for tmp in Path(folder).glob(f".{name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def to_jsonable(x):
     """numpy scalars/arrays -> Python numbers/lists; non-finite floats -> None (JSON has no NaN/inf)."""
     if isinstance(x, Mapping):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import hashlib
 import io
 import itertools
@@ -153,6 +154,10 @@ def _start_folder(out: Path, rows: list[dict]) -> None:
     does not vary (no accuracy_vs_gap.png), does not show another grid's results beside its own."""
     for name in PLOTS:
         (out / name).unlink(missing_ok=True)
+    for name in ("sweep.csv", *PLOTS):  # what killed writes left of them and of the settings' files
+        results.remove_temporaries(out, glob.escape(name))
+    for folder in out.glob("settings/*"):
+        results.remove_temporaries(folder)
     if rows:
         _write_rows(out / "sweep.csv", rows)
     else:

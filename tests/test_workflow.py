@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -100,8 +101,10 @@ def test_run_cli_resume_matches_uninterrupted(tmp_path):
     ck = sorted((part / "checkpoints").glob("*.npz"))
     ck[-1].unlink()  # as if killed after round 4: the newest good checkpoint is round 4
     (part / "summary.json").unlink()
+    (part / "checkpoints" / ".round_000006.npz.q9w8.tmp").write_bytes(b"PK")  # the killed write of round 6
     again = cli("run", "--resume", str(part), "--quiet")
     assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["round_000004.npz", "round_000006.npz"]
     a = json.loads((tmp_path / "full" / "summary.json").read_text())["final"]
     b = json.loads((part / "summary.json").read_text())["final"]
     assert a == b
@@ -348,6 +351,7 @@ def test_a_fresh_run_removes_the_earlier_runs_files_before_it_writes(tmp_path, m
         (tmp_path / name).write_text("earlier run")
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "round_000010.npz").write_text("earlier run")
+    (tmp_path / "checkpoints" / ".round_000020.npz.x1y2.tmp").write_text("a killed checkpoint write")
     (tmp_path / ".metrics.csv.k3j2.tmp").write_text("a killed write")
     (tmp_path / "notes.txt").write_text("mine")
     quick = str(ROOT / "configs/quickstart.toml")
@@ -360,8 +364,8 @@ def test_a_fresh_run_removes_the_earlier_runs_files_before_it_writes(tmp_path, m
         raise KeyboardInterrupt  # Ctrl-C while compiling
 
     monkeypatch.setattr(experiment, "Runner", stopped)
-    with pytest.raises(KeyboardInterrupt):
-        cli("run", quick, "--set", "model.hidden=[32]", "--out", str(tmp_path))
+    proc = cli("run", quick, "--set", "model.hidden=[32]", "--out", str(tmp_path))
+    assert proc.returncode == 130 and proc.stderr == "jaxdfl: interrupted\n"  # no checkpoint yet to resume from
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "notes.txt"]
     assert jaxdfl.load_config(str(tmp_path / "config.toml")).model.hidden == (32,)
 
@@ -374,7 +378,8 @@ def test_a_sweep_leaves_no_file_of_an_earlier_grid_at_the_top_of_its_folder(tmp_
     earlier.mkdir(parents=True)
     (earlier / "metrics.csv").write_text("round\n")
     (tmp_path / "sweep.csv").write_text("setting,config,accuracy_mean\nbase,0123456789ab,0.5\n")
-    for name in ("accuracy.png", "accuracy_vs_gap.png", "notes.txt"):
+    for name in ("accuracy.png", "accuracy_vs_gap.png", "notes.txt", ".sweep.csv.a1b2.tmp",
+                 "settings/0123456789ab/.summary.json.c3d4.tmp"):  # the last two: writes killed midway
         (tmp_path / name).write_text("earlier grid")
 
     def stopped(exp, runners):
@@ -385,6 +390,7 @@ def test_a_sweep_leaves_no_file_of_an_earlier_grid_at_the_top_of_its_folder(tmp_
         sweep.run_grid(small_cfg(), sweep.parse_grid(["train.lr=0.1,0.2"]), out=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "settings"]
     assert (earlier / "metrics.csv").exists()  # an earlier setting's results stay (a later grid may reuse them)
+    assert not (earlier / ".summary.json.c3d4.tmp").exists()
 
 
 @pytest.fixture
@@ -443,3 +449,74 @@ def test_an_out_that_is_a_file_is_an_error_before_building(tmp_path, no_compile,
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--out" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def _bad_resume_folder(tmp_path, small_cfg):
+    folder = tmp_path / "cut"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "config.toml").write_text(small_cfg(checkpoint_every=2).to_toml())
+    (folder / "checkpoints" / "round_000002.npz").write_bytes(b"PK\x03\x04 truncated")
+    return str(folder)
+
+
+@pytest.mark.parametrize("case, args, message", [
+    ("folder as config", lambda t, c: ["run", str(t)], "cannot be read: Is a directory"),
+    ("binary config", lambda t, c: ["run", str(t / "bin.toml")], "not UTF-8 text"),
+    ("empty --out", lambda t, c: ["run", str(ROOT / "configs/quickstart.toml"), "--out", ""],
+     "--out: the path is empty"),
+    ("empty --resume", lambda t, c: ["run", "--resume", ""], "--resume: the path is empty"),
+    ("empty sweep --out", lambda t, c: ["sweep", str(ROOT / "configs/quickstart.toml"), "--grid", "train.lr=0.1",
+                                        "--out", ""], "--out: the path is empty"),
+    ("partition plot is a folder", lambda t, c: ["partition", str(ROOT / "configs/quickstart.toml"), "--plot", str(t)],
+     "--plot {t}: is a folder"),
+    ("partition json under a file", lambda t, c: ["partition", str(ROOT / "configs/quickstart.toml"), "--json",
+                                                  str(t / "bin.toml" / "r.json")], "is a file"),
+    ("topology plot is a folder", lambda t, c: ["topology", "ring", "--n", "8", "--plot", str(t)],
+     "--plot {t}: is a folder"),
+    ("damaged checkpoint", lambda t, c: ["run", "--resume", _bad_resume_folder(t, c)], "cannot be read (BadZipFile"),
+])
+def test_command_errors_are_one_line_before_the_work(tmp_path, small_cfg, monkeypatch, case, args, message):
+    """Regression (files audit): these gave tracebacks (IsADirectoryError, UnicodeDecodeError, BadZipFile), ran
+    the whole partition before failing to write its plot, or took an empty --out as no --out (nothing written)."""
+    from jaxdfl import data, topology
+
+    (tmp_path / "bin.toml").write_bytes(b"\xff\xfe[topology]")
+    argv = args(tmp_path, small_cfg)
+    if argv[0] in ("partition", "topology"):
+        for module, name in ((data, "partition"), (topology, "describe")):  # the work the checks must come before
+            monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("did the work before checking its output"))
+    proc = cli(*argv)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message.format(t=tmp_path) in lines[0], proc.stderr
+
+
+def test_a_file_that_cannot_be_written_is_a_one_line_error(tmp_path, monkeypatch):
+    from jaxdfl import topology
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "g.png"))
+
+    monkeypatch.setattr(topology, "plot", denied)
+    proc = cli("topology", "ring", "--n", "8", "--plot", str(tmp_path / "g.png"))
+    assert proc.returncode == 1 and proc.stderr == f"jaxdfl: error: Permission denied: {tmp_path / 'g.png'}\n"
+
+
+def test_ctrl_c_ends_the_command_with_one_line_and_exit_130(tmp_path):
+    """A real SIGINT while the program compiles or runs: one line naming how to continue, status 130 (it printed a
+    30-line traceback, and sometimes crashed in XLA's teardown with a compilation in flight)."""
+    import signal
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "jaxdfl.cli", "run", str(ROOT / "configs/quickstart.toml"),
+                             "--set", "rounds=1000000", "--set", "checkpoint_every=5", "--set", "eval_every=5",
+                             "--out", str(out), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 120
+    while not any((out / "checkpoints").glob("round_*.npz")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == f"jaxdfl: interrupted; continue with: jaxdfl run --resume {out}", err
+    assert "Traceback" not in err
