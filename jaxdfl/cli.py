@@ -301,12 +301,12 @@ def _check_search(args) -> None:
 
 
 def cmd_privacy(args) -> int:
-    from jaxdfl import results, sweep
+    from jaxdfl import sweep
 
     _check_search(args)
     eps = _epsilons(args.epsilons) if args.epsilons is not None else []
-    study = sweep.PrivacyUtility(_base_config(args), log=sweep.stderr_log)
     out = out_folder(args.out) if args.out is not None else None
+    study = sweep.PrivacyUtility(_base_config(args), log=sweep.stderr_log, out=out)
     if args.target_accuracy is not None:  # the search's two ends built (z calibrated) before anything compiles
         study.check([args.lo, args.hi])
     study.curve(eps)  # builds every target before the first compile
@@ -317,9 +317,7 @@ def cmd_privacy(args) -> int:
     rows = [{"epsilon": e, "accuracy": a} for e, a in sorted(study.cache.items())]
     for r in rows:
         print(f"epsilon {r['epsilon']:10.4g}  accuracy {r['accuracy']:.4f}")
-    if out is not None:
-        results.write_csv(out / "privacy_utility.csv", ["epsilon", "accuracy"],
-                          [[r["epsilon"], r["accuracy"]] for r in rows])
+    if out is not None:  # privacy_utility.csv is kept up to date by the study
         study.plot(out / "privacy_utility.png", args.target_accuracy)
         print(f"wrote {out}/privacy_utility.{{csv,png}}")
     return 0

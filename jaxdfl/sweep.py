@@ -261,15 +261,37 @@ class PrivacyUtility:
     ``curve(epsilons)`` runs the experiment at each target epsilon (the noise multiplier calibrated on the host);
     ``smallest_epsilon(target_accuracy)`` searches epsilon by bisection on a log scale, using that accuracy grows
     with epsilon (less noise), instead of a grid.
+
+    With ``out``, ``out/privacy_utility.csv`` (epsilon, accuracy, the target's :func:`config_id`) is rewritten
+    atomically after every target, and the targets it already holds for this config are read back instead of run:
+    a study stopped midway continues where it stopped when started again.
     """
 
-    def __init__(self, base: Config, log: Callable[[str], None] | None = None):
+    def __init__(self, base: Config, log: Callable[[str], None] | None = None, out: str | Path | None = None):
         if base.privacy.mode == "none":
             raise ConfigError("privacy.mode must be \"example\" or \"update\" for a privacy-utility study")
         self.base = base
         self.log = log
         self.runners: list[tuple[tuple, experiment.Runner]] = []
         self.cache: dict[float, float] = {}
+        self.path = Path(out) / "privacy_utility.csv" if out is not None else None
+        if self.path is not None:
+            results.remove_temporaries(self.path.parent, glob.escape(self.path.name))
+            for row in _read_done(self.path)[0]:
+                eps = float(row["epsilon"])
+                if row.get("config") == config_id(self._config(eps)):
+                    self.cache[eps] = float(row["accuracy"])
+            self._save()
+
+    def _save(self) -> None:
+        """Rewrite privacy_utility.csv with this study's targets (removed when it has none yet)."""
+        if self.path is None:
+            return
+        if self.cache:
+            _write_rows(self.path, [{"epsilon": e, "accuracy": a, "config": config_id(self._config(e))}
+                                    for e, a in sorted(self.cache.items())])
+        else:
+            self.path.unlink(missing_ok=True)
 
     def _config(self, eps: float) -> Config:
         return self.base.replace({"privacy.target_epsilon": float(eps), "privacy.noise_multiplier": None})
@@ -288,6 +310,7 @@ class PrivacyUtility:
             exp = experiment.build(self._config(eps))
             result = experiment.runner_for(exp, self.runners)(exp)
             self.cache[eps] = float(np.mean(result.summary["final"]["accuracy_mean"]))
+            self._save()
             if self.log:
                 self.log(f"epsilon {eps:.4g} (z = {exp.noise_multiplier:.4f}): accuracy {self.cache[eps]:.4f}")
         return self.cache[eps]

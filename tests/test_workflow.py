@@ -206,14 +206,29 @@ def test_privacy_utility_bisection_uses_monotonicity(small_cfg, monkeypatch):
     assert len(calls) < 16  # bisection, not a grid
 
 
-def test_privacy_utility_curve_end_to_end(small_cfg, tmp_path):
-    study = sweep.PrivacyUtility(small_cfg(**{"privacy.mode": "update", "train.share": "update",
-                                              "privacy.clip_norm": 0.5}))
+def test_privacy_utility_curve_end_to_end(small_cfg, tmp_path, monkeypatch):
+    from jaxdfl import experiment
+
+    base = small_cfg(**{"privacy.mode": "update", "train.share": "update", "privacy.clip_norm": 0.5})
+    (tmp_path / ".privacy_utility.csv.k2j3.tmp").write_text("a killed write")
+    study = sweep.PrivacyUtility(base, out=tmp_path)
     pts = study.curve([0.5, 50.0])
     assert pts[0][0] == 0.5 and 0.0 <= pts[0][1] <= 1.0
     assert pts[1][1] >= pts[0][1]  # more budget, less noise
     study.plot(tmp_path / "pu.png", 0.5)
     assert (tmp_path / "pu.png").stat().st_size > 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["privacy_utility.csv", "pu.png"]
+    # started again (as after a crash midway): the targets on disk are read back, not run; only the new one runs
+    runs = []
+    real = experiment.runner_for
+    monkeypatch.setattr(experiment, "runner_for", lambda exp, runners: runs.append(exp) or real(exp, runners))
+    again = sweep.PrivacyUtility(base, out=tmp_path)
+    assert again.curve([0.5, 50.0, 5.0])[:2] == pts and len(runs) == 1
+    with open(tmp_path / "privacy_utility.csv", newline="") as fh:
+        assert [float(r["epsilon"]) for r in csv.DictReader(fh)] == [0.5, 5.0, 50.0]
+    # another config's targets are not this study's
+    other = sweep.PrivacyUtility(base.replace({"train.lr": 0.05}), out=tmp_path)
+    assert other.cache == {} and not (tmp_path / "privacy_utility.csv").exists()
     with pytest.raises(ConfigError, match="privacy.mode"):
         sweep.PrivacyUtility(small_cfg())
 
