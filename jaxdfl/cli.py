@@ -336,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", parents=[common], help="run one experiment from a TOML config")
     p.add_argument("config", nargs="?", help="TOML config file")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override, e.g. topology.n=64")
-    p.add_argument("--out", metavar="DIR", help="write config.toml, metrics.csv, summary.json, accuracy.png here")
+    p.add_argument("--out", metavar="DIR",
+                   help="write config.toml, metrics.csv, consensus.csv, nodes.csv, summary.json and plots here")
     p.add_argument("--seeds", type=int, metavar="S", help="run S seeds (seed, seed+1, ...) in one program")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
