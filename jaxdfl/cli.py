@@ -427,6 +427,8 @@ def _interrupted(args) -> str:
         return f"jaxdfl: interrupted; continue with: jaxdfl run --resume {folder}"
     if args.command == "sweep":
         return "jaxdfl: interrupted; the same command continues the sweep (finished settings are skipped)"
+    if args.command == "privacy" and folder:
+        return "jaxdfl: interrupted; the same command continues the study (finished targets are read back)"
     return "jaxdfl: interrupted"
 
 
