@@ -17,8 +17,11 @@ inverts the CDF, so its normal draws never leave [-5.42, 5.22] and its Laplace d
 beyond the noise's reach then proves the presence of the example that shifted it, a failure of the claimed delta
 (for DP-SGD at q = 0.01, z = 1.1, 10,000 steps it costs delta >= 8e-4; Mironov 2012 describes the general problem
 of floating-point noise). :func:`dp_normal` and :func:`dp_laplace` draw a uniform with 23 mantissa bits in a binade
-chosen by 64 more random bits, so the tails reach 9.2 sigma (normal; P(N > 9.2) = 2^-65) and 45 scales (Laplace);
-what remains of the truncation is far below any delta in use.
+chosen by 104 more random bits, so the tails reach :data:`DP_NORMAL_REACH` = 11.83 sigma (P(N > 11.84) = 2^-106) and
+:data:`DP_LAPLACE_REACH` = 72.8 scales. A finite reach still fails delta where a shift of the noise by the
+sensitivity moves the reachable range off an outcome of positive probability: with a shift of s noise units that
+costs P(N > reach - s) per release, which the accountant charges to delta
+(:func:`jaxdfl.privacy.accounting.truncation_delta`; negligible unless s is large, i.e. very little noise).
 """
 
 from __future__ import annotations
@@ -147,47 +150,68 @@ def _laplace32(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.sign(u) * jnp.log1p(-jnp.abs(u))
 
 
-def _fine_uniform(w_sign_mantissa: jax.Array, w_hi: jax.Array, w_lo: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(sign, u)`` from three uint32 words: ``u`` in (0, 1/2) with 23 random mantissa bits in every binade.
+#: Leading random bits that choose the binade of the DP draws' uniforms (so their smallest is 2^-(DP_BITS + 2)).
+DP_BITS = 104
 
-    Definition: ``k`` = number of leading zeros of the 64-bit word ``w_hi:w_lo`` (P(k) = 2^-(k+1), k <= 64),
-    ``m`` = the low 23 bits of ``w_sign_mantissa``; ``u = 2^-(k+2) (1 + m 2^-23)``, so P(u < x) = 2x up to the
-    2^-23 grid within a binade, down to x = 2^-66. The top bit of ``w_sign_mantissa`` gives ``sign`` in {-1, 1}.
+
+def _fine_uniform(w_sign_mantissa: jax.Array, w_hi: jax.Array, w_lo: jax.Array,
+                  w_ext: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(sign, u)`` from three or four uint32 words: ``u`` in (0, 1/2) with 23 random mantissa bits in every binade.
+
+    Definition: ``k`` = number of leading zeros of the 64-bit word ``w_hi:w_lo`` (P(k) = 2^-(k+1), k <= 64), or
+    with ``w_ext`` of the :data:`DP_BITS` = 104-bit word ``w_hi:w_lo:w_ext:b`` (``b`` = bits 23..30 of
+    ``w_sign_mantissa``, otherwise unused; k <= 104); ``m`` = the low 23 bits of ``w_sign_mantissa``;
+    ``u = 2^-(k+2) (1 + m 2^-23)``, so P(u < x) = 2x up to the 2^-23 grid within a binade, down to x = 2^-66
+    (2^-106 with ``w_ext``). The top bit of ``w_sign_mantissa`` gives ``sign`` in {-1, 1}. The extension changes
+    the draw only when ``w_hi`` and ``w_lo`` are both 0 (probability 2^-64).
     """
     k = jnp.where(w_hi == 0, np.uint32(32) + lax.clz(w_lo), lax.clz(w_hi))
+    if w_ext is not None:
+        spare = (w_sign_mantissa >> np.uint32(23)) & np.uint32(0xFF)
+        k_ext = jnp.where(w_ext == 0, np.uint32(32 - 24) + lax.clz(spare), lax.clz(w_ext))
+        k = jnp.where(k == 64, np.uint32(64) + k_ext, k)
     mantissa = w_sign_mantissa & np.uint32((1 << 23) - 1)
     u = lax.bitcast_convert_type(((np.uint32(125) - k) << np.uint32(23)) | mantissa, jnp.float32)
     sign = jnp.where(w_sign_mantissa >> np.uint32(31) == 1, np.float32(-1.0), np.float32(1.0))
     return sign, u
 
 
-def _words(key: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Three uint32 words per element: Threefry of counters (0, i) and (1, i) for element i."""
+def _words(key: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Four uint32 words per element: Threefry of counters (0, i) and (1, i) for element i."""
     words = jax.random.key_data(key)
     index = lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
     a0, a1 = threefry2x32(words[0], words[1], jnp.zeros_like(index), index)
-    b0, _ = threefry2x32(words[0], words[1], jnp.ones_like(index), index)
-    return a0, a1, b0
+    b0, b1 = threefry2x32(words[0], words[1], jnp.ones_like(index), index)
+    return a0, a1, b0, b1
 
 
-def normal_from_words(w_sign_mantissa, w_hi, w_lo) -> jax.Array:
-    """Standard normal draws from three uint32 words each: ``sign * -ndtri(u)`` (``u`` from :func:`_fine_uniform`)."""
-    sign, u = _fine_uniform(w_sign_mantissa, w_hi, w_lo)
+def normal_from_words(w_sign_mantissa, w_hi, w_lo, w_ext=None) -> jax.Array:
+    """Standard normal draws from three or four uint32 words each: ``sign * -ndtri(u)`` (``u`` from
+    :func:`_fine_uniform`)."""
+    sign, u = _fine_uniform(w_sign_mantissa, w_hi, w_lo, w_ext)
     return -sign * jax.scipy.special.ndtri(u)
 
 
-def laplace_from_words(w_sign_mantissa, w_hi, w_lo) -> jax.Array:
-    """Standard Laplace draws from three uint32 words each: ``sign * -log(2 u)`` (``2 u`` uniform on (0, 1))."""
-    sign, u = _fine_uniform(w_sign_mantissa, w_hi, w_lo)
+def laplace_from_words(w_sign_mantissa, w_hi, w_lo, w_ext=None) -> jax.Array:
+    """Standard Laplace draws from three or four uint32 words each: ``sign * -log(2 u)`` (``2 u`` uniform on
+    (0, 1))."""
+    sign, u = _fine_uniform(w_sign_mantissa, w_hi, w_lo, w_ext)
     return -sign * jnp.log(np.float32(2.0) * u)
 
 
-def log_uniform_from_words(w_sign_mantissa, w_hi, w_lo) -> jax.Array:
-    """``log(U)`` for ``U`` uniform on (0, 1) from three uint32 words each: ``log(u)`` or ``log1p(-u)`` by the sign
-    bit (``u`` from :func:`_fine_uniform`, in (0, 1/2)), so it is finite and < 0 for every word (a float32 of 32
-    random bits reaches 1.0, whose log1p(-1) = -inf)."""
-    sign, u = _fine_uniform(w_sign_mantissa, w_hi, w_lo)
+def log_uniform_from_words(w_sign_mantissa, w_hi, w_lo, w_ext=None) -> jax.Array:
+    """``log(U)`` for ``U`` uniform on (0, 1) from three or four uint32 words each: ``log(u)`` or ``log1p(-u)`` by
+    the sign bit (``u`` from :func:`_fine_uniform`, in (0, 1/2)), so it is finite and < 0 for every word (a float32
+    of 32 random bits reaches 1.0, whose log1p(-1) = -inf)."""
+    sign, u = _fine_uniform(w_sign_mantissa, w_hi, w_lo, w_ext)
     return jnp.where(sign > 0, jnp.log(u), jnp.log1p(-u))
+
+
+#: The largest magnitude :func:`dp_normal` draws (its smallest uniform is 2^-106), rounded down: a lower bound on
+#: the reach, so that the accountant's truncation charge (the mass beyond it) is an upper bound.
+DP_NORMAL_REACH = 11.83
+#: The largest magnitude :func:`dp_laplace` draws, -log(2^-105) = 72.78, rounded down.
+DP_LAPLACE_REACH = 72.7
 
 
 def _dp_draw(transform, key: jax.Array, shape) -> jax.Array:
@@ -199,7 +223,7 @@ def _dp_draw(transform, key: jax.Array, shape) -> jax.Array:
 
 
 def dp_normal(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
-    """Standard normal draws for differential privacy, with tails to 9.2 sigma (see the module docstring).
+    """Standard normal draws for differential privacy, with tails to 11.8 sigma (see the module docstring).
 
     ``key``: a typed threefry2x32 key (scalar); drawn in float32, returned as ``dtype`` with shape ``shape``.
     """
@@ -213,5 +237,5 @@ def dp_log_uniform(key: jax.Array, shape) -> jax.Array:
 
 
 def dp_laplace(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
-    """Standard Laplace draws (scale 1) for differential privacy, with tails to 45 scales (see :func:`dp_normal`)."""
+    """Standard Laplace draws (scale 1) for differential privacy, with tails to 72.8 scales (see :func:`dp_normal`)."""
     return _dp_draw(laplace_from_words, key, shape).astype(dtype)

@@ -77,7 +77,10 @@ def test_full_batch_equals_exact_analytic_gaussian():
     # at z have the same RDP curve as one step at z / sqrt(T).
     assert epsilon(1.0, 1.0, 100, DELTA, "rdp") >= exact
     assert epsilon(1.0, 1.0, 100, DELTA, "rdp") == pytest.approx(
-        epsilon(0.1, 1.0, 1, DELTA, "rdp"), rel=1e-9)
+        accounting._eps_ideal(0.1, 1.0, 1, "rdp")(DELTA), rel=1e-9)
+    # ... for ideal noise: float32 draws end at 11.83 sigma, and one release shifted by 10 sigma puts P(N > 1.83)
+    # = 3% where the neighbour cannot land, far above delta (:func:`accounting.truncation_delta`)
+    assert epsilon(0.1, 1.0, 1, DELTA, "rdp") == math.inf
     # Single-shot reference: sigma / Delta = 3.7306 gives epsilon 1.
     assert epsilon(3.7306, 1.0, 1, DELTA, "pld") == pytest.approx(1.0, abs=1e-4)
     assert analytic_gaussian_epsilon(3.7306, DELTA) == pytest.approx(1.0, abs=1e-4)
@@ -329,11 +332,50 @@ def test_pld_coarsens_below_z_half_to_stay_fast_and_stays_a_pessimistic_bound():
     assert accounting.pld_interval(0.5) == accounting.pld_interval(2.0) == 1e-4
     assert accounting.pld_interval(0.05) == pytest.approx(1e-2)
     z, q = 0.4, 0.13
-    coarse = accounting._eps_at(z, q, 2, "pld")(1e-5)
+    coarse = accounting._eps_ideal(z, q, 2, "pld")(1e-5)
     fine = dp_accounting.pld.privacy_loss_distribution.from_gaussian_mechanism(
         standard_deviation=z, sampling_prob=q, value_discretization_interval=1e-4).self_compose(2)
     assert fine.get_epsilon_for_delta(1e-5) <= coarse <= fine.get_epsilon_for_delta(1e-5) * (1 + 1e-6)
     start = time.perf_counter()
-    tiny = accounting._eps_at(0.01, q, 2, "pld")(1e-5)
+    tiny = accounting._eps_ideal(0.01, q, 2, "pld")(1e-5)
     assert time.perf_counter() - start < 30 and math.isfinite(tiny)
-    assert tiny <= accounting._eps_at(0.01, q, 2, "rdp")(1e-5)
+    assert tiny <= accounting._eps_ideal(0.01, q, 2, "rdp")(1e-5)
+
+
+def _reachable_normal_max():
+    """The largest |draw| of rng.dp_normal, from its rarest words (all binade bits zero)."""
+    import jax.numpy as jnp
+
+    from jaxdfl import rng
+
+    zero = jnp.zeros(1, jnp.uint32)
+    return float(rng.normal_from_words(zero, zero, zero, zero)[0])
+
+
+def test_truncation_charge_is_the_mass_the_neighbour_cannot_reach():
+    """Regression (privacy audit): float32 noise ending at 9.16 sigma made update-mode runs calibrated to a large
+    per-round epsilon fail their delta (1 round at target 40: delta >= P(N > 9.16 - 2/z) = 1.3e-4). The reach is now
+    11.84 sigma and the mass beyond it, shifted by the sensitivity, is charged to delta: a calibrated run's own
+    lower bound on delta stays within the target."""
+    from jaxdfl import rng
+
+    reach = _reachable_normal_max()
+    assert reach == pytest.approx(stats.norm.isf(2.0**-106), rel=1e-6) and reach >= rng.DP_NORMAL_REACH
+    for rounds, target in ((1, 40.0), (1, 64.0), (2, 64.0), (1, 30.0), (50, 8.0)):
+        z = calibrate_update_noise(target, rounds, DELTA)
+        assert update_epsilons(z, rounds, DELTA) <= target
+        # the concrete failure: outputs below mu' - reach * sigma occur only without the example (one release)
+        lower_bound = stats.norm.sf(reach - 2.0 / z)
+        assert lower_bound <= accounting.truncation_delta(2.0 / z, 1) <= DELTA
+    # the charge follows its definition, and is negligible at the usual noise levels
+    t = 11.83
+    assert accounting.truncation_delta(3.0, 7, 0.1) == pytest.approx(
+        7 * 0.1 * (stats.norm.sf(t - 3.0) + 2.0**40 * stats.norm.sf(t - 1 / t)), rel=1e-9)
+    assert accounting.truncation_delta(2.0, 7, mechanism="laplace") == pytest.approx(
+        7 * 0.5 * (math.exp(-(72.7 - 2.0)) + 2.0**40 * math.exp(-72.7)), rel=1e-9)
+    assert accounting.truncation_delta(1 / 0.5, 10_000, 0.01) < 1e-17
+    # Laplace: pure epsilon while the charge stays within delta, else inf; calibration refuses what it cannot give
+    assert update_epsilons(1.0, 10, DELTA, "laplace") == 20.0
+    assert update_epsilons(2.0 / 65.0, 1, DELTA, "laplace") == math.inf
+    with pytest.raises(ConfigError, match="target_epsilon"):
+        calibrate_update_noise(64.0, 1, DELTA, "laplace")

@@ -19,7 +19,8 @@ What is accounted, per node (each node protects its own data):
   zero, which is why it is not the default.
   Laplace gives pure epsilon-DP per round, eps_round = Delta_1 / b = s / z with
   s = 2 (replace) or 1 (add/remove), composed additively: eps = R s / z,
-  delta = 0; the ``accountant`` and ``delta`` do not enter.
+  delta = 0 but for the noise's finite reach (below); the ``accountant`` does
+  not enter.
 
 Accountants: "rdp" (dp-accounting's RdpAccountant, default orders; the
 conversion to (eps, delta) is the improved one of Canonne, Kamath & Steinke
@@ -38,6 +39,17 @@ overflow_prob=eta)`` reports the smallest eps for which the ideal guarantee
 at delta - (1 + e^eps) eta holds, so the reported (eps, delta) covers the
 implementation. ``buffer_size`` picks the buffer so the slack is
 ``fraction`` (default 1e-3) of delta at the expected epsilon.
+
+The noise's finite reach (``jaxdfl.rng``: float32 draws end at T = 11.83
+sigma, 72.7 Laplace scales) is charged to delta as well: a release whose
+noise is shifted by s noise units (s = 1 / z per DP-SGD step, s / z in
+update mode) puts mass P(N > T - s) where the neighbouring dataset's output
+cannot reach, an infinite privacy loss. Per release that is at most
+q (Pbar(T - s) + 2^40 Pbar(T - 1 / T)) for any split of the shift over up to
+2^40 coordinates (:func:`truncation_delta`), added over the releases, and
+epsilon is reported at delta minus that charge (infinite once it reaches
+delta). It is below 1e-21 for z >= 0.5 and matters only with very little
+noise per release (update mode at a per-round epsilon of about 20 and more).
 
 Recipe for the engine (example mode), once per run on the host:
   1. eps_end = example_epsilons(z, rates, R*K, delta).max(), or the target
@@ -192,12 +204,53 @@ def _pld_composed(z, q, steps):
     return _pld_per_step(z, q).self_compose(steps)
 
 
+#: Coordinates a release's shift may be split over in :func:`truncation_delta` (2^40: any model that fits).
+_MAX_COORDS = 2.0**40
+
+
+def _normal_tail(x: float) -> float:
+    """P(N > x) for a standard normal N."""
+    return 0.5 * math.erfc(x / math.sqrt(2.0))
+
+
+def truncation_delta(shift: float, releases: int, rate: float = 1.0, mechanism: str = "gaussian") -> float:
+    """Delta charged for the finite reach of the DP noise draws (``jaxdfl.rng``) over ``releases`` releases.
+
+    Definition: the noise reaches T (:data:`jaxdfl.rng.DP_NORMAL_REACH` or ``DP_LAPLACE_REACH``) per coordinate;
+    shifted by the sensitivity, ``shift`` = s noise units (L2 for Gaussian, L1 for Laplace), it leaves mass where
+    the neighbour's output never lands. Gaussian: at most ``Pbar(T - s) + 2^40 Pbar(T - 1/T)`` per release for
+    any split of the shift over up to 2^40 coordinates (``Pbar(T - sqrt(w))`` is concave in w below 1/T^2 and
+    convex above, so one coordinate takes the largest share); Laplace: ``(e^-(T - s) + 2^40 e^-T) / 2`` (convex
+    in each coordinate's shift). The releases' charges add up; a Poisson-sampled release (``rate`` q) is shifted
+    only when the example is sampled: ``releases * q * charge``.
+    """
+    from jaxdfl import rng
+
+    if releases == 0 or rate == 0.0:
+        return 0.0
+    if mechanism == "laplace":
+        t = rng.DP_LAPLACE_REACH
+        one = 0.5 * (math.exp(-max(t - shift, 0.0)) + _MAX_COORDS * math.exp(-t))
+    else:
+        t = rng.DP_NORMAL_REACH
+        one = _normal_tail(t - shift) + _MAX_COORDS * _normal_tail(t - 1.0 / t)
+    return min(1.0, releases * rate * one)
+
+
 def _eps_at(z, q, steps, accountant):
-    """Return delta -> epsilon for T Poisson-subsampled Gaussian steps (no overflow)."""
+    """Return delta -> epsilon for T Poisson-subsampled Gaussian steps (no overflow), the noise's finite reach
+    charged to delta (:func:`truncation_delta`)."""
     if steps == 0 or q == 0.0:
         return lambda delta: 0.0
     if z == 0.0:
         return lambda delta: math.inf
+    ideal = _eps_ideal(z, q, steps, accountant)
+    charge = truncation_delta(1.0 / z, steps, q)
+    return lambda delta: ideal(delta - charge) if delta > charge else math.inf
+
+
+def _eps_ideal(z, q, steps, accountant):
+    """Return delta -> epsilon for T Poisson-subsampled Gaussian steps with untruncated noise."""
     if accountant == "pld" and q == 1.0:
         # Unsubsampled Gaussian: T compositions are one Gaussian with z /
         # sqrt(T), whose exact epsilon (Balle & Wang 2018) is what the PLD
@@ -521,7 +574,9 @@ def update_epsilons(noise_multiplier, rounds_done, delta, mechanism="gaussian", 
     update has sensitivity s C and the noise scale is z C):
       gaussian: R Gaussian mechanisms with multiplier z / s, composed by the
         accountant (at delta);
-      laplace: pure epsilon-DP, R * s / z (delta = 0, accountant unused).
+      laplace: pure epsilon-DP, R * s / z, but for the noise's finite reach
+        (:func:`truncation_delta`; inf once that charge exceeds delta; the
+        accountant is unused).
 
     Args:
       noise_multiplier: z >= 0.
@@ -547,7 +602,9 @@ def update_epsilons(noise_multiplier, rounds_done, delta, mechanism="gaussian", 
     if mechanism == "laplace":
         if rounds_done == 0:
             return 0.0
-        return math.inf if z == 0.0 else rounds_done * s / z
+        if z == 0.0 or truncation_delta(s / z, int(rounds_done), mechanism="laplace") > delta:
+            return math.inf
+        return rounds_done * s / z
     return epsilon(z / s, 1.0, int(rounds_done), delta, accountant)
 
 
@@ -578,7 +635,12 @@ def calibrate_update_noise(target_epsilon, rounds, delta, mechanism="gaussian", 
     _check_accountant(accountant)
     s = _sensitivity_factor(adjacency)
     if mechanism == "laplace":
-        return rounds * s / float(target_epsilon)
+        z = rounds * s / float(target_epsilon)
+        if rounds and truncation_delta(s / z, int(rounds), mechanism="laplace") > delta:
+            raise ConfigError(f"privacy.target_epsilon = {target_epsilon:g} over {rounds} rounds is more than "
+                              "float32 Laplace noise can give (its draws end at 72.7 scales, so a per-round "
+                              "epsilon near that fails delta); lower the target or run more rounds")
+        return z
     return s * calibrate_noise(target_epsilon, 1.0, rounds, delta, accountant)
 
 
