@@ -721,15 +721,16 @@ def finish(exp: Experiment, history: dict, state, compile_s: float, run_s: float
     # the program stopped, at its segment's end: its models may have trained, and spent privacy, for more rounds.
     summary["state_round"] = _round(state)
     summary["state_epsilon"] = (None if exp.config.privacy.mode == "none"
-                                else _num(exp.epsilon(summary["state_round"])))
+                                else _num_or_inf(exp.epsilon(summary["state_round"])))
     if rounds_axis.ndim == 1:
-        summary["final"] = {k: _num(v) for k, v in final.items()}
+        summary["final"] = {k: _final(v, k) for k, v in final.items()}
     else:
         summary["seeds"] = exp.seeds
-        summary["final"] = {k: _num(np.mean(v)) for k, v in final.items()}
+        summary["final"] = {k: _final(np.mean(v), k) for k, v in final.items()}
         # the sample std over seeds; undefined (null) for a single seed, where 0 would read as "no spread"
-        summary["final_std"] = {k: _num(np.std(v, ddof=1)) if len(v) > 1 else None for k, v in final.items()}
-        summary["final_per_seed"] = {k: [_num(x) for x in v] for k, v in final.items()}
+        with np.errstate(invalid="ignore"):  # the spread of infinite values (epsilon at z = 0) is NaN: null
+            summary["final_std"] = {k: _num(np.std(v, ddof=1)) if len(v) > 1 else None for k, v in final.items()}
+        summary["final_per_seed"] = {k: [_final(x, k) for x in v] for k, v in final.items()}
         summary["diverged_seeds"] = [s for s, d in zip(exp.seeds, np.any(diverged > 0, axis=-1)) if d]
     return Result(exp.config, history, summary, state)
 
@@ -842,3 +843,13 @@ def peak_bytes(exp: Experiment) -> int:
 def _num(x) -> float | None:
     x = float(x)
     return x if np.isfinite(x) else None
+
+
+def _num_or_inf(x) -> float | None:
+    """``float(x)``, None for NaN: an infinite epsilon (no noise) stays inf, unlike no privacy at all (None)."""
+    x = float(x)
+    return None if np.isnan(x) else x
+
+
+def _final(values, key: str):
+    return _num_or_inf(values) if key == "epsilon" else _num(values)

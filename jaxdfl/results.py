@@ -46,7 +46,8 @@ def remove_temporaries(folder: str | os.PathLike, name: str = "*") -> None:
 
 
 def to_jsonable(x):
-    """numpy scalars/arrays -> Python numbers/lists; non-finite floats -> None (JSON has no NaN/inf)."""
+    """numpy scalars/arrays -> Python numbers/lists; NaN -> None and +-inf -> "inf" / "-inf" (JSON has neither;
+    ``float()`` reads the strings back)."""
     if isinstance(x, Mapping):
         return {str(k): to_jsonable(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
@@ -56,7 +57,7 @@ def to_jsonable(x):
     if isinstance(x, np.generic):
         return to_jsonable(x.item())
     if isinstance(x, float) and not math.isfinite(x):
-        return None
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
     return x
 
 

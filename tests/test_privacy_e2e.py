@@ -36,6 +36,29 @@ def test_example_mode_reports_accountant_epsilon(small_cfg):
     assert r.history["epsilon"][-1] == max(r.summary["epsilon_per_node"]) == r.summary["state_epsilon"]
 
 
+@pytest.mark.filterwarnings("ignore:privacy.noise_multiplier = 0 adds no noise")
+@pytest.mark.filterwarnings("error")
+def test_an_infinite_epsilon_is_reported_as_infinite_not_as_no_privacy(small_cfg, tmp_path):
+    """Regression (privacy audit): with z = 0 the summary's epsilon was None / null, exactly what a run without
+    privacy reports, and the CLI's summary line left it out."""
+    import json
+
+    from jaxdfl import results
+    from jaxdfl.cli import summary_line
+
+    r = jaxdfl.run(small_cfg(**{"privacy.mode": "update", "privacy.noise_multiplier": 0.0, "seeds": [0, 1]}))
+    assert r.summary["final"]["epsilon"] == r.summary["state_epsilon"] == np.inf
+    assert r.summary["final_per_seed"]["epsilon"] == [np.inf, np.inf]
+    assert "epsilon=inf" in summary_line(r.summary)
+    results.write_json(tmp_path / "s.json", r.summary)
+    written = json.loads((tmp_path / "s.json").read_text())
+    assert written["final"]["epsilon"] == written["state_epsilon"] == "inf" and float(written["state_epsilon"]) > 1e308
+    assert set(written["epsilon_per_node"]) == {"inf"}
+    assert written["final_std"]["epsilon"] is None  # undefined (inf - inf), as NaN metrics are
+    none = jaxdfl.run(small_cfg())
+    assert none.summary["final"]["epsilon"] is None and none.summary["state_epsilon"] is None
+
+
 def test_update_mode_epsilon_and_noise(small_cfg):
     cfg = small_cfg(**{"privacy.mode": "update", "privacy.noise_multiplier": 2.0, "train.share": "update"})
     r = jaxdfl.run(cfg)
