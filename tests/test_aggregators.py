@@ -644,3 +644,62 @@ def test_a_rule_no_f_fits_is_refused_without_a_negative_bound(rule, sizes):
     with pytest.raises(ConfigError, match=r"no f meets on the smallest neighbourhood") as info:
         A.validate(rule, {"f": 0}, sizes)
     assert "-1" not in str(info.value) and "\n" not in str(info.value)
+
+
+X64_CHECK = """
+import json, sys
+import jax, numpy as np
+from jaxdfl import aggregators as A
+from jaxdfl.aggregators import reference as R
+assert jax.config.jax_enable_x64
+rng = np.random.default_rng(0)
+hyper = json.loads(sys.argv[1])
+worst = {}
+for rule in sorted(A.REGISTRY):
+    h = {**A.DEFAULTS[rule], **hyper.get(rule, {})}
+    fn = jax.jit(jax.vmap(lambda x, m, w: A.REGISTRY[rule](x, m, w, **h)))
+    x = rng.normal(size=(6, 7, 5)) * 0.1 + 0.2
+    mask = np.ones((6, 7), bool)
+    mask[:, 5:] = rng.random((6, 2)) > 0.5
+    w = rng.random((6, 7))
+    w /= w.sum(axis=1, keepdims=True)
+    out = fn(x, mask, w)
+    assert out.dtype == np.float64, (rule, out.dtype)
+    ref_h = {"nu": h["nu"]} if rule == "geometric_median" else h
+    expect = np.stack([R.REGISTRY[rule](x[i], mask[i], w[i], **ref_h) for i in range(6)])
+    worst[rule] = float(np.max(np.abs(np.asarray(out) - expect)))
+print(json.dumps(worst))
+"""
+
+
+def test_float64_inputs_are_aggregated_in_float64():
+    """Regression (rules audit): under x64, centered_clip crashed (float32 loop state, float64 body) and mean,
+    multi-Krum, MoNNA, IOS and NNM rounded their coefficients to float32 (0.2000000060 for the mean of .1, .2, .3)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    hyper_ = {**HYPER, "geometric_median": {"iters": 2000, "tol": 0.0, "nu": 1e-6}}
+    proc = subprocess.run([sys.executable, "-c", X64_CHECK, json.dumps(hyper_)], capture_output=True, text=True,
+                          env=dict(os.environ, JAX_ENABLE_X64="1", JAX_PLATFORMS="cpu"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    worst = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(worst) == set(RULES)
+    for rule, err in worst.items():
+        assert err < (1e-6 if rule == "geometric_median" else 1e-12), (rule, err)
+
+
+@pytest.mark.parametrize("rule", ["mean", "ios", "clipped_gossip"])
+def test_rows_left_with_zero_mixing_weight_average_uniformly(rule):
+    """Regression (rules audit): when every row a weighted rule keeps has mixing weight 0 (a weight matrix with zero
+    entries on live links, or IOS removing the positive-weight neighbours on ties), the weighted mean was 0 / 0."""
+    x = np.asarray([[1.0], [3.0], [5.0], [9.0]], np.float32)
+    mask = np.asarray([True, False, True, True])
+    w = np.asarray([0.0, 1.0, 0.0, 0.0], np.float32)  # the only positive weight sits on a row that did not arrive
+    out = np.asarray(A.REGISTRY[rule](jnp.asarray(x), jnp.asarray(mask), jnp.asarray(w), **A.DEFAULTS[rule]))
+    assert np.isfinite(out).all()
+    if rule == "mean":
+        assert out[0] == pytest.approx(5.0)  # the plain mean of the rows that arrived
+    ios = A.ios(jnp.ones((4, 1)), jnp.ones(4, bool), jnp.asarray([0.0, 0.5, 0.5, 0.0]), f=2)  # the audit's case
+    assert np.asarray(ios)[0] == pytest.approx(1.0)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jaxdfl.aggregators import order_stats
 from jaxdfl.aggregators._common import centred_gram
 from jaxdfl.aggregators._common import combine
+from jaxdfl.aggregators._common import compute_dtype
 from jaxdfl.aggregators._common import count
 from jaxdfl.aggregators._common import nan_to_inf
 from jaxdfl.aggregators._common import ranks
@@ -24,9 +25,22 @@ from jaxdfl.aggregators._common import sq_distances
 from jaxdfl.aggregators._common import take_row
 
 
-def _uniform(mask: jax.Array) -> jax.Array:
-    m = mask.astype(jnp.float32)
+def _uniform(mask: jax.Array, dt) -> jax.Array:
+    m = mask.astype(dt)
     return m / jnp.sum(m)
+
+
+def _mixing(x: jax.Array, mask: jax.Array, weights: jax.Array | None) -> jax.Array:
+    """The valid rows' mixing weights in the compute dtype (0 elsewhere; uniform when ``weights`` is None)."""
+    dt = compute_dtype(x.dtype)
+    return _uniform(mask, dt) if weights is None else jnp.where(mask, weights.astype(dt), jnp.zeros((), dt))
+
+
+def _normalised(w: jax.Array, rows: jax.Array) -> jax.Array:
+    """``w / sum(w)``, or uniform over ``rows`` when the weights there sum to 0 (zero mixing weights on every
+    row left: a mean, not 0 / 0)."""
+    total = jnp.sum(w)
+    return jnp.where(total > 0, w / jnp.where(total > 0, total, 1.0), _uniform(rows, w.dtype))
 
 
 def _safe_ratio(tau, dist):
@@ -53,8 +67,7 @@ def mean(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None) -> jax
 
     References: S. Boyd, A. Ghosh, B. Prabhakar, D. Shah, "Randomized gossip algorithms", IEEE TIT 2006.
     """
-    w = _uniform(mask) if weights is None else jnp.where(mask, weights.astype(jnp.float32), 0.0)
-    return combine(x, mask, w / jnp.sum(w))
+    return combine(x, mask, _normalised(_mixing(x, mask, weights), mask))
 
 
 def _krum_scores(d2: jax.Array, mask: jax.Array, f, all_when_degenerate: bool = False) -> jax.Array:
@@ -127,7 +140,7 @@ def multi_krum(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None, 
     n = count(mask)
     m_eff = jnp.clip(jnp.where(m > 0, m, n - f), 1, n)
     chosen = mask & (ranks(scores, mask) < m_eff)
-    return combine(x, chosen, chosen / m_eff.astype(jnp.float32))
+    return combine(x, chosen, chosen / m_eff.astype(compute_dtype(x.dtype)))
 
 
 def bulyan(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None, *, f=1) -> jax.Array:
@@ -201,8 +214,8 @@ def geometric_median(x: jax.Array, mask: jax.Array, weights: jax.Array | None = 
     2022; E. Weiszfeld, 1937.
     """
     gram, mask = centred_gram(x, mask)
-    alpha = _uniform(mask)
-    nu = jnp.asarray(nu, jnp.float32)
+    alpha = _uniform(mask, gram.dtype)
+    nu = jnp.asarray(nu, gram.dtype)
 
     def step(b):
         # the next coefficients, and the step's length relative to the harmonic mean of max(|x_i - z|, nu): a scale
@@ -220,7 +233,7 @@ def geometric_median(x: jax.Array, mask: jax.Array, weights: jax.Array | None = 
         i, b, _ = state
         return (i + 1, *step(b))
 
-    b0 = jnp.zeros(mask.shape, jnp.float32).at[0].set(1.0)
+    b0 = jnp.zeros(mask.shape, gram.dtype).at[0].set(1.0)
     _, b, _ = jax.lax.while_loop(cond, body, (jnp.ones((), jnp.int32), *step(b0)))
     return combine(x, mask, b)
 
@@ -250,9 +263,9 @@ def centered_clip(x: jax.Array, mask: jax.Array, weights: jax.Array | None = Non
     ICML 2021.
     """
     gram, mask = centred_gram(x, mask)
-    alpha = _uniform(mask)
+    alpha = _uniform(mask, gram.dtype)
     k = mask.shape[0]
-    eye = jnp.eye(k, dtype=jnp.float32)
+    eye = jnp.eye(k, dtype=gram.dtype)
 
     def body(_, b):
         c = alpha * _safe_ratio(tau, jnp.sqrt(sq_dist_to(gram, b)))
@@ -285,7 +298,7 @@ def monna(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None, *, f=
     """
     keep = jnp.maximum(count(mask) - f, 1)
     chosen = mask & (ranks(sq_dist_to_self(x, mask), mask) < keep)
-    return combine(x, chosen, chosen / keep.astype(jnp.float32))
+    return combine(x, chosen, chosen / keep.astype(compute_dtype(x.dtype)))
 
 
 def clipped_gossip(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None, *, tau=1.0, adaptive=False,
@@ -317,7 +330,7 @@ def clipped_gossip(x: jax.Array, mask: jax.Array, weights: jax.Array | None = No
     arXiv:2202.01545, 2022.
     """
     k = mask.shape[0]
-    w = _uniform(mask) if weights is None else jnp.where(mask, weights.astype(jnp.float32), 0.0)
+    w = _mixing(x, mask, weights)
     dist = nan_to_inf(jnp.sqrt(sq_dist_to_self(x, mask)))  # a non-finite row is infinitely far: coefficient 0
     nbr = mask & (jnp.arange(k) > 0)
     m = count(nbr)
@@ -354,13 +367,12 @@ def ios(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None, *, f=1)
     aggregation rules", IEEE TSP 2023.
     """
     k = mask.shape[0]
-    w = _uniform(mask) if weights is None else jnp.where(mask, weights.astype(jnp.float32), 0.0)
+    w = _mixing(x, mask, weights)
     gram, mask = centred_gram(x, mask)
     idx = jnp.arange(k)
 
     def coef(active):
-        wa = jnp.where(active, w, 0.0)
-        return wa / jnp.sum(wa)
+        return _normalised(jnp.where(active, w, jnp.zeros((), w.dtype)), active)
 
     def body(_, active):
         d2 = sq_dist_to(gram, coef(active))

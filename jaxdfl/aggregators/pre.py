@@ -60,7 +60,7 @@ def nnm(key: jax.Array, x: jax.Array, mask: jax.Array, weights: jax.Array, *, f=
     pair = mask[:, None] & mask[None, :]
     keep = jnp.maximum(count(mask) - f, 1)
     near = pair & (ranks(d2, jnp.broadcast_to(mask, (k, k))) < keep)
-    return _mix(x, mask, near / keep.astype(jnp.float32)), mask, weights
+    return _mix(x, mask, near / keep.astype(compute_dtype(x.dtype))), mask, weights
 
 
 def bucketing(key: jax.Array, x: jax.Array, mask: jax.Array, weights: jax.Array, *, s=2):
@@ -99,11 +99,12 @@ def bucketing(key: jax.Array, x: jax.Array, mask: jax.Array, weights: jax.Array,
     position = ranks(jax.random.uniform(key, (k,)), nbr)
     member = nbr[None, :] & (position[None, :] // s == jnp.arange(buckets)[:, None])
     size = jnp.sum(member, axis=1)
-    w = jnp.where(mask, weights, 0.0).astype(jnp.float32)
+    dt = compute_dtype(x.dtype)
+    w = jnp.where(mask, weights, 0.0).astype(dt)
     member_w = jnp.where(member, w[None, :], 0.0)
     bucket_w = jnp.sum(member_w, axis=1, keepdims=True)
-    plain = member / jnp.maximum(size, 1)[:, None].astype(jnp.float32)
-    mix = jnp.concatenate([jnp.eye(1, k, dtype=jnp.float32),
+    plain = member / jnp.maximum(size, 1)[:, None].astype(dt)
+    mix = jnp.concatenate([jnp.eye(1, k, dtype=dt),
                            jnp.where(bucket_w > 0, member_w / jnp.where(bucket_w > 0, bucket_w, 1.0), plain)])
     new_w = jnp.concatenate([w[:1], bucket_w[:, 0]])
     new_mask = jnp.concatenate([jnp.ones((1,), bool), size > 0])
