@@ -220,6 +220,17 @@ def test_meamed_and_trimmed_mean_against_reference_for_several_f(f):
         np.testing.assert_allclose(np.asarray(out), expect, rtol=1e-5, atol=1e-5, err_msg=rule)
 
 
+def test_meamed_keeps_the_lower_of_two_values_tied_around_the_median_as_its_reference_does():
+    """Ties at equal distance from the median keep the lower value (the kernel's documented rule); the reference
+    kept the lower row index instead, so tests on integer data (and Bulyan's, which calls it) would report false
+    failures (rules audit)."""
+    x = np.asarray([[[3.0], [0.0], [1.0], [2.0]]], np.float32)  # median 1.5: 1 and 2 tie, as do 0 and 3
+    mask = np.ones((1, 4), bool)
+    w = np.full((1, 4), 0.25, np.float32)
+    assert float(batched("meamed", f=1)(x, mask, w)[0, 0]) == 1.0  # mean of 1, 2, 0
+    assert R.meamed(x[0], mask[0], f=1)[0] == 1.0
+
+
 @pytest.mark.parametrize("k,f", [(5, 1), (9, 0), (9, 1), (17, 1), (17, 2), (9, 3)])
 def test_trimmed_mean_partition_and_sort_paths_agree_with_reference(k, f):
     """A static f with a cheap partition takes ``_trimmed_mean_by_partition`` (masked rows set to an anchor inside the

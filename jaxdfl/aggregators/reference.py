@@ -31,7 +31,7 @@ def trimmed_mean(x, mask, weights=None, *, f=1):
 
 
 def meamed(x, mask, weights=None, *, f=1):
-    v = _valid(x, mask)
+    v = np.sort(_valid(x, mask), axis=0)  # sorted first, so that the stable argsort keeps the lower of tied values
     med = np.median(v, axis=0)
     nearest = np.argsort(np.abs(v - med), axis=0, kind="stable")[:len(v) - f]
     return np.take_along_axis(v, nearest, axis=0).mean(0)
