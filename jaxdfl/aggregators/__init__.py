@@ -12,8 +12,10 @@ their papers; ``mean``, ``clipped_gossip`` and ``ios`` use them. The output keep
 float32, or wider for wider inputs). Non-finite valid rows (an attacker's inf or NaN) count as outliers: the
 order statistics rank NaN as +inf, the distance rules rank a non-finite distance last, and the iterative rules
 (geometric median, centred clipping, IOS) and clipped gossip leave such a row out, so every robust rule keeps its
-output finite within its breakdown point. A node with fewer valid rows than the rule (after its pre-aggregators)
-needs gets its own vector back (:func:`enough_rows`).
+output finite within its breakdown point. Squared distances are summed in the compute dtype: in float32, rows
+more than about 1.8e19 apart overflow it and count as non-finite, and differences below about 1e-19 vanish, so
+models at such scales need float64 (``jax_enable_x64``). A node with fewer valid rows than the rule (after its
+pre-aggregators) needs gets its own vector back (:func:`enough_rows`).
 
 :func:`aggregate` lifts a rule over the gathered ``[N, K, D]`` block with ``jax.vmap``, in chunks of nodes when
 its temporaries would exceed a memory budget. Pre-aggregators (``PRE_REGISTRY``) transform the neighbourhood
@@ -25,7 +27,8 @@ Hyper-parameters (``f`` always counts tolerated Byzantine rows in one neighbourh
 included):
 
 - ``trimmed_mean``, ``meamed``, ``monna``, ``nnm``: ``f`` values/rows dropped; need n > 2f.
-- ``krum``: ``f``; needs n - f - 2 >= 1. ``multi_krum``: ``f`` and ``m`` (rows averaged; 0 = n - f).
+- ``krum``: ``f``; needs n - f - 2 >= 1 (its resilience needs 2f + 2 < n, not enforced). ``multi_krum``: ``f``
+  and ``m`` (rows averaged; 0 = n - f).
 - ``bulyan``: ``f``; needs n >= 4f + 3.
 - ``geometric_median``: ``nu`` (smoothing radius > 0), ``iters`` (max Weiszfeld steps), ``tol`` (step length relative
   to the harmonic mean distance).
