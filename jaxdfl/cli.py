@@ -160,6 +160,7 @@ def cmd_run(args) -> int:
         if not args.resume:
             raise ConfigError("--resume: the path is empty; give the --out folder of an earlier run")
         out = Path(args.resume)
+        args.resumable = out
         if not (out / "config.toml").exists():
             raise ConfigError(f"--resume {out}: no config.toml there (give the --out folder of an earlier run)")
         if args.config or args.set or args.seeds is not None or args.out is not None:
@@ -182,6 +183,7 @@ def cmd_run(args) -> int:
 
         if not args.resume:
             clear_outputs(out)
+        args.resumable = out  # a Ctrl-C from here on may point at --resume (before, DIR held another run)
         # written before compiling, so that a run killed midway can be resumed from its folder
         results.atomic_write(out / "config.toml", cfg.to_toml())
     bar = ProgressBar() if not args.quiet else None
@@ -422,9 +424,10 @@ def compilation_cache() -> str | None:
 
 def _interrupted(args) -> str:
     """The line an interrupted command ends with, saying how to continue where that is possible."""
-    folder = getattr(args, "resume", None) or getattr(args, "out", None)
+    folder = getattr(args, "resumable", None)  # set by cmd_run once the folder holds only this run's files
     if args.command == "run" and folder and any((Path(folder) / "checkpoints").glob("round_*.npz")):
         return f"jaxdfl: interrupted; continue with: jaxdfl run --resume {folder}"
+    folder = getattr(args, "out", None)
     if args.command == "sweep":
         return "jaxdfl: interrupted; the same command continues the sweep (finished settings are skipped)"
     if args.command == "privacy" and folder:

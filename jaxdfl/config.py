@@ -406,8 +406,25 @@ def make_config(tree: Mapping[str, Any] | None = None,
         _switch_family(user, key, value)
         _set_dotted(user, key, value)
     merged = _merge(DEFAULTS, user, prefix="")
+    _check_text(merged)
     validate(merged)
     return Config(merged)
+
+
+def _check_text(tree: Mapping[str, Any], prefix: str = "") -> None:
+    """Every string is Unicode text that config.toml can hold: a lone surrogate (what Python makes of undecodable
+    bytes on the command line) has no UTF-8 or TOML form, so the run's config.toml could not be written."""
+    for key, value in tree.items():
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, Mapping):
+                _check_text(v, f"{prefix}{key}.")
+            elif isinstance(v, str):
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ConfigError(f"{prefix}{key} = {v!r} is not valid Unicode text (undecodable bytes?); "
+                                      "give UTF-8 text") from None
 
 
 def plain(value: Any) -> Any:

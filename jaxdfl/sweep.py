@@ -281,17 +281,13 @@ class PrivacyUtility:
                 eps = float(row["epsilon"])
                 if row.get("config") == config_id(self._config(eps)):
                     self.cache[eps] = float(row["accuracy"])
-            self._save()
 
     def _save(self) -> None:
-        """Rewrite privacy_utility.csv with this study's targets (removed when it has none yet)."""
-        if self.path is None:
-            return
-        if self.cache:
+        """Rewrite privacy_utility.csv with this study's targets (after each new one: an earlier study's file stays
+        until this study has a result of its own to replace it with)."""
+        if self.path is not None:
             _write_rows(self.path, [{"epsilon": e, "accuracy": a, "config": config_id(self._config(e))}
                                     for e, a in sorted(self.cache.items())])
-        else:
-            self.path.unlink(missing_ok=True)
 
     def _config(self, eps: float) -> Config:
         return self.base.replace({"privacy.target_epsilon": float(eps), "privacy.noise_multiplier": None})

@@ -109,6 +109,13 @@ def test_toml_round_trip(tmp_path):
     assert load_config(str(path)) == cfg
 
 
+def test_undecodable_text_is_a_one_line_error_naming_the_key():
+    """A lone surrogate (undecodable bytes from the command line) has no UTF-8 or TOML form: writing config.toml
+    crashed with UnicodeEncodeError after the output folder had been cleared (review of stop 20)."""
+    with pytest.raises(ConfigError, match="data.path = .* is not valid Unicode text"):
+        make_config({"data": {"name": "npz", "path": "d\udcff.npz"}})
+
+
 @pytest.mark.parametrize("text", ["data\U0001F600/d.npz", "caf\u00e9 \"q\" back\\slash", "tab\tnew\nline\x7fdel\x01"])
 def test_strings_round_trip_through_the_written_toml(tmp_path, text):
     """A path with a character beyond U+FFFF, quotes, backslashes and control characters reads back as written

@@ -224,9 +224,11 @@ def test_privacy_utility_curve_end_to_end(small_cfg, tmp_path, monkeypatch):
     assert again.curve([50.0, 0.5]) == pts[::-1]
     with open(tmp_path / "privacy_utility.csv", newline="") as fh:
         assert [float(r["epsilon"]) for r in csv.DictReader(fh)] == [0.5, 50.0]
-    # another config's targets are not this study's
+    written = (tmp_path / "privacy_utility.csv").read_text()
+    # another config's targets are not this study's; its file stays until this study has a result (a config error
+    # in a new study's targets must not cost the earlier study its results)
     other = sweep.PrivacyUtility(base.replace({"train.lr": 0.05}), out=tmp_path)
-    assert other.cache == {} and not (tmp_path / "privacy_utility.csv").exists()
+    assert other.cache == {} and (tmp_path / "privacy_utility.csv").read_text() == written
     with pytest.raises(ConfigError, match="privacy.mode"):
         sweep.PrivacyUtility(small_cfg())
 
@@ -371,6 +373,10 @@ def test_a_fresh_run_removes_the_earlier_runs_files_before_it_writes(tmp_path, m
     bad = cli("run", quick, "--set", "eval_samples=1000000", "--out", str(tmp_path))  # fails in build
     assert bad.returncode == 2 and "eval_samples" in bad.stderr, bad.stderr
     assert all((tmp_path / name).read_text() == "earlier run" for name in earlier)  # the folder is untouched
+    with monkeypatch.context() as m:  # Ctrl-C while building: the folder still holds the earlier run
+        m.setattr(experiment, "build", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt))
+        proc = cli("run", quick, "--out", str(tmp_path))
+        assert proc.returncode == 130 and proc.stderr == "jaxdfl: interrupted\n"  # no --resume of another run
 
     def stopped(exp):
         assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "notes.txt"]
@@ -492,6 +498,8 @@ def test_command_errors_are_one_line_before_the_work(tmp_path, small_cfg, monkey
     """Regression (files audit): these gave tracebacks (IsADirectoryError, UnicodeDecodeError, BadZipFile), ran
     the whole partition before failing to write its plot, or took an empty --out as no --out (nothing written)."""
     from jaxdfl import data, topology
+
+    monkeypatch.chdir(tmp_path)  # an empty --out taken as "." writes here, not into the checkout
 
     (tmp_path / "bin.toml").write_bytes(b"\xff\xfe[topology]")
     argv = args(tmp_path, small_cfg)
