@@ -402,26 +402,25 @@ def calibrate_noise(target_epsilon, sample_rate, steps, delta, accountant="rdp",
     _check_delta(delta)
     _check_accountant(accountant)
     _check_overflow(overflow_prob)
-    return _calibrate([(float(sample_rate), int(steps))], float(target_epsilon), float(delta),
-                      accountant, [float(overflow_prob)])
+    return _calibrate([(float(sample_rate), int(steps), float(overflow_prob))], float(target_epsilon),
+                      float(delta), accountant)
 
 
-def _calibrate(pairs, target, delta, accountant, etas):
-    """Smallest z keeping every (rate, steps, eta) within target (eps monotone in z)."""
-    pairs = [(q, t, e) for (q, t), e in zip(pairs, etas) if q > 0 and t > 0]
-    if not pairs:
+def _calibrate(triples, target, delta, accountant):
+    """Smallest z keeping every (rate, steps, eta) triple within target (eps monotone in z)."""
+    triples = [(q, t, e) for q, t, e in triples if q > 0 and t > 0]
+    if not triples:
         return 0.0
 
     def worst(z):
-        return _largest(z, pairs, delta, accountant)
+        return _largest(z, triples, delta, accountant)
 
     # Start PLD from the (cheap, looser) RDP answer with a narrow bracket, so
     # PLD (about a second per call) is never evaluated at small z where it is
     # slow; the two accountants differ by a few percent in z.
     start, factor = 1.0, 2.0
     if accountant == "pld":
-        start = _calibrate([(q, t) for q, t, _ in pairs], target, delta, "rdp",
-                           [e for _, _, e in pairs])
+        start = _calibrate(triples, target, delta, "rdp")
         factor = 1.1
     z = _bisect_smallest_z(worst, target, start, factor)
     if z is None:
@@ -553,8 +552,7 @@ def calibrate_example_noise(target_epsilon, sample_rates, steps, delta, accounta
     _check_delta(delta)
     _check_accountant(accountant)
     triples = _node_triples(sample_rates, steps, overflow_probs, "steps")
-    return _calibrate([(q, t) for q, t, _ in triples], float(target_epsilon), float(delta),
-                      accountant, [e for _, _, e in triples])
+    return _calibrate(triples, float(target_epsilon), float(delta), accountant)
 
 
 def _sensitivity_factor(adjacency):
