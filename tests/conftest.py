@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 # Tests check results, not speed: XLA's backend optimisations double the CPU compile time of a small experiment
@@ -6,7 +8,10 @@ import tempfile
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 # Many tests build the same small experiment from fresh Python closures; a compilation cache keyed on the program
 # text lets them (and the CLI subprocesses, which inherit the variables) compile it once per session.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxdfl-tests-xla-cache-"))
+# The process that makes the folder (pytest-xdist's controller, whose workers inherit it) removes it at exit.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxdfl-tests-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
