@@ -518,11 +518,6 @@ def clusters(topo: "Topology", cluster_size: int) -> np.ndarray:
     return np.arange(topo.n) // cluster_size
 
 
-def bridges(n: int, cluster_size: int) -> np.ndarray:
-    """Ids of the bridge nodes of a hierarchical topology (the first node of each cluster)."""
-    return np.arange(0, n, cluster_size)
-
-
 def _edges(n: int, seed: int, edges: list = []) -> nx.Graph:  # noqa: B006 - never mutated
     try:
         arr = np.asarray(edges)
