@@ -322,6 +322,52 @@ def test_public_functions_reject_bad_arguments():
         epsilon(-1.0, 0.01, 10, DELTA)
     with pytest.raises(ConfigError, match="privacy.mechanism"):
         update_epsilons(1.0, 10, DELTA, "exponential")
+    # regressions: each of these returned a number (or crashed inside dp-accounting) instead of naming the argument
+    for z in (1e-300, 1e300):  # ZeroDivisionError / OverflowError; the noise is drawn in float32
+        with pytest.raises(ConfigError, match="privacy.noise_multiplier.*float32"):
+            epsilon(z, 0.01, 10, DELTA)
+    with pytest.raises(ConfigError, match="steps_done must be an integer"):  # 10.7 was accounted as 10 steps
+        example_epsilons(1.0, [0.01, 0.02], 10.7, DELTA)
+    with pytest.raises(ConfigError, match="steps must be an integer"):
+        calibrate_example_noise(1.0, [0.01], 100.9, DELTA)
+    with pytest.raises(ConfigError, match="sample_rates must be .* 1-D"):  # [2, 2] was read as 4 nodes
+        example_epsilons(1.0, np.full((2, 2), 0.01), 10, DELTA)
+    for mechanism in ("laplace", "gaussian"):  # Laplace skipped the check (delta enters its truncation charge)
+        with pytest.raises(ConfigError, match="privacy.delta"):
+            update_epsilons(1.0, 10, 2.0, mechanism)
+        with pytest.raises(ConfigError, match="privacy.delta"):
+            calibrate_update_noise(1.0, 10, math.nan, mechanism)
+    with pytest.raises(ConfigError, match="rates must be"):  # nan
+        overflow_probability(100, 1.5, 10, 100)
+    with pytest.raises(ConfigError, match="steps must be"):  # a negative probability
+        overflow_probability(100, 0.1, 5, -5)
+    with pytest.raises(ConfigError, match="sizes must be"):
+        overflow_probability(-3, 0.1, 5, 5)
+    with pytest.raises(ConfigError, match="privacy.delta"):  # delta and epsilon swapped: 25
+        buffer_size(100, 0.1, 100, 5.0, 1.0)
+    with pytest.raises(ConfigError, match="fraction"):
+        buffer_size(100, 0.1, 100, DELTA, 1.0, fraction=0.0)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_a_noise_too_small_for_any_epsilon_reports_inf(accountant):
+    """Regression: with the PLD, z = 1e-4 crashed with dp-accounting's OverflowError, through a config too (at
+    build). The truncation charge alone exceeds delta there, so the accountant need not be asked."""
+    assert epsilon(1e-4, 0.01, 10, DELTA, accountant) == math.inf
+    # Here the charge stays under delta and the accountant is asked: RDP's bound is huge, the PLD overflows (inf).
+    assert epsilon(1e-4, 1e-7, 10, DELTA, accountant) > 1e6
+
+
+def test_a_config_with_too_little_noise_builds_and_reports_inf():
+    """Regression: ``privacy.noise_multiplier = 1e-5`` with the PLD crashed ``build`` (dp-accounting's
+    OverflowError) instead of planning a run whose epsilon is inf."""
+    from jaxdfl import experiment
+    from jaxdfl.config import make_config
+
+    cfg = make_config({"rounds": 2, "eval_every": 1, "topology": {"kind": "ring", "n": 4}, "model": {"name": "logreg"},
+                       "privacy": {"mode": "example", "accountant": "pld", "noise_multiplier": 1e-5}})
+    exp = experiment.build(cfg)
+    assert exp.privacy.noise_multiplier == pytest.approx(1e-5)
 
 
 def test_pld_coarsens_below_z_half_to_stay_fast_and_stays_a_pessimistic_bound():

@@ -111,10 +111,16 @@ def _check_accountant(accountant):
         raise ConfigError(f"privacy.accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
 
 
+#: The noise is drawn in float32: a multiplier must be 0 or within its range (as the config path checks).
+_Z_RANGE = (float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max))
+
+
 def _check_z(noise_multiplier):
-    if not _is_number(noise_multiplier) or not 0.0 <= float(noise_multiplier) < math.inf:
+    lo, hi = _Z_RANGE
+    if not _is_number(noise_multiplier) or not (noise_multiplier == 0 or lo <= float(noise_multiplier) <= hi):
         raise ConfigError(
-            f"privacy.noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}"
+            f"privacy.noise_multiplier must be 0 or a number in float32's range [{lo:.3g}, {hi:.3g}], "
+            f"got {noise_multiplier!r}"
         )
 
 
@@ -246,9 +252,10 @@ def _eps_at(z, q, steps, accountant):
         return lambda delta: 0.0
     if z == 0.0:
         return lambda delta: math.inf
-    ideal = _eps_ideal(z, q, steps, accountant)
     charge = truncation_delta(1.0 / z, steps, q)
-    return lambda delta: ideal(delta - charge) if delta > charge else math.inf
+    # The accountant is asked only when delta survives the charge: below, epsilon is inf whatever it says (and at
+    # tiny z dp-accounting's PLD overflows).
+    return lambda delta: _eps_ideal(z, q, steps, accountant)(delta - charge) if delta > charge else math.inf
 
 
 def _eps_ideal(z, q, steps, accountant):
@@ -263,8 +270,16 @@ def _eps_ideal(z, q, steps, accountant):
         orders, rdp = _rdp_per_step(z, q)
         total = steps * rdp
         rdp_epsilon = _dp().rdp.rdp_privacy_accountant.compute_epsilon
-        return lambda delta: float(rdp_epsilon(orders, total, delta)[0])
-    pld = _pld_composed(z, q, steps)
+
+        def from_rdp(delta):
+            with _quiet_absl():  # its "negative Renyi divergence, returning 0" warnings at huge z
+                return float(rdp_epsilon(orders, total, delta)[0])
+
+        return from_rdp
+    try:
+        pld = _pld_composed(z, q, steps)
+    except OverflowError:  # a privacy loss beyond float64 (tiny z): no finite epsilon
+        return lambda delta: math.inf
     return lambda delta: float(pld.get_epsilon_for_delta(delta))
 
 
@@ -472,9 +487,14 @@ def _largest(z, triples, delta, accountant):
 
 def _node_triples(sample_rates, steps, overflow_probs, name):
     """Per-node (q_i rounded up to float32, T_i, eta_i) triples, each checked."""
+    if np.ndim(sample_rates) > 1:
+        raise ConfigError(f"sample_rates must be a number or a 1-D array of per-node rates, got shape "
+                          f"{np.shape(sample_rates)}")
     rates = _accounted_rates(sample_rates)
     n = rates.shape[0]
-    steps = _per_node(steps, n, name).astype(np.int64)
+    steps = _per_node(steps, n, name)
+    if steps.dtype == bool or not np.issubdtype(steps.dtype, np.integer):
+        raise ConfigError(f"{name} must be an integer >= 0 or [N] such integers, got {steps.dtype} values")
     etas = _per_node(overflow_probs, n, "overflow_probs").astype(np.float64)
     triples = list(zip(rates.tolist(), steps.tolist(), etas.tolist()))
     for q, t, e in triples:
@@ -595,6 +615,7 @@ def update_epsilons(noise_multiplier, rounds_done, delta, mechanism="gaussian", 
     """
     _check_z(noise_multiplier)
     _check_steps(rounds_done, "rounds_done")
+    _check_delta(delta)
     _check_mechanism(mechanism)
     _check_accountant(accountant)
     s = _sensitivity_factor(adjacency)
@@ -605,7 +626,7 @@ def update_epsilons(noise_multiplier, rounds_done, delta, mechanism="gaussian", 
         if z == 0.0 or truncation_delta(s / z, int(rounds_done), mechanism="laplace") > delta:
             return math.inf
         return rounds_done * s / z
-    return epsilon(z / s, 1.0, int(rounds_done), delta, accountant)
+    return _eps_at(z / s, 1.0, int(rounds_done), accountant)(float(delta))  # epsilon(z / s, ...), checked above
 
 
 def calibrate_update_noise(target_epsilon, rounds, delta, mechanism="gaussian", accountant="rdp",
@@ -631,6 +652,7 @@ def calibrate_update_noise(target_epsilon, rounds, delta, mechanism="gaussian", 
     """
     _check_target(target_epsilon)
     _check_steps(rounds, "rounds")
+    _check_delta(delta)
     _check_mechanism(mechanism)
     _check_accountant(accountant)
     s = _sensitivity_factor(adjacency)
@@ -645,6 +667,14 @@ def calibrate_update_noise(target_epsilon, rounds, delta, mechanism="gaussian", 
 
 
 # ------------------------------------------------------------------ buffer overflow
+
+
+def _check_sizes_rates(sizes, rates):
+    m, q = np.asarray(sizes), np.asarray(rates)
+    if m.dtype == bool or not np.issubdtype(m.dtype, np.integer) or np.any(m < 0):
+        raise ConfigError(f"sizes must be integer shard sizes >= 0, got {sizes!r}")
+    if not np.issubdtype(q.dtype, np.number) or not np.all((q >= 0.0) & (q <= 1.0)):
+        raise ConfigError(f"rates must be sampling rates in [0, 1], got {rates!r}")
 
 
 def overflow_probability(sizes, rates, buffer, steps):
@@ -665,6 +695,9 @@ def overflow_probability(sizes, rates, buffer, steps):
     """
     from scipy import stats
 
+    _check_sizes_rates(sizes, rates)
+    _check_steps(buffer, "buffer")
+    _check_steps(steps)
     m = np.asarray(sizes, dtype=np.int64)
     q = _accounted_rates(rates).reshape(np.shape(rates))
     tail = np.exp(stats.binom.logsf(int(buffer), m + 1, q))
@@ -695,6 +728,15 @@ def buffer_size(sizes, rates, steps, delta, epsilon, fraction=1e-3, eta=None):
     """
     from scipy import stats
 
+    _check_sizes_rates(sizes, rates)
+    _check_steps(steps)
+    _check_delta(delta)
+    if not _is_number(epsilon) or not float(epsilon) >= 0.0:
+        raise ConfigError(f"epsilon must be a number >= 0 (inf allowed), got {epsilon!r}")
+    if not _is_number(fraction) or not 0.0 < float(fraction) <= 1.0:
+        raise ConfigError(f"fraction must be a number in (0, 1], got {fraction!r}")
+    if eta is not None:
+        _check_overflow(eta)
     m = np.atleast_1d(np.asarray(sizes, dtype=np.int64))
     q = np.atleast_1d(_accounted_rates(rates))
     m, q = np.broadcast_arrays(m, q)
