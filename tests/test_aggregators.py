@@ -619,6 +619,43 @@ def test_aggregate_rejects_unknown_hyper_keys():
         A.aggregate(jax.random.key(0), x, mask, w, "median", {"tau": 1.0})
 
 
+@pytest.mark.parametrize("change,match", [
+    # regressions: a mask of another width or an int mask changed the row count (median 2.5 instead of 2)
+    ({"mask": jnp.ones((1, 6), bool)}, r"mask must be bool \[N, K\]"),
+    ({"mask": 2 * jnp.ones((1, 5), jnp.int32)}, "mask must be bool"),
+    ({"block": jnp.zeros((5, 1))}, r"block must be \[N, K, D\]"),
+    ({"weights": jnp.ones((1, 4))}, r"weights must be \[N, K\]"),
+    ({"chunk_size": -1}, "chunk_size must be None or an integer >= 0"),
+    # Python hyper-parameters out of range returned numbers (the config path refused them)
+    ({"rule": "trimmed_mean", "hyper": {"f": -1}}, "aggregation.f must be >= 0"),
+    ({"rule": "trimmed_mean", "hyper": {"f": "1"}}, "aggregation.f must be an integer"),
+    ({"rule": "geometric_median", "hyper": {"nu": -1.0}}, "aggregation.nu must be > 0"),
+    ({"pre": {"nnm": {"f": -1}}}, "aggregation.nnm.f must be >= 0"),
+    # a string was read letter by letter ("unknown pre-aggregator 'n'")
+    ({"pre": "nnm"}, r"aggregation.pre must be a list"),
+    ({"pre": [("nnm",)]}, "each entry must be a name or a"),
+])
+def test_aggregate_checks_its_arguments(change, match):
+    args = {"block": jnp.array([[[0.0], [1.0], [2.0], [3.0], [100.0]]]), "mask": jnp.ones((1, 5), bool),
+            "weights": jnp.full((1, 5), 0.2), "rule": "median", "hyper": None, "pre": (), "chunk_size": None}
+    args.update(change)
+    with pytest.raises(ConfigError, match=match):
+        A.aggregate(jax.random.key(0), **args)
+
+
+def test_aggregate_takes_pre_aggregators_as_a_mapping_and_weights_none_as_uniform():
+    """Regression: ``pre={"nnm": {"f": 2}}`` ran NNM with f = 1 (the dict's keys were read as names)."""
+    x, mask, w = make_batch(161, b=3, k=7)
+    key = jax.random.key(0)
+    as_pairs = A.aggregate(key, x, mask, w, "mean", pre=[("nnm", {"f": 2})])
+    np.testing.assert_array_equal(A.aggregate(key, x, mask, w, "mean", pre={"nnm": {"f": 2}}), as_pairs)
+    assert not np.array_equal(A.aggregate(key, x, mask, w, "mean", pre=["nnm"]), as_pairs)
+    uniform = mask / mask.sum(axis=1, keepdims=True)
+    for chunk in (None, 1):  # None weights crashed in chunks
+        np.testing.assert_allclose(A.aggregate(key, x, mask, None, "mean", chunk_size=chunk),
+                                   A.aggregate(key, x, mask, uniform, "mean"), rtol=1e-6)
+
+
 PIPELINES = [(rule, h, ()) for rule in RULES for h in ({}, {"f": 2}) if "f" in A.DEFAULTS[rule] or not h] + [
     ("clipped_gossip", {"adaptive": True, "f": 2}, ()),
     ("multi_krum", {"f": 1, "m": 5}, ()),  # m rows to average: 4 rows once passed the run-time check

@@ -91,11 +91,20 @@ def _merged(name: str, hyper: Mapping | None, registry: Mapping, where: str) -> 
     return {**defaults, **hyper}
 
 
-def _named_pre(pre: Sequence) -> list[tuple[str, dict]]:
-    """Pre-aggregators given as names or ``(name, hyper)`` pairs -> ``(name, hyper with defaults)`` pairs."""
+def _named_pre(pre: Sequence | Mapping) -> list[tuple[str, dict]]:
+    """Pre-aggregators given as names or ``(name, hyper)`` pairs (or a mapping name -> hyper, in order) ->
+    ``(name, hyper with defaults)`` pairs."""
+    if isinstance(pre, str):
+        raise ConfigError(f"aggregation.pre must be a list of pre-aggregator names, e.g. [{pre!r}], got {pre!r}")
     out = []
-    for item in pre:
-        name, ph = item if not isinstance(item, str) else (item, None)
+    for item in pre.items() if isinstance(pre, Mapping) else pre:
+        if isinstance(item, str):
+            name, ph = item, None
+        elif isinstance(item, Sequence) and len(item) == 2 and isinstance(item[0], str):
+            name, ph = item
+        else:
+            raise ConfigError(f"aggregation.pre: each entry must be a name or a (name, hyper-parameters) pair, "
+                              f"got {item!r}")
         if name not in PRE_REGISTRY:
             raise ConfigError(f"aggregation.pre: unknown pre-aggregator {name!r}; allowed: {', '.join(PRE_REGISTRY)}")
         out.append((name, _merged(name, ph, PRE_REGISTRY, f"aggregation.{name}")))
@@ -134,10 +143,12 @@ def aggregate(key: jax.Array, block: jax.Array, mask: jax.Array, weights: jax.Ar
         key: PRNG key; one subkey per node and per pre-aggregator is split from it (only pre-aggregators use them).
         block: [N, K, D] gathered neighbourhoods, row 0 of node i its own vector.
         mask: [N, K] bool valid rows (row 0 always True).
-        weights: [N, K] mixing weights (0 on padding; per node summing to 1 over valid rows).
+        weights: [N, K] mixing weights (0 on padding; per node summing to 1 over valid rows), or None: uniform over
+            the valid rows.
         rule: a name in ``REGISTRY``.
         hyper: the rule's hyper-parameters (missing ones take ``DEFAULTS[rule]``).
-        pre: sequence of ``(name, hyper_dict)`` pre-aggregators applied in order before the rule.
+        pre: sequence of pre-aggregator names or ``(name, hyper_dict)`` pairs (or a mapping name -> hyper_dict)
+            applied in order before the rule.
         chunk_size: nodes per chunk (None: automatic; 0 or >= N: all at once).
         memory_budget: bytes allowed for temporaries when choosing the chunk automatically.
 
@@ -149,6 +160,12 @@ def aggregate(key: jax.Array, block: jax.Array, mask: jax.Array, weights: jax.Ar
     """
     h = _merged(rule, hyper, REGISTRY, "aggregation.rule" if rule not in REGISTRY else "aggregation")
     named = _named_pre(pre)
+    _check_call(block, mask, weights, chunk_size)
+    for name, ph, where in [(rule, h, "aggregation")] + [(name, ph, f"aggregation.{name}") for name, ph in named]:
+        # Python values only: traced ones (and jax arrays) are the caller's to keep in range
+        _check_hyper(name, {key: v for key, v in ph.items() if not isinstance(v, jax.Array)}, where)
+    if weights is None:
+        weights = mask / jnp.sum(mask, axis=1, keepdims=True)
     steps = [(PRE_REGISTRY[name], ph) for name, ph in named]
     rule_fn = REGISTRY[rule]
     n, k, d = block.shape
@@ -173,6 +190,19 @@ def aggregate(key: jax.Array, block: jax.Array, mask: jax.Array, weights: jax.Ar
         return jnp.concatenate([lifted(keys[s:s + c], block[s:s + c], mask[s:s + c], weights[s:s + c])
                                 for s in range(0, n, c)])
     return jax.lax.map(lambda args: one(*args), (keys, block, mask, weights), batch_size=c)
+
+
+def _check_call(block, mask, weights, chunk_size) -> None:
+    """The shapes :func:`aggregate` needs (static, so checked under jit too), each error naming its argument."""
+    if block.ndim != 3:
+        raise ConfigError(f"aggregate: block must be [N, K, D], got shape {block.shape}")
+    if mask.shape != block.shape[:2] or mask.dtype != jnp.bool_:
+        raise ConfigError(f"aggregate: mask must be bool [N, K] = {block.shape[:2]}, got {mask.dtype} {mask.shape}")
+    if weights is not None and weights.shape != mask.shape:
+        raise ConfigError(f"aggregate: weights must be [N, K] = {mask.shape} (or None: uniform), got {weights.shape}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, Integral)
+                                   or chunk_size < 0):
+        raise ConfigError(f"aggregate: chunk_size must be None or an integer >= 0, got {chunk_size!r}")
 
 
 def _check_number(where: str, value, *, integer=False, minimum=None, strict=False) -> None:
