@@ -246,7 +246,7 @@ def round_graph(spec: Spec, hyper, arrays: Arrays, key, round_index, online):
     max-degree).
     """
     if spec.dynamic == "resample":
-        pick = jax.random.randint(key, (), 0, arrays.pool_neighbors.shape[0])
+        pick = jax.random.randint(key, (), 0, arrays.pool_neighbors.shape[0], jnp.int32)
         neighbors, mask = arrays.pool_neighbors[pick], arrays.pool_mask[pick]
     else:
         neighbors, mask = arrays.neighbors, arrays.mask
@@ -429,7 +429,7 @@ def round_step(spec: Spec, hyper, arrays: Arrays, state: State, key) -> tuple[St
     steps = jnp.full(spec.n, spec.local.local_steps, jnp.int32)
     if spec.stragglers:  # a straggler completes a uniform 0..local_steps-1 of its steps
         slow = jax.random.bernoulli(k_slow, hyper["stragglers"], (spec.n,))
-        steps = jnp.where(slow, jax.random.randint(k_steps, (spec.n,), 0, spec.local.local_steps), steps)
+        steps = jnp.where(slow, jax.random.randint(k_steps, (spec.n,), 0, spec.local.local_steps, jnp.int32), steps)
     steps = jnp.where(online, steps, 0)
     train = jax.vmap(lambda k, t, o, x, y, s, st: local_train(spec.local, k, t, o, x, y, s, hyper, st))
 

@@ -71,7 +71,7 @@ def batch_gradient(spec: LocalSpec, key, theta, x, y, size, hyper):
     """
     k_batch, k_noise = jax.random.split(key)
     if not spec.dp_example:
-        idx = jax.random.randint(k_batch, (spec.batch_size,), 0, size)
+        idx = jax.random.randint(k_batch, (spec.batch_size,), 0, size, jnp.int32)  # int32: the same draws under x64
         return jax.value_and_grad(lambda t: loss_fn(spec.apply, t, x[idx], y[idx]))(theta)
     rate = spec.batch_size / size
     idx, valid = mechanisms.poisson_batch(k_batch, size, rate, spec.dp_buffer)

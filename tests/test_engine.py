@@ -1,6 +1,7 @@
 """The node-stacked engine: vmap equals a per-node loop, scan equals a round loop, determinism, end to end."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -407,3 +408,30 @@ def test_run_takes_an_experiment_already_built_without_building_it_again(small_c
     monkeypatch.setattr(experiment, "build", lambda c: pytest.fail("built again"))
     again = jaxdfl.run(exp)
     np.testing.assert_array_equal(again.history["accuracy_mean"], expected.history["accuracy_mean"])
+
+
+
+X64_CFG = {"rounds": 4, "eval_every": 2, "seed": 3, "model": {"name": "logreg"},
+           "topology": {"kind": "random_regular", "n": 8, "degree": 4, "dynamic": "resample", "pool": 3,
+                        "stragglers": 0.5},
+           "train": {"lr": 0.2, "batch_size": 8, "local_steps": 2},
+           "aggregation": {"rule": "median", "pre": ["bucketing"]}}
+X64_RUN = """
+import json, sys
+import numpy as np
+import jaxdfl
+r = jaxdfl.run(jaxdfl.make_config(json.loads(sys.argv[1])))
+print(json.dumps([np.asarray(r.history[k]).tolist() for k in ("accuracy_mean", "loss_mean")]))
+"""
+
+
+def test_the_same_seed_gives_the_same_run_under_x64():
+    """Regression: with ``JAX_ENABLE_X64=1`` the minibatch indices, the resample pool's pick, the stragglers' steps
+    (``randint``, int64 there) and bucketing's shuffle (``uniform``, float64) came from other random bits, so the
+    same seed gave another run (and a resume across the setting matched neither)."""
+    proc = subprocess.run([sys.executable, "-c", X64_RUN, json.dumps(X64_CFG)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, env=dict(os.environ, JAX_ENABLE_X64="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plain = jaxdfl.run(jaxdfl.make_config(X64_CFG))
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [
+        np.asarray(plain.history[k]).tolist() for k in ("accuracy_mean", "loss_mean")]

@@ -96,7 +96,7 @@ def bucketing(key: jax.Array, x: jax.Array, mask: jax.Array, weights: jax.Array,
     k = mask.shape[0]
     buckets = -(-(k - 1) // s)
     nbr = mask & (jnp.arange(k) > 0)
-    position = ranks(jax.random.uniform(key, (k,)), nbr)
+    position = ranks(jax.random.uniform(key, (k,), jnp.float32), nbr)  # float32: the same draws under x64
     member = nbr[None, :] & (position[None, :] // s == jnp.arange(buckets)[:, None])
     size = jnp.sum(member, axis=1)
     dt = compute_dtype(x.dtype)
