@@ -14,7 +14,8 @@ order statistics rank NaN as +inf, the distance rules rank a non-finite distance
 (geometric median, centred clipping, IOS) and clipped gossip leave such a row out, so every robust rule keeps its
 output finite within its breakdown point. Squared distances are summed in the compute dtype: in float32, rows
 more than about 1.8e19 apart overflow it and count as non-finite, and differences below about 1e-19 vanish, so
-models at such scales need float64 (``jax_enable_x64``). A node with fewer valid rows than the rule (after its
+vectors at such scales need float64 inputs (``jax_enable_x64``, calling the rules directly: a simulation keeps its
+models in float32 either way). A node with fewer valid rows than the rule (after its
 pre-aggregators) needs gets its own vector back (:func:`enough_rows`).
 
 :func:`aggregate` lifts a rule over the gathered ``[N, K, D]`` block with ``jax.vmap``, in chunks of nodes when
