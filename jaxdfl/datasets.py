@@ -361,8 +361,8 @@ def load_npz(path: str | Path) -> Split:
     xs = []
     for part in ("train", "test"):
         x, y = arrays[f"x_{part}"], arrays[f"y_{part}"]
-        if x.ndim < 2 or not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
-            raise ConfigError(f"{p}: x_{part} must be a numeric array [S, ...], got {x.dtype} shape {x.shape}")
+        if x.ndim < 2 or not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.iscomplexobj(x):
+            raise ConfigError(f"{p}: x_{part} must be a real numeric array [S, ...], got {x.dtype} shape {x.shape}")
         if y.shape != (x.shape[0],):
             raise ConfigError(f"{p}: y_{part} must have shape ({x.shape[0]},) to match x_{part}, got {y.shape}")
         if not np.issubdtype(y.dtype, np.integer) and not (
@@ -370,9 +370,13 @@ def load_npz(path: str | Path) -> Split:
             raise ConfigError(f"{p}: y_{part} must hold integer class labels, got {y.dtype}")
         if len(y) and y.min() < 0:
             raise ConfigError(f"{p}: y_{part} has negative labels (min {y.min()})")
+        if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+            raise ConfigError(f"{p}: x_{part} contains NaN or infinite values")
         x = _images_to_float(x) if x.dtype == np.uint8 else x.astype(np.float32)
         if not np.all(np.isfinite(x)):
-            raise ConfigError(f"{p}: x_{part} contains NaN or infinite values")
+            big = float(np.max(np.abs(arrays[f"x_{part}"])))
+            raise ConfigError(f"{p}: x_{part} has values up to {big:.3g}, beyond float32's range "
+                              f"({np.finfo(np.float32).max:.3g}): rescale them")
         xs.append(x[..., None] if x.ndim == 3 else x)
     if xs[0].shape[1:] != xs[1].shape[1:]:
         raise ConfigError(f"{p}: x_train rows are {xs[0].shape[1:]} but x_test rows are {xs[1].shape[1:]}")

@@ -285,6 +285,16 @@ def test_npz_errors(tmp_path):
              num_classes=2.7)
     with pytest.raises(ConfigError, match=r"d\.npz: num_classes must be one integer"):
         data.load(section("npz", f), 2)
+    # finite float64 features past float32's range were called "NaN or infinite"; complex ones lost their imaginary part
+    np.savez(f, x_train=np.full((4, 2), 1e40), y_train=[0, 1, 1, 0], x_test=np.zeros((2, 2)), y_test=[0, 1])
+    with pytest.raises(ConfigError, match=r"d\.npz: x_train has values up to 1e\+40, beyond float32's range"):
+        data.load(section("npz", f), 2)
+    np.savez(f, x_train=np.full((4, 2), np.nan), y_train=[0, 1, 1, 0], x_test=np.zeros((2, 2)), y_test=[0, 1])
+    with pytest.raises(ConfigError, match=r"d\.npz: x_train contains NaN or infinite values"):
+        data.load(section("npz", f), 2)
+    np.savez(f, x_train=np.ones((4, 2)) * 1j, y_train=[0, 1, 1, 0], x_test=np.zeros((2, 2)), y_test=[0, 1])
+    with pytest.raises(ConfigError, match=r"d\.npz: x_train must be a real numeric array"):
+        data.load(section("npz", f), 2)
 
 
 # --------------------------------------------------------------------------------------------- MNIST-1D
