@@ -370,13 +370,14 @@ def load_npz(path: str | Path) -> Split:
             raise ConfigError(f"{p}: y_{part} must hold integer class labels, got {y.dtype}")
         if len(y) and y.min() < 0:
             raise ConfigError(f"{p}: y_{part} has negative labels (min {y.min()})")
-        if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
-            raise ConfigError(f"{p}: x_{part} contains NaN or infinite values")
+        if np.issubdtype(x.dtype, np.floating) and x.size:
+            if not np.all(np.isfinite(x)):
+                raise ConfigError(f"{p}: x_{part} contains NaN or infinite values")
+            big = float(np.max(np.abs(x)))
+            if big > np.finfo(np.float32).max:
+                raise ConfigError(f"{p}: x_{part} has values up to {big:.3g}, beyond float32's range "
+                                  f"({np.finfo(np.float32).max:.3g}): rescale them")
         x = _images_to_float(x) if x.dtype == np.uint8 else x.astype(np.float32)
-        if not np.all(np.isfinite(x)):
-            big = float(np.max(np.abs(arrays[f"x_{part}"])))
-            raise ConfigError(f"{p}: x_{part} has values up to {big:.3g}, beyond float32's range "
-                              f"({np.finfo(np.float32).max:.3g}): rescale them")
         xs.append(x[..., None] if x.ndim == 3 else x)
     if xs[0].shape[1:] != xs[1].shape[1:]:
         raise ConfigError(f"{p}: x_train rows are {xs[0].shape[1:]} but x_test rows are {xs[1].shape[1:]}")
