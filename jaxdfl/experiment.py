@@ -834,7 +834,7 @@ def peak_bytes(exp: Experiment) -> int:
     work = 0
     if exp.spec.exchange == "robust":
         receivers = simulation.exchange_chunk(exp.spec, n, k, d) or n
-        work += int(receivers * simulation.exchange_temporaries(exp.spec) * k * d * 4)
+        work += int(receivers * simulation.exchange_temporaries(exp.spec, k, d) * k * d * 4)
     if exp.spec.local.dp_example:
         work += n * exp.spec.local.dp_buffer * d * 4
     return int(seeds * 6 * n * d * 4 + data + (seeds if exp.seed_mode == "vmap" else 1) * work)

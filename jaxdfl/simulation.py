@@ -292,17 +292,19 @@ def _bound_rule(spec: Spec, key):
 GATHER_BUDGET_BYTES = 1 << 30
 
 
-def exchange_temporaries(spec: Spec) -> float:
+def exchange_temporaries(spec: Spec, k: int, d: int) -> float:
     """Per-receiver working set of the robust exchange, in units of one ``[K, D]`` neighbourhood (conservative).
 
-    The gathered rows (1), the attacked copy of them (1), the rule's temporaries (at most 1; ``aggregators``
-    estimates 0.5), one ``[K, D]`` output per pre-aggregator, and one candidate block for the adaptive ``alie`` /
+    The gathered rows (1), the attacked copy of them (1), the rule's temporaries and one ``[K, D]`` output per
+    pre-aggregator (``aggregators.temporaries``, counted as at least 1 + one per pre-aggregator; it grows with K for
+    the pairwise rules), and one candidate block for the adaptive ``alie`` /
     ``ipm`` search. The estimate is an upper bound: XLA often fuses the gather and the attack into the rule's loop.
     Its CPU memory analysis (N = 64, K = 9, D = 2e4, unchunked) reports 0 blocks with no attack, 1 for
     ``sign_flip``, ``gaussian``, ``ipm``, ``dissensus`` and ``alie``, 2.2 for ``sign_flip`` after ``nnm`` or with
     ``krum``, and 3.3 for adaptive ``alie`` with ``krum``.
     """
-    t = 3.0 + len(spec.pre)
+    pre = [name for name, _ in spec.pre]
+    t = 2.0 + max(1.0 + len(pre), aggregators.temporaries(spec.rule, pre, k, d))
     if dict(spec.attack_hyper).get("adaptive"):
         t += 1.0
     return t
@@ -312,7 +314,7 @@ def exchange_chunk(spec: Spec, n: int, k: int, d: int, itemsize: int = 4) -> int
     """Receivers per chunk of the robust exchange, or None to gather all ``[N, K, D]`` at once.
 
     ``spec.chunk_size`` (config ``parallel.chunk_size``) wins when set: c >= N means all at once. Otherwise
-    (automatic) the exchange is chunked only when ``N * exchange_temporaries(spec) * K * D * itemsize`` exceeds
+    (automatic) the exchange is chunked only when ``N * exchange_temporaries(spec, K, D) * K * D * itemsize`` exceeds
     :data:`GATHER_BUDGET_BYTES`; the chunk is then the largest that fits, evened out over the chunks it needs
     (c = ceil(N / ceil(N / c_max))) so that the last chunk recomputes fewer receivers than there are chunks.
 
@@ -325,7 +327,7 @@ def exchange_chunk(spec: Spec, n: int, k: int, d: int, itemsize: int = 4) -> int
             raise ConfigError(f"parallel.chunk_size must be an integer >= 0 (0: automatic), got {c!r}")
         if c:
             return None if c >= n else int(c)
-    per_receiver = exchange_temporaries(spec) * k * d * itemsize
+    per_receiver = exchange_temporaries(spec, k, d) * k * d * itemsize
     if n * per_receiver <= GATHER_BUDGET_BYTES:
         return None
     c_max = max(1, int(GATHER_BUDGET_BYTES // per_receiver))

@@ -118,6 +118,58 @@ def test_matches_numpy_reference(rule):
         np.testing.assert_allclose(out, expect, rtol=2e-4, atol=2e-4, err_msg=f"{rule} seed {seed}")
 
 
+@pytest.mark.parametrize("rule,f", [("krum", 3), ("multi_krum", 3), ("bulyan", 2), ("nnm", 5)])
+def test_large_neighbourhoods_match_the_numpy_reference(rule, f):
+    """Above ``RANKS_MAX_K`` rows the nearest-row selections bisect instead of ranking all pairs, and NNM mixes in a
+    loop over rows (regressions: at K = 129 Krum took 1.1 GB of temporaries and 1.6 s per call at D = 1,000, and
+    NNM at K = 65 took two minutes to compile). Integer-valued data makes ties, which must go to the lower index."""
+    from jaxdfl.aggregators._common import RANKS_MAX_K
+
+    k = RANKS_MAX_K + 8
+    x, mask, w = make_batch(170, b=3, k=k, d=5, min_valid=4 * f + 3)
+    x = np.round(x * 2.0)
+    x[1, 1:4] = x[1, 4:7]  # duplicated rows: tied distances
+    if rule == "nnm":
+        out = np.asarray(jit_pre("nnm", (("f", f),))(jax.random.split(jax.random.key(0), 3), x, mask, w)[0])
+        for i in range(len(x)):
+            np.testing.assert_allclose(out[i][mask[i]], R.nnm(x[i], mask[i], w[i], f=f), rtol=1e-5, atol=1e-5)
+        return
+    out = np.asarray(batched(rule, f=f)(x, mask, w))
+    expect = np.stack([R.REGISTRY[rule](x[i], mask[i], w[i], f=f) for i in range(len(x))])
+    np.testing.assert_allclose(out, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_pairwise_temporaries_grow_with_k_as_the_chunking_estimates():
+    """Regression: the automatic chunking took every rule's temporaries as half a neighbourhood, but the pair-sum
+    buffer of Krum and the iterative rules is (K - 1) / 40 of one (2.7x the block's size at K = 129, unchunked)."""
+    n = k = 65
+    d = 1_000
+    shapes = [jax.ShapeDtypeStruct(s, t) for s, t in (((n, k, d), jnp.float32), ((n, k), bool), ((n, k), jnp.float32))]
+    call = jax.jit(lambda *a: A.aggregate(jax.random.key(0), *a, "krum", chunk_size=0))
+    analysis = call.lower(*shapes).compile().memory_analysis()
+    if analysis is None:
+        pytest.skip("memory_analysis unavailable on this backend")
+    estimate = A.temporaries("krum", [], k, d) * n * k * d * 4
+    assert A.temporaries("krum", [], k, d) == pytest.approx(64 / 40)
+    assert 0.5 * estimate <= analysis.temp_size_in_bytes <= 1.5 * estimate
+    assert A.temporaries("median", [], k, d) == 0.5 and A.temporaries("krum", [], 9, d) == 0.5
+
+
+def test_smallest_selects_as_the_ranks_do_above_the_all_pairs_size():
+    from jaxdfl.aggregators import _common
+
+    rng = np.random.default_rng(171)
+    k = _common.RANKS_MAX_K + 8
+    for scale in (1.0, 1e-30, 1e30):
+        v = (rng.integers(0, 6, size=(k, k)) * scale).astype(np.float32)  # ties
+        v[rng.uniform(size=(k, k)) < 0.05] = np.inf
+        v[rng.uniform(size=(k, k)) < 0.05] = np.nan  # ranks as +inf
+        valid = rng.uniform(size=(k, k)) < 0.8
+        c = rng.integers(-2, k + 3, size=k)  # none, some, more than the valid entries
+        expect = valid & (np.asarray(_common.ranks(v, valid)) < c[:, None])
+        np.testing.assert_array_equal(np.asarray(jax.jit(_common.smallest)(v, valid, c)), expect)
+
+
 @pytest.mark.parametrize("rule", RULES)
 def test_vmap_equals_per_node_call(rule):
     x, mask, w = make_batch(10)

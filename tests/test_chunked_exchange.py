@@ -101,7 +101,7 @@ def test_automatic_chunk_choice(monkeypatch):
     assert simulation.exchange_chunk(_spec(chunk=1000), 1000, 9, 10**6) is None  # chunk_size >= N: whole block
     assert simulation.exchange_chunk(_spec(chunk=7), 1000, 9, 10) == 7  # a given chunk_size wins
     c = simulation.exchange_chunk(spec, 1000, 9, 10**6)  # the 36 GB block of issue #3
-    assert c is not None and c * 9 * 10**6 * 4 * simulation.exchange_temporaries(spec) <= (1 << 30)
+    assert c is not None and c * 9 * 10**6 * 4 * simulation.exchange_temporaries(spec, 9, 10**6) <= (1 << 30)
     n_chunks = -(-1000 // c)
     assert n_chunks * c - 1000 < n_chunks  # evened out: the last chunk recomputes fewer than n_chunks receivers
     with pytest.raises(ConfigError, match="parallel.chunk_size"):
@@ -109,7 +109,7 @@ def test_automatic_chunk_choice(monkeypatch):
 
     graph, msg = _graph(), _messages()
     whole = _exchange(spec, graph, msg)
-    per_receiver = simulation.exchange_temporaries(spec) * 5 * D * 4
+    per_receiver = simulation.exchange_temporaries(spec, 5, D) * 5 * D * 4
     monkeypatch.setattr(simulation, "GATHER_BUDGET_BYTES", int(3.5 * per_receiver))
     assert simulation.exchange_chunk(spec, N, 5, D) == 3  # ceil(11 / ceil(11 / 3)) = 3
     np.testing.assert_allclose(_exchange(spec, graph, msg), whole, rtol=1e-5, atol=1e-6)
@@ -152,7 +152,7 @@ def test_peak_bytes_counts_one_chunk(small_cfg):
     whole = experiment.build(small_cfg(**over))
     chunked = experiment.build(small_cfg(**over, **{"parallel.chunk_size": 2}))
     n, k, d = whole.spec.n, int(whole.arrays.neighbors.shape[1]), whole.model.dim
-    per_receiver = simulation.exchange_temporaries(whole.spec) * k * d * 4
+    per_receiver = simulation.exchange_temporaries(whole.spec, k, d) * k * d * 4
     saved = experiment.peak_bytes(whole) - experiment.peak_bytes(chunked)
     assert saved == pytest.approx((n - 2) * per_receiver, rel=1e-6)
     # seeds: the state once per seed; the working set once per seed only when they are batched (it ignored seeds)

@@ -19,6 +19,7 @@ from jaxdfl.aggregators._common import compute_dtype
 from jaxdfl.aggregators._common import count
 from jaxdfl.aggregators._common import nan_to_inf
 from jaxdfl.aggregators._common import ranks
+from jaxdfl.aggregators._common import smallest
 from jaxdfl.aggregators._common import sq_dist_to
 from jaxdfl.aggregators._common import sq_dist_to_self
 from jaxdfl.aggregators._common import sq_distances
@@ -77,12 +78,11 @@ def _krum_scores(d2: jax.Array, mask: jax.Array, f, all_when_degenerate: bool = 
     """
     k = mask.shape[0]
     other = mask[None, :] & mask[:, None] & ~jnp.eye(k, dtype=bool)
-    r = ranks(d2, other)
     n = count(mask)
     closest = n - f - 2
     if all_when_degenerate:
         closest = jnp.where(closest < 1, n - 1, closest)
-    score = jnp.sum(jnp.where(other & (r < closest), d2, 0.0), axis=1)
+    score = jnp.sum(jnp.where(smallest(d2, other, closest), d2, 0.0), axis=1)
     return jnp.where(mask, nan_to_inf(score), jnp.inf)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from jaxdfl.aggregators import distance
 from jaxdfl.aggregators import order_stats
 from jaxdfl.aggregators import pre as pre_mod
+from jaxdfl.aggregators._common import _chunks
 from jaxdfl.errors import ConfigError
 from jaxdfl.registry import Shipped, layout, shown, traced
 
@@ -111,14 +112,32 @@ def _named_pre(pre: Sequence | Mapping) -> list[tuple[str, dict]]:
     return out
 
 
+#: Rules and pre-aggregators that sum over all row pairs in one pass (``_common._pair_sums``): a buffer of
+#: K (K - 1) / 2 partial sums per D / T coordinates, (K - 1) / (2 T) neighbourhoods' worth (T = 20 from D = 320).
+PAIRWISE = frozenset({"krum", "multi_krum", "bulyan", "geometric_median", "centered_clip", "ios", "nnm"})
+
+
+def temporaries(rule: str, pre: Sequence[str], k: int, d: int) -> float:
+    """A node's working set beyond its input for ``pre`` (names) then ``rule``, in ``[K, D]`` neighbourhoods.
+
+    0.5 for a rule fused into loops over D (it keeps at most a fraction of its rows alive), or the pair-sum buffer
+    when larger (from K = 22 on: 3.2 neighbourhoods at K = 129); one ``[K, D]`` output per pre-aggregator, plus
+    NNM's own pair buffer. At K = 129, D = 1,000 Krum's estimate is 3.2 neighbourhoods per node, 213 MB for 129
+    nodes, where XLA's CPU memory analysis reports 220 MB.
+    """
+    pair = (k - 1) / (2 * _chunks(d))
+    t = max(0.5, pair if rule in PAIRWISE else 0.0)
+    for name in pre:
+        t += 1.0 + (pair if name in PAIRWISE else 0.0)
+    return t
+
+
 def auto_chunk(n: int, k: int, d: int, itemsize: int = 4, budget: int = MEMORY_BUDGET_BYTES,
                temporaries: float = 0.5) -> int | None:
     """Nodes per chunk so that the rule's temporaries stay under ``budget`` bytes; None when all nodes fit at once.
 
-    A node's temporaries are estimated as ``temporaries * K * D * itemsize`` bytes: the rules themselves fuse into
-    loops over D and keep at most a fraction of their ``[K, D]`` input alive (the pairwise-distance buffer is
-    ``(K - 1) / 40`` of it, hence 0.5), and each pre-aggregator materialises one ``[K, D]`` output (``aggregate``
-    passes ``temporaries = 0.5 + len(pre)``).
+    A node's temporaries are estimated as ``temporaries * K * D * itemsize`` bytes (``aggregate`` passes
+    :func:`temporaries` of its rule and pre-aggregators).
     """
     per_node = temporaries * k * d * itemsize
     if n * per_node <= budget:
@@ -181,7 +200,8 @@ def aggregate(key: jax.Array, block: jax.Array, mask: jax.Array, weights: jax.Ar
 
     keys = jax.random.split(key, n)
     if chunk_size is None:
-        chunk_size = auto_chunk(n, k, d, block.dtype.itemsize, memory_budget, 0.5 + len(steps))
+        chunk_size = auto_chunk(n, k, d, block.dtype.itemsize, memory_budget,
+                                temporaries(rule, [name for name, _ in named], k, d))
     lifted = jax.vmap(one)
     if not chunk_size or chunk_size >= n:
         return lifted(keys, block, mask, weights)

@@ -11,15 +11,29 @@ from numbers import Integral
 import jax
 import jax.numpy as jnp
 
+from jaxdfl.aggregators._common import RANKS_MAX_K
 from jaxdfl.aggregators._common import compute_dtype
 from jaxdfl.aggregators._common import count
 from jaxdfl.aggregators._common import ranks
+from jaxdfl.aggregators._common import smallest
 from jaxdfl.aggregators._common import sq_distances
 
 
 def _mix(x: jax.Array, mask: jax.Array, mix: jax.Array) -> jax.Array:
-    """``out_i = sum_j mix_ij x_j`` over valid j with ``mix_ij != 0``: ``[K, D], [K], [K', K] -> [K', D]``."""
+    """``out_i = sum_j mix_ij x_j`` over valid j with ``mix_ij != 0``: ``[K, D], [K], [K', K] -> [K', D]``.
+
+    Terms are added in order of j either way: unrolled (one fused loop over D) up to ``RANKS_MAX_K`` rows, in a
+    ``fori_loop`` over j above (the unrolled K' x K terms took minutes to compile at K = 65).
+    """
     dt = compute_dtype(x.dtype)
+    if x.shape[0] > RANKS_MAX_K:
+        def add(j, acc):
+            use = mask[j] & (mix[:, j] != 0)
+            xj = jax.lax.dynamic_index_in_dim(x, j, keepdims=False).astype(dt)
+            return acc + jnp.where(use[:, None], mix[:, j, None].astype(dt) * xj[None, :], jnp.zeros((), dt))
+
+        zero = jnp.zeros((mix.shape[0], x.shape[1]), dt)
+        return jax.lax.fori_loop(0, x.shape[0], add, zero).astype(x.dtype)
     xs = [x[j].astype(dt) for j in range(x.shape[0])]
     out = []
     for i in range(mix.shape[0]):
@@ -59,7 +73,7 @@ def nnm(key: jax.Array, x: jax.Array, mask: jax.Array, weights: jax.Array, *, f=
     d2 = sq_distances(x, mask)
     pair = mask[:, None] & mask[None, :]
     keep = jnp.maximum(count(mask) - f, 1)
-    near = pair & (ranks(d2, jnp.broadcast_to(mask, (k, k))) < keep)
+    near = pair & smallest(d2, jnp.broadcast_to(mask, (k, k)), keep)
     return _mix(x, mask, near / keep.astype(compute_dtype(x.dtype))), mask, weights
 
 
