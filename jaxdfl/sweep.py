@@ -37,16 +37,32 @@ def parse_grid(items: Iterable[str]) -> list[tuple[str, list]]:
             raise ConfigError(f"--grid {item!r} must look like key=v1,v2,...")
         key, text = item.split("=", 1)
         key = key.strip()
-        values = [parse_value(v.strip(), key) for v in _split_top(text)]
+        grid.append((key, [parse_value(v.strip(), key) for v in _split_top(text)]))
+    return checked_grid(grid)
+
+
+def checked_grid(grid: Sequence[tuple[str, Iterable]] | Mapping[str, Iterable]) -> list[tuple[str, list]]:
+    """``grid`` as ``[(key, [values])]`` with plain Python values, or a ConfigError: each key once, with a list of
+    at least one value, no value twice (a mapping ``{key: values}`` is taken in its order)."""
+    if isinstance(grid, str):
+        raise ConfigError(f"grid must be a list of (key, values) pairs, got {grid!r}")
+    out = []
+    for item in grid.items() if isinstance(grid, Mapping) else grid:
+        if isinstance(item, str) or not isinstance(item, Sequence) or len(item) != 2 or not isinstance(item[0], str):
+            raise ConfigError(f"grid entries must be (key, values) pairs, got {item!r}")
+        key, values = item
+        if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+            raise ConfigError(f"grid {key}: the values must be a list, e.g. [{values!r}], got {values!r}")
+        values = plain(list(values))
         if not values:
-            raise ConfigError(f"--grid {key}: give at least one value")
-        if key in (k for k, _ in grid):
-            raise ConfigError(f"--grid {key} is given twice; list all its values in one --grid")
+            raise ConfigError(f"grid {key}: give at least one value")
+        if key in (k for k, _ in out):
+            raise ConfigError(f"grid {key} is given twice; list all its values in one --grid")
         repeated = [v for i, v in enumerate(values) if v in values[:i]]
         if repeated:
-            raise ConfigError(f"--grid {key} lists {repeated[0]!r} more than once")
-        grid.append((key, values))
-    return grid
+            raise ConfigError(f"grid {key} lists {repeated[0]!r} more than once")
+        out.append((key, values))
+    return out
 
 
 def _split_top(text: str) -> list[str]:
@@ -65,11 +81,14 @@ def _split_top(text: str) -> list[str]:
     return out
 
 
-def expand(base: Config, grid: Sequence[tuple[str, list]]) -> list[tuple[dict[str, Any], Config]]:
-    """The cartesian product of ``grid`` over ``base``: ``[(overrides, config), ...]`` (all validated first)."""
+def expand(base: Config, grid: Sequence[tuple[str, Iterable]] | Mapping[str, Iterable]
+           ) -> list[tuple[dict[str, Any], Config]]:
+    """The cartesian product of ``grid`` (see :func:`checked_grid`) over ``base``: ``[(overrides, config), ...]`` (all
+    validated first)."""
+    grid = checked_grid(grid)  # NumPy grids as the lists TOML gives
     keys = [k for k, _ in grid]
     out = []
-    for values in itertools.product(*(plain(v) for _, v in grid)):  # NumPy grids as the lists TOML gives
+    for values in itertools.product(*(v for _, v in grid)):
         overrides = dict(zip(keys, values, strict=True))
         with _named(f"setting {setting_id(overrides)}"):
             out.append((overrides, base.replace(overrides)))

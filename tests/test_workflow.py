@@ -192,6 +192,25 @@ def test_grid_repeats_are_errors(items, message):
         sweep.parse_grid(items)
 
 
+@pytest.mark.parametrize("grid, message", [
+    ([("train.lr", [0.1]), ("train.lr", [0.2])], "given twice"),  # the 0.1 setting was dropped
+    ([("train.lr", [0.1, 0.2, 0.1])], "more than once"),
+    ([("train.lr", [])], "give at least one value"),  # run_grid ran nothing and wrote an empty plot
+    ([("train.optimizer", "adam")], r"the values must be a list, e.g. \['adam'\]"),  # read letter by letter
+    ([("train.lr", 0.1)], "the values must be a list"),  # TypeError
+    ("train.lr", "grid must be a list of"),
+])
+def test_a_python_grid_is_checked_as_the_command_line_one(grid, message):
+    with pytest.raises(ConfigError, match=message):
+        sweep.expand(jaxdfl.make_config({"topology": {"n": 8}}), grid)
+
+
+def test_a_python_grid_may_be_a_mapping():
+    base = jaxdfl.make_config({"topology": {"n": 8}})
+    settings = sweep.expand(base, {"train.lr": [0.5, 0.25], "topology.n": [8]})
+    assert [o for o, _ in settings] == [{"train.lr": 0.5, "topology.n": 8}, {"train.lr": 0.25, "topology.n": 8}]
+
+
 def test_privacy_utility_bisection_uses_monotonicity(small_cfg, monkeypatch):
     study = sweep.PrivacyUtility(small_cfg(**{"privacy.mode": "update", "train.share": "update"}))
     calls = []
