@@ -17,8 +17,10 @@ result.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from numbers import Integral, Real
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +73,8 @@ class Shards:
 
 
 def _split(x, y, test_fraction, seed):
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, Real) or not 0 < test_fraction < 1:
+        raise ConfigError(f"data.test_fraction must be a number in (0, 1), got {test_fraction!r}")
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(y))
     n_test = int(round(len(y) * test_fraction))
@@ -97,7 +101,7 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return bunch.images, bunch.target
 
 
-def load_digits(test_fraction: float = 0.2, seed: int = 0, **_) -> Dataset:
+def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     """scikit-learn's bundled 8x8 digits (1797 images, 10 classes; offline), pixels scaled to [0, 1].
 
     Returns images of shape ``[8, 8, 1]``.
@@ -109,7 +113,7 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0, **_) -> Dataset:
 
 
 def synthetic_fedprox(n_nodes: int, alpha: float = 1.0, beta: float = 1.0, seed: int = 0,
-                      test_fraction: float = 0.2, samples: int = 0, **_) -> Dataset:
+                      test_fraction: float = 0.2, samples: int = 0) -> Dataset:
     """FedProx Synthetic(alpha, beta) with one natural client per node.
 
     Per node k: u_k ~ N(0, alpha), B_k ~ N(0, beta) (alpha, beta used as standard deviations as in the reference
@@ -164,7 +168,7 @@ def _file_loader(name: str, read: Callable) -> Callable[..., Dataset]:
 #: Dataset loaders by config name: ``loader(n_nodes=..., test_fraction=..., seed=..., **data_section) -> Dataset``.
 #: File-backed datasets read ``data.path`` (see :mod:`jaxdfl.datasets` for formats and normalisation).
 DATASETS: dict[str, Callable[..., Dataset]] = {
-    "digits": lambda n_nodes, **kw: load_digits(**kw),
+    "digits": lambda n_nodes, **kw: load_digits(test_fraction=kw["test_fraction"], seed=kw["seed"]),
     "synthetic": lambda n_nodes, **kw: synthetic_fedprox(
         n_nodes, alpha=kw["synthetic_alpha"], beta=kw["synthetic_beta"], seed=kw["seed"],
         test_fraction=kw["test_fraction"], samples=kw["synthetic_samples"]),
@@ -262,7 +266,7 @@ def apportion(total: int, shares: np.ndarray, minimum: int = 1) -> np.ndarray:
 
 
 def partition_iid(y: np.ndarray, n: int, rng: np.random.Generator, shares: np.ndarray | None = None,
-                  min_size: int = 1, **_) -> list[np.ndarray]:
+                  min_size: int = 1) -> list[np.ndarray]:
     """Shuffle and deal the examples into ``n`` shards: near-equal sizes, or sizes apportioned by ``shares``."""
     perm = rng.permutation(len(y))
     if shares is None:
@@ -272,7 +276,7 @@ def partition_iid(y: np.ndarray, n: int, rng: np.random.Generator, shares: np.nd
 
 
 def partition_dirichlet(y: np.ndarray, n: int, rng: np.random.Generator, alpha: float = 0.5,
-                        min_size: int = 1, shares: np.ndarray | None = None, **_) -> list[np.ndarray]:
+                        min_size: int = 1, shares: np.ndarray | None = None) -> list[np.ndarray]:
     """Label skew by Dirichlet draws (small alpha -> few classes per node).
 
     Without ``shares`` (Yurochkin et al. 2019; NIID-Bench, Li et al. 2022): for every class c, proportions
@@ -335,7 +339,7 @@ def _dirichlet_fixed_sizes(y, classes, sizes, rng, alpha) -> list[np.ndarray]:
 
 
 def partition_shards(y: np.ndarray, n: int, rng: np.random.Generator, shards_per_node: int = 2,
-                     shares: np.ndarray | None = None, **_) -> list[np.ndarray]:
+                     shares: np.ndarray | None = None) -> list[np.ndarray]:
     """Pathological non-IID: sort by label, cut into ``n * shards_per_node`` shards, deal ``shards_per_node`` each.
 
     With ``shares`` (quantity skew) node k receives apportion(n * shards_per_node, shares, 1)_k shards instead.
@@ -354,11 +358,22 @@ def partition_shards(y: np.ndarray, n: int, rng: np.random.Generator, shards_per
     return [np.concatenate([shards[s] for s in row]) for row in deal]
 
 
+#: Label-skew partitions by config name: ``fn(y, n, rng, **settings) -> [n] index arrays``, given the settings it
+#: names among ``alpha``, ``shards_per_node``, ``min_size``, ``shares`` (all of them if it takes ``**kwargs``).
 PARTITIONS: dict[str, Callable[..., list[np.ndarray]]] = {
     "iid": partition_iid,
     "dirichlet": partition_dirichlet,
     "shards": partition_shards,
 }
+
+
+def _taken_by(fn: Callable, options: dict) -> dict:
+    """The entries of ``options`` that ``fn`` has parameters for (all of them if it takes ``**kwargs``): each
+    partition takes its own settings, and a misspelled keyword in a direct call is Python's TypeError."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return options
+    return {k: v for k, v in options.items() if k in params}
 
 
 def stack_shards(x: np.ndarray, y: np.ndarray, parts: list[np.ndarray]) -> Shards:
@@ -394,6 +409,8 @@ def partition(ds: Dataset, n: int, kind: str = "iid", seed: int = 0, alpha: floa
     Returns:
       :class:`Shards` with ``x: [n, M, ...]``, ``y: [n, M]``, ``sizes: [n]``.
     """
+    if isinstance(n, bool) or not isinstance(n, Integral) or n < 1:
+        raise ConfigError(f"topology.n must be an integer >= 1, got {n!r}")
     if ds.groups is not None:
         if kind != "iid":
             raise ConfigError(f"data.partition={kind!r} does not apply to {ds.name}, whose natural clients are the "
@@ -415,8 +432,8 @@ def partition(ds: Dataset, n: int, kind: str = "iid", seed: int = 0, alpha: floa
             raise ConfigError(f"topology.n={n} exceeds the {len(ds.y_train)} training examples of {ds.name}")
         rng = np.random.default_rng(seed)
         shares = quantity_shares(rng, n, quantity_skew, quantity_alpha)
-        parts = PARTITIONS[kind](ds.y_train, n, rng, alpha=alpha, shards_per_node=shards_per_node,
-                                 min_size=min_size, shares=shares)
+        options = {"alpha": alpha, "shards_per_node": shards_per_node, "min_size": min_size, "shares": shares}
+        parts = PARTITIONS[kind](ds.y_train, n, rng, **_taken_by(PARTITIONS[kind], options))
     return stack_shards(ds.x_train, ds.y_train, parts)
 
 

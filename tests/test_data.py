@@ -34,7 +34,8 @@ def test_digits_shapes_and_split(digits):
 def test_partitions_cover_train_set_once(digits, kind):
     n = 10
     rng = np.random.default_rng(0)
-    parts = data.PARTITIONS[kind](digits.y_train, n, rng, alpha=0.3, shards_per_node=2)
+    options = {"iid": {}, "dirichlet": {"alpha": 0.3}, "shards": {"shards_per_node": 2}}[kind]
+    parts = data.PARTITIONS[kind](digits.y_train, n, rng, **options)
     allidx = np.concatenate(parts)
     assert len(parts) == n
     assert sorted(allidx.tolist()) == list(range(len(digits.y_train)))
@@ -126,6 +127,17 @@ def test_errors():
         data.partition(ds, 5000)
     with pytest.raises(ConfigError, match="data.partition"):
         data.partition(ds, 4, "zipf")
+    # regressions: 2.5 nodes built 2, a test fraction of 1.5 left no training set, misspelled keywords were dropped
+    with pytest.raises(ConfigError, match="topology.n must be an integer >= 1"):
+        data.partition(ds, 2.5)
+    with pytest.raises(ConfigError, match=r"data.test_fraction must be a number in \(0, 1\)"):
+        data.load_digits(test_fraction=1.5)
+    rng = np.random.default_rng(0)
+    for call in (lambda: data.partition_dirichlet(ds.y_train, 4, rng, alpah=0.01),
+                 lambda: data.partition_shards(ds.y_train, 4, rng, shard_per_node=5),
+                 lambda: data.load_digits(test_fracton=0.5), lambda: data.synthetic_fedprox(4, alpah=5.0)):
+        with pytest.raises(TypeError, match="unexpected keyword argument"):
+            call()
 
 
 @pytest.mark.parametrize("fraction", [0.0002, 0.9999])
@@ -142,7 +154,8 @@ def _digits_with(monkeypatch, changes):
     import dataclasses
 
     def loader(n_nodes, **kw):
-        return dataclasses.replace(data.load_digits(**kw), **changes(data.load_digits(**kw)))
+        ds = data.load_digits(test_fraction=kw["test_fraction"], seed=kw["seed"])
+        return dataclasses.replace(ds, **changes(ds))
 
     monkeypatch.setitem(data.DATASETS, "mine", loader)
 

@@ -406,8 +406,8 @@ def test_quantity_skew_covers_train_set_once_with_target_sizes(digits, kind, ske
         shard_counts = data.apportion(n * 3, q, 1)
         shard_size = len(digits.y_train) / (n * 3)
         assert np.all(np.abs(sh.sizes - shard_counts * shard_size) <= shard_counts)
-    parts = data.PARTITIONS[kind](digits.y_train, n, np.random.default_rng(seed), alpha=0.5, shards_per_node=3,
-                                  shares=q)
+    options = {"iid": {}, "dirichlet": {"alpha": 0.5}, "shards": {"shards_per_node": 3}}[kind]
+    parts = data.PARTITIONS[kind](digits.y_train, n, np.random.default_rng(seed), shares=q, **options)
     assert sorted(np.concatenate(parts).tolist()) == list(range(len(digits.y_train)))
 
 
