@@ -464,6 +464,7 @@ class Runner:
         ``progress(rounds_done, rounds)`` is called on the host after every segment.
         """
         exp = exp or self.exp
+        _check_progress(progress)
         if runner_key(exp) != (program_key(self.exp), self.components):
             raise ValueError("Runner: this experiment differs from the compiled one in a static setting, its DP-SGD "
                              "buffer, its data or model shapes, or a registered rule, attack or model function")
@@ -617,6 +618,11 @@ def runner_for(exp: Experiment, runners: list) -> Runner:
 _last_runner: Runner | None = None
 
 
+def _check_progress(progress) -> None:
+    if progress is not None and not callable(progress):
+        raise ConfigError(f"progress must be a function progress(rounds_done, rounds) or None, got {progress!r}")
+
+
 def run(cfg: Config | dict | str | Experiment, progress: Callable | None = None, checkpoint_dir: str | None = None,
         resume: bool = False) -> Result:
     """Run one experiment end to end and return its :class:`Result`.
@@ -642,6 +648,7 @@ def run(cfg: Config | dict | str | Experiment, progress: Callable | None = None,
     :class:`~jaxdfl.config.InertSettingWarning`.
     """
     global _last_runner
+    _check_progress(progress)  # before building and compiling
     exp = cfg if isinstance(cfg, Experiment) else None
     cfg = exp.config if exp is not None else _as_config(cfg)
     for note in inert_settings(cfg):

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+from numbers import Integral
+
 import flax.linen as nn
 from flax.linen.dtypes import promote_dtype
 import jax
@@ -288,6 +290,10 @@ def make(name: str, num_classes: int, input_shape: Sequence[int], hidden: Sequen
     if key not in COMPUTE_DTYPES:
         raise ConfigError(f"model.compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}; got {dtype!r}")
     compute = COMPUTE_DTYPES[key]
+    if isinstance(num_classes, bool) or not isinstance(num_classes, Integral) or num_classes < 1:
+        raise ConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    if not all(isinstance(h, Integral) and not isinstance(h, bool) and h > 0 for h in hidden):
+        raise ConfigError(f"model.hidden must be a list of positive ints, got {hidden!r}")
     module = MODELS[name](num_classes, tuple(hidden), compute, conv_impl(conv))
     dummy = jnp.zeros((1, *input_shape), jnp.float32)
     # Shapes only: running flax's init eagerly would compile every layer's ops one by one.

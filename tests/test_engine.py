@@ -435,3 +435,10 @@ def test_the_same_seed_gives_the_same_run_under_x64():
     plain = jaxdfl.run(jaxdfl.make_config(X64_CFG))
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == [
         np.asarray(plain.history[k]).tolist() for k in ("accuracy_mean", "loss_mean")]
+
+
+def test_a_progress_that_is_not_a_function_is_refused_before_compiling(small_cfg, monkeypatch):
+    """Regression: ``progress="bar"`` failed with "'str' object is not callable" after compiling and running."""
+    monkeypatch.setattr(experiment, "build", lambda *a, **k: pytest.fail("built before the check"))
+    with pytest.raises(jaxdfl.ConfigError, match="progress must be a function"):
+        jaxdfl.run(small_cfg(), progress="bar")

@@ -220,6 +220,12 @@ def test_configuration_errors():
     with pytest.raises(ConfigError, match=r"model\.name='cifar_cnn' needs image inputs \[H, W, C\], got input "
                                           r"shape \(40,\)"):
         models.make("cifar_cnn", 10, (40,))
+    # regressions: ZeroDivisionError and a flax shape error
+    with pytest.raises(ConfigError, match=r"num_classes must be an integer >= 1, got 0"):
+        models.make("mlp", 0, (8, 8, 1))
+    for hidden in ((0,), (-3,), (2.5,)):
+        with pytest.raises(ConfigError, match=r"model\.hidden must be a list of positive ints"):
+            models.make("mlp", 10, (8, 8, 1), hidden)
 
 
 @pytest.mark.parametrize("impl", ["xla", "im2col"])
