@@ -485,9 +485,11 @@ def _default_of(key: str, missing: Any = None) -> Any:
 def _parse_overrides(overrides) -> list[tuple[str, Any]]:
     if isinstance(overrides, Mapping):
         return list(overrides.items())
+    if isinstance(overrides, str):  # it was read letter by letter ("override 't' must look like ...")
+        raise ConfigError(f"overrides must be a list of 'section.key=value' strings, e.g. [{overrides!r}]")
     out = []
     for item in overrides:
-        if "=" not in item:
+        if not isinstance(item, str) or "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, text = item.split("=", 1)
         key = key.strip()

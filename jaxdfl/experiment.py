@@ -9,10 +9,11 @@ seeds at once when ``seeds`` is set), computes the privacy spent on the host and
 from __future__ import annotations
 
 import functools
+import os
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,8 +159,10 @@ def plan_privacy(cfg: Config, shards: data_mod.Shards, rates: np.ndarray, honest
 
 
 def _as_config(cfg: Config | dict | str) -> Config:
-    if isinstance(cfg, str):
+    if isinstance(cfg, (str, os.PathLike)):
         return load_config(cfg)
+    if not isinstance(cfg, Mapping):  # Config is a Mapping
+        raise ConfigError(f"a run takes a Config, a config dict or a TOML path, got {type(cfg).__name__} {cfg!r}")
     return cfg if isinstance(cfg, Config) else make_config(cfg)
 
 

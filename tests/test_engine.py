@@ -442,3 +442,16 @@ def test_a_progress_that_is_not_a_function_is_refused_before_compiling(small_cfg
     monkeypatch.setattr(experiment, "build", lambda *a, **k: pytest.fail("built before the check"))
     with pytest.raises(jaxdfl.ConfigError, match="progress must be a function"):
         jaxdfl.run(small_cfg(), progress="bar")
+
+
+@pytest.mark.parametrize("cfg", [3, ["topology.n=4"], None])
+def test_a_run_of_something_not_a_config_names_what_it_takes(cfg):
+    """Regressions: ``build(3)`` said "'int' object is not iterable", a list of overrides "dictionary update sequence
+    element #0 has length 12", and ``run(None)`` ran the default config."""
+    with pytest.raises(jaxdfl.ConfigError, match="a run takes a Config, a config dict or a TOML path"):
+        jaxdfl.build(cfg)
+
+
+def test_overrides_given_as_one_string_are_refused_with_the_list_they_should_be():
+    with pytest.raises(jaxdfl.ConfigError, match=r"overrides must be a list .* e.g. \['topology.n=64'\]"):
+        jaxdfl.load_config(None, "topology.n=64")
