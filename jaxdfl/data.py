@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -411,6 +412,12 @@ def partition(ds: Dataset, n: int, kind: str = "iid", seed: int = 0, alpha: floa
     """
     if isinstance(n, bool) or not isinstance(n, Integral) or n < 1:
         raise ConfigError(f"topology.n must be an integer >= 1, got {n!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not 0 < alpha < math.inf:
+        raise ConfigError(f"data.alpha must be a finite number > 0, got {alpha!r}")
+    if isinstance(shards_per_node, bool) or not isinstance(shards_per_node, Integral) or shards_per_node < 1:
+        raise ConfigError(f"data.shards_per_node must be an integer >= 1, got {shards_per_node!r}")
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed < 2**32:
+        raise ConfigError(f"data.seed must be an integer in [0, 2^32), got {seed!r}")
     if ds.groups is not None:
         if kind != "iid":
             raise ConfigError(f"data.partition={kind!r} does not apply to {ds.name}, whose natural clients are the "

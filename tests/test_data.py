@@ -1,5 +1,7 @@
 """Datasets and partitions."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -130,6 +132,12 @@ def test_errors():
     # regressions: 2.5 nodes built 2, a test fraction of 1.5 left no training set, misspelled keywords were dropped
     with pytest.raises(ConfigError, match="topology.n must be an integer >= 1"):
         data.partition(ds, 2.5)
+    for kw, match in (({"alpha": -1.0}, "data.alpha must be a finite number > 0"),  # numpy's "alpha < 0"
+                      ({"alpha": math.inf}, "data.alpha must be a finite number > 0"),  # said "raise data.alpha"
+                      ({"shards_per_node": 1.5}, "data.shards_per_node must be an integer"),  # AxisError
+                      ({"seed": -1}, r"data.seed must be an integer in \[0, 2\^32\)")):
+        with pytest.raises(ConfigError, match=match):
+            data.partition(ds, 4, "dirichlet" if "alpha" in kw else "shards", **kw)
     with pytest.raises(ConfigError, match=r"data.test_fraction must be a number in \(0, 1\)"):
         data.load_digits(test_fraction=1.5)
     rng = np.random.default_rng(0)
