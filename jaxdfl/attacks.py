@@ -766,8 +766,8 @@ def check_contract(name: str, hyper: dict | None, n: int, k: int, d: int, receiv
     Raises:
         ConfigError: one line naming ``attack.name``, the contract and what the attack did instead.
     """
+    h = resolve(name, hyper)  # an unknown name is a ConfigError here, before the lookup
     fn = REGISTRY[name]
-    h = resolve(name, hyper)
     contract = (f"attack.name={name!r}: an attack is called as attack(key, ctx, **hyper) -> (block [R, K, D], "
                 "mask [R, K] bool) for R receivers")
     for r in sorted({n, receivers or n}, reverse=True):

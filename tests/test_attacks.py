@@ -507,3 +507,10 @@ def test_place_errors(args, kwargs, key):
 def test_place_allows_largest_minority():
     assert byzantine.place(9, 4).sum() == 4
     assert byzantine.place(10, 4, "degree", degrees=np.arange(10)).sum() == 4
+
+
+def test_check_contract_names_an_unknown_attack():
+    """Regression: a misspelled name was a bare KeyError."""
+    with pytest.raises(ConfigError, match="attack.name: unknown attack 'signflip'; allowed: .*sign_flip"):
+        A.check_contract("signflip", None, 4, 3, 2)
+    A.check_contract("sign_flip", None, 4, 3, 2)  # a shipped attack follows its contract
