@@ -181,8 +181,8 @@ def aggregate(key: jax.Array, block: jax.Array, mask: jax.Array, weights: jax.Ar
     named = _named_pre(pre)
     _check_call(block, mask, weights, chunk_size)
     for name, ph, where in [(rule, h, "aggregation")] + [(name, ph, f"aggregation.{name}") for name, ph in named]:
-        # Python values only: traced ones (and jax arrays) are the caller's to keep in range
-        _check_hyper(name, {key: v for key, v in ph.items() if not isinstance(v, jax.Array)}, where)
+        # Python values only: arrays (traced ones among them) are the caller's to keep in range
+        _check_hyper(name, {key: v for key, v in ph.items() if not isinstance(v, jax.Array | np.ndarray)}, where)
     if weights is None:
         weights = mask / jnp.sum(mask, axis=1, keepdims=True)
     steps = [(PRE_REGISTRY[name], ph) for name, ph in named]
