@@ -210,7 +210,7 @@ def main(argv=None):
     start = time.perf_counter()
     for spec in args.sizes.split(","):
         n, k, d = (int(v) for v in spec.split("x"))
-        chunk = A.auto_chunk(n, k, d)  # what aggregate() picks for a rule without pre-aggregators
+        chunk = A.auto_chunk(n, k, d)  # what aggregate() picks for a rule without pre-aggregators (up to K = 21)
         print(f"N={n} K={k} D={d} chunk={chunk}", flush=True)
         rows, bandwidth = run_size(n, k, d, args.rules.split(","), args)
         roofline_s = n * k * d * 4 / (bandwidth * 1e9)

@@ -51,13 +51,14 @@ def checked_grid(grid: Sequence[tuple[str, Iterable]] | Mapping[str, Iterable]) 
         if isinstance(item, str) or not isinstance(item, Sequence) or len(item) != 2 or not isinstance(item[0], str):
             raise ConfigError(f"grid entries must be (key, values) pairs, got {item!r}")
         key, values = item
-        if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+        scalar = not isinstance(values, Iterable) or getattr(values, "ndim", 1) == 0  # a 0-d array iterates not
+        if scalar or isinstance(values, (str, bytes, Mapping)):
             raise ConfigError(f"grid {key}: the values must be a list, e.g. [{values!r}], got {values!r}")
         values = plain(list(values))
         if not values:
             raise ConfigError(f"grid {key}: give at least one value")
         if key in (k for k, _ in out):
-            raise ConfigError(f"grid {key} is given twice; list all its values in one --grid")
+            raise ConfigError(f"grid {key} is given twice; list all its values in one entry (one --grid)")
         repeated = [v for i, v in enumerate(values) if v in values[:i]]
         if repeated:
             raise ConfigError(f"grid {key} lists {repeated[0]!r} more than once")

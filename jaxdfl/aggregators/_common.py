@@ -183,6 +183,7 @@ def smallest(values: jax.Array, valid: jax.Array, c) -> jax.Array:
     if k <= RANKS_MAX_K:
         return valid & (ranks(values, valid) < jnp.expand_dims(c, -1))
     v = jnp.where(valid, jnp.abs(nan_to_inf(values)), jnp.asarray(jnp.inf, values.dtype))
+    v = jnp.where(v < jnp.finfo(v.dtype).tiny, jnp.zeros((), v.dtype), v)  # XLA:CPU compares denormals as 0
     itype = jnp.int32 if v.dtype.itemsize == 4 else jnp.int64
     bits = jax.lax.bitcast_convert_type(v, itype)
     c = jnp.broadcast_to(jnp.minimum(c, jnp.sum(valid.astype(jnp.int32), axis=-1)), values.shape[:-1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -120,16 +121,15 @@ PAIRWISE = frozenset({"krum", "multi_krum", "bulyan", "geometric_median", "cente
 def temporaries(rule: str, pre: Sequence[str], k: int, d: int) -> float:
     """A node's working set beyond its input for ``pre`` (names) then ``rule``, in ``[K, D]`` neighbourhoods.
 
-    0.5 for a rule fused into loops over D (it keeps at most a fraction of its rows alive), or the pair-sum buffer
-    when larger (from K = 22 on: 3.2 neighbourhoods at K = 129); one ``[K, D]`` output per pre-aggregator, plus
-    NNM's own pair buffer. At K = 129, D = 1,000 Krum's estimate is 3.2 neighbourhoods per node, 213 MB for 129
+    One ``[K, D]`` output per pre-aggregator, plus the largest of 0.5 (a rule fused into loops over D keeps at most
+    a fraction of its rows alive) and the pair-sum buffer of a pairwise step (they run one after another, so their
+    buffers are not alive together). The buffer is ``(K - 1) / (2 T)`` neighbourhoods (T = 20 from D = 320), larger
+    than 0.5 from K = 22 on: at K = 129, D = 1,000 Krum's estimate is 3.2 neighbourhoods per node, 213 MB for 129
     nodes, where XLA's CPU memory analysis reports 220 MB.
     """
     pair = (k - 1) / (2 * _chunks(d))
-    t = max(0.5, pair if rule in PAIRWISE else 0.0)
-    for name in pre:
-        t += 1.0 + (pair if name in PAIRWISE else 0.0)
-    return t
+    pairwise = any(name in PAIRWISE for name in [rule, *pre])
+    return len(pre) + max(0.5, pair if pairwise else 0.0)
 
 
 def auto_chunk(n: int, k: int, d: int, itemsize: int = 4, budget: int = MEMORY_BUDGET_BYTES,
@@ -220,9 +220,17 @@ def _check_call(block, mask, weights, chunk_size) -> None:
         raise ConfigError(f"aggregate: mask must be bool [N, K] = {block.shape[:2]}, got {mask.dtype} {mask.shape}")
     if weights is not None and weights.shape != mask.shape:
         raise ConfigError(f"aggregate: weights must be [N, K] = {mask.shape} (or None: uniform), got {weights.shape}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, Integral)
-                                   or chunk_size < 0):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not _is_index(chunk_size) or chunk_size < 0):
         raise ConfigError(f"aggregate: chunk_size must be None or an integer >= 0, got {chunk_size!r}")
+
+
+def _is_index(value) -> bool:
+    """Whether ``value`` is a concrete integer (a Python or NumPy int, or a 0-d integer array)."""
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _check_number(where: str, value, *, integer=False, minimum=None, strict=False) -> None:
