@@ -702,13 +702,16 @@ def test_aggregate_takes_pre_aggregators_as_a_mapping_and_weights_none_as_unifor
     """Regression: ``pre={"nnm": {"f": 2}}`` ran NNM with f = 1 (the dict's keys were read as names)."""
     x, mask, w = make_batch(161, b=3, k=7)
     key = jax.random.key(0)
-    as_pairs = A.aggregate(key, x, mask, w, "mean", pre=[("nnm", {"f": 2})])
-    np.testing.assert_array_equal(A.aggregate(key, x, mask, w, "mean", pre={"nnm": {"f": 2}}), as_pairs)
-    assert not np.array_equal(A.aggregate(key, x, mask, w, "mean", pre=["nnm"]), as_pairs)
+
+    def run(weights, pre=(), chunk=None):  # jitted: eagerly the unrolled rules dispatch op by op
+        return jax.jit(lambda x, m, w: A.aggregate(key, x, m, w, "mean", pre=pre, chunk_size=chunk))(x, mask, weights)
+
+    as_pairs = run(w, [("nnm", {"f": 2})])
+    np.testing.assert_array_equal(run(w, {"nnm": {"f": 2}}), as_pairs)
+    assert not np.array_equal(run(w, ["nnm"]), as_pairs)
     uniform = mask / mask.sum(axis=1, keepdims=True)
     for chunk in (None, 1):  # None weights crashed in chunks
-        np.testing.assert_allclose(A.aggregate(key, x, mask, None, "mean", chunk_size=chunk),
-                                   A.aggregate(key, x, mask, uniform, "mean"), rtol=1e-6)
+        np.testing.assert_allclose(run(None, chunk=chunk), run(uniform), rtol=1e-6)
 
 
 PIPELINES = [(rule, h, ()) for rule in RULES for h in ({}, {"f": 2}) if "f" in A.DEFAULTS[rule] or not h] + [

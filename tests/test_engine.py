@@ -411,7 +411,7 @@ def test_run_takes_an_experiment_already_built_without_building_it_again(small_c
 
 
 
-X64_CFG = {"rounds": 4, "eval_every": 2, "seed": 3, "model": {"name": "logreg"},
+X64_CFG = {"rounds": 2, "eval_every": 1, "seed": 3, "model": {"name": "logreg"},
            "topology": {"kind": "random_regular", "n": 8, "degree": 4, "dynamic": "resample", "pool": 3,
                         "stragglers": 0.5},
            "train": {"lr": 0.2, "batch_size": 8, "local_steps": 2},
