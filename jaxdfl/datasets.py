@@ -374,7 +374,7 @@ def load_npz(path: str | Path) -> Split:
             if not np.all(np.isfinite(x)):
                 raise ConfigError(f"{p}: x_{part} contains NaN or infinite values")
             big = float(np.max(np.abs(x)))
-            if big > np.finfo(np.float32).max:
+            if big > float(np.finfo(np.float32).max):
                 raise ConfigError(f"{p}: x_{part} has values up to {big:.3g}, beyond float32's range "
                                   f"({np.finfo(np.float32).max:.3g}): rescale them")
         x = _images_to_float(x) if x.dtype == np.uint8 else x.astype(np.float32)
