@@ -549,13 +549,15 @@ def test_ctrl_c_ends_the_command_with_one_line_and_exit_130(tmp_path):
 
     out = tmp_path / "run"
     # SIGINT as a terminal delivers it: a suite started in the background of a non-interactive shell inherits it
-    # ignored, and Python then leaves it ignored in the child (the command ran on, once, 60 s after its SIGINT)
-    proc = subprocess.Popen([sys.executable, "-m", "jaxdfl.cli", "run", str(ROOT / "configs/quickstart.toml"),
+    # ignored, and Python then leaves it ignored in the child (the command ran on, once, 60 s after its SIGINT).
+    # A small launcher resets it and execs the command (no preexec_fn: forking a threaded JAX process can deadlock).
+    launch = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+              "os.execv(sys.executable, [sys.executable, '-m', 'jaxdfl.cli'] + sys.argv[1:])")
+    proc = subprocess.Popen([sys.executable, "-c", launch, "run", str(ROOT / "configs/quickstart.toml"),
                              "--set", "rounds=1000000", "--set", "checkpoint_every=5", "--set", "eval_every=5",
                              "--set", "topology.n=8", "--set", "model.name=\"logreg\"",
                              "--out", str(out), "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         deadline = time.time() + 120
         while not any((out / "checkpoints").glob("round_*.npz")) and time.time() < deadline and proc.poll() is None:
