@@ -681,8 +681,7 @@ def validate(cfg: dict) -> None:
     _check_section(model, DEFAULTS["model"], "model", {})
     if model["name"] not in models.MODELS:
         raise ConfigError(f"model.name must be one of {', '.join(models.MODELS)}; got {model['name']!r}")
-    if not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in model["hidden"]):
-        raise ConfigError(f"model.hidden must be a list of positive ints, got {model['hidden']!r}")
+    models.check_hidden(model["hidden"])
 
     train = cfg["train"]
     _check_section(train, DEFAULTS["train"], "train", {})

@@ -267,6 +267,12 @@ class FlatModel(NamedTuple):
     apply_params: Callable
 
 
+def check_hidden(hidden: Sequence[int]) -> None:
+    """Raise a ConfigError unless ``hidden`` (``model.hidden``) is a list of positive ints."""
+    if not all(isinstance(h, Integral) and not isinstance(h, bool) and h > 0 for h in hidden):
+        raise ConfigError(f"model.hidden must be a list of positive ints, got {hidden!r}")
+
+
 def make(name: str, num_classes: int, input_shape: Sequence[int], hidden: Sequence[int] = (64,),
          dtype: str | None = None, conv: str = "auto") -> FlatModel:
     """Build the named model and its flat-vector view for inputs of ``input_shape`` (no batch axis).
@@ -292,8 +298,7 @@ def make(name: str, num_classes: int, input_shape: Sequence[int], hidden: Sequen
     compute = COMPUTE_DTYPES[key]
     if isinstance(num_classes, bool) or not isinstance(num_classes, Integral) or num_classes < 1:
         raise ConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
-    if not all(isinstance(h, Integral) and not isinstance(h, bool) and h > 0 for h in hidden):
-        raise ConfigError(f"model.hidden must be a list of positive ints, got {hidden!r}")
+    check_hidden(hidden)
     module = MODELS[name](num_classes, tuple(hidden), compute, conv_impl(conv))
     dummy = jnp.zeros((1, *input_shape), jnp.float32)
     # Shapes only: running flax's init eagerly would compile every layer's ops one by one.

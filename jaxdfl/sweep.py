@@ -51,7 +51,8 @@ def checked_grid(grid: Sequence[tuple[str, Iterable]] | Mapping[str, Iterable]) 
         if isinstance(item, str) or not isinstance(item, Sequence) or len(item) != 2 or not isinstance(item[0], str):
             raise ConfigError(f"grid entries must be (key, values) pairs, got {item!r}")
         key, values = item
-        scalar = not isinstance(values, Iterable) or getattr(values, "ndim", 1) == 0  # a 0-d array iterates not
+        # a 0-d array counts as Iterable, yet iterating it fails
+        scalar = not isinstance(values, Iterable) or getattr(values, "ndim", 1) == 0
         if scalar or isinstance(values, (str, bytes, Mapping)):
             raise ConfigError(f"grid {key}: the values must be a list, e.g. [{values!r}], got {values!r}")
         values = plain(list(values))
