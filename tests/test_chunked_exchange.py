@@ -122,18 +122,33 @@ def test_chunked_exchange_bounds_temporary_memory():
     byz = np.arange(n) % 7 == 3
     block = n * graph.neighbors.shape[1] * d * 4
 
-    def temp_bytes(chunk):
-        spec = _spec("trimmed_mean", (("f", 1),), "sign_flip", chunk=chunk, n=n)
-        fn = jax.jit(lambda k, m: simulation.exchange(spec, k, m, _arrays(byz), graph)[0])
-        compiled = fn.lower(jax.random.key(0), msg).compile()
-        analysis = compiled.memory_analysis()
-        if analysis is None:
-            pytest.skip("memory_analysis unavailable on this backend")
-        return analysis.temp_size_in_bytes
-
-    whole, chunked = temp_bytes(None), temp_bytes(4)
-    assert whole >= block
+    whole, chunked = (_temp_bytes(_spec("krum", (("f", 1),), "sign_flip", chunk=c, n=n), graph, msg, byz)
+                      for c in (None, 4))
+    assert whole >= block  # Krum reads the rows twice (distances, then the chosen row): XLA keeps the block
     assert chunked < block / 4  # 16 chunks: one [4, K, D] block and its temporaries (3/16 of the whole block)
+
+
+def _temp_bytes(spec, graph, msg, byz):
+    """XLA's temporary bytes for one exchange, the graph and the Byzantine mask passed as arguments (as in a run)."""
+    fn = jax.jit(lambda k, m, a, g: simulation.exchange(spec, k, m, a, g)[0])
+    analysis = fn.lower(jax.random.key(0), msg, _arrays(byz), graph).compile().memory_analysis()
+    if analysis is None:
+        pytest.skip("memory_analysis unavailable on this backend")
+    return analysis.temp_size_in_bytes
+
+
+@pytest.mark.parametrize("attack", ["sign_flip", "alie"])
+def test_an_attack_on_a_one_pass_rule_adds_no_block_of_temporaries(attack):
+    """The attacked rows are gathered from the messages and the attack's per-receiver messages, so a rule that
+    reads its rows once (median) still streams them from the [N, D] messages: an attack adds a few [N, D] arrays
+    (its statistics, its messages), not the [N, K, D] block that a select over the block kept."""
+    n, d = 64, 10_000
+    graph, msg = _graph(n, seed=1), _messages(n, d)
+    byz = np.arange(n) % 7 == 3
+    block = n * graph.neighbors.shape[1] * d * 4
+    clean = _temp_bytes(_spec("median", attack="none", chunk=n, n=n), graph, msg, byz)
+    attacked = _temp_bytes(_spec("median", attack=attack, chunk=n, n=n), graph, msg, byz)
+    assert attacked - clean <= 4 * n * d * 4 < block / 4
 
 
 def test_end_to_end_forced_chunks_match(small_cfg):
