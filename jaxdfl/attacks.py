@@ -58,6 +58,7 @@ __all__ = [
     "large_norm",
     "mimic",
     "none",
+    "replace_rows",
     "resolve",
     "sign_flip",
     "validate",
@@ -181,8 +182,8 @@ def _sum_rows(select: jax.Array, row) -> jax.Array:
 
     An unrolled chain over the static K that XLA fuses into one elementwise loop over D, materialised once: on
     XLA:CPU a reduce over the middle axis of ``[N, K, D]`` is several times slower, and when fused into a consumer
-    that broadcasts the result back over K (``_replace``) it is recomputed for every row (3x slower end to end at
-    N = 256, K = 9, D = 1e5).
+    that broadcasts the result back over K (a select over the block) it is recomputed for every row (3x slower end to
+    end at N = 256, K = 9, D = 1e5).
     """
     out = None
     for k in range(select.shape[1]):
@@ -191,9 +192,10 @@ def _sum_rows(select: jax.Array, row) -> jax.Array:
     return jax.lax.optimization_barrier(out)
 
 
-def _replace(ctx: AttackContext, message: jax.Array, by_sender: bool = False) -> tuple[jax.Array, jax.Array]:
-    """Put ``message`` into the attacked rows: one message per receiver (``[R, D]``), or with ``by_sender`` one
-    per sender (``[N, D]``, indexed by node id).
+def replace_rows(ctx: AttackContext, message: jax.Array, by_sender: bool = False) -> tuple[jax.Array, jax.Array]:
+    """The block with ``message`` in the attacked rows: one message per receiver (``[R, D]``), or with
+    ``by_sender`` one per sender (``[N, D]``, indexed by node id). Returns ``(block [R, K, D], mask [R, K])``, what
+    an attack returns; every other row is the gathered message, bit for bit. Use it in your own attacks.
 
     The block is gathered anew (``ctx.block`` is ``ctx.messages[ctx.neighbors]``) from the messages followed by
     those rows, each attacked position pointing at its row, so the rule reads an ``[N + R, D]`` table through the
@@ -287,9 +289,9 @@ def sign_flip(key: jax.Array, ctx: AttackContext, scale=1.0, target: str = "mean
     s = _num(scale, ctx.block.dtype)
     if target == "mean":
         mu, _ = honest_stats(ctx)
-        return _replace(ctx, -s * mu)
+        return replace_rows(ctx, -s * mu)
     if target == "own":
-        return _replace(ctx, -s * ctx.messages, by_sender=True)
+        return replace_rows(ctx, -s * ctx.messages, by_sender=True)
     raise ConfigError(f"attack.target: sign_flip target must be 'mean' or 'own', got {target!r}")
 
 
@@ -352,7 +354,7 @@ def large_norm(key: jax.Array, ctx: AttackContext, scale=1e6) -> tuple[jax.Array
     """
     del key
     n, _, d = ctx.block.shape
-    return _replace(ctx, jnp.broadcast_to(_num(scale, ctx.block.dtype), (n, d)))
+    return replace_rows(ctx, jnp.broadcast_to(_num(scale, ctx.block.dtype), (n, d)))
 
 
 def inf(key: jax.Array, ctx: AttackContext, value=float("inf")) -> tuple[jax.Array, jax.Array]:
@@ -371,7 +373,7 @@ def inf(key: jax.Array, ctx: AttackContext, value=float("inf")) -> tuple[jax.Arr
     """
     del key
     n, _, d = ctx.block.shape
-    return _replace(ctx, jnp.broadcast_to(_num(value, ctx.block.dtype), (n, d)))
+    return replace_rows(ctx, jnp.broadcast_to(_num(value, ctx.block.dtype), (n, d)))
 
 
 def crash(key: jax.Array, ctx: AttackContext) -> tuple[jax.Array, jax.Array]:
@@ -433,7 +435,7 @@ def _search_scale(ctx: AttackContext, base, direction, default, search_max):
     n = ctx.block.shape[0]
 
     def damage(s):
-        block, _ = _replace(ctx, base + s[:, None] * direction)
+        block, _ = replace_rows(ctx, base + s[:, None] * direction)
         dist = jnp.linalg.norm(rule(block, ctx.mask, ctx.weights) - mu, axis=-1)
         return jnp.where(jnp.isnan(dist), -jnp.inf, dist)
 
@@ -510,7 +512,7 @@ def alie(key: jax.Array, ctx: AttackContext, z=None, adaptive: bool = False, sea
     zi = alie_z(ctx) if z is None else jnp.broadcast_to(_num(z, ctx.block.dtype), mu.shape[:1])
     if adaptive:
         zi = _search_scale(ctx, mu, sigma, zi, search_max)
-    return _replace(ctx, mu + zi[:, None] * sigma)
+    return replace_rows(ctx, mu + zi[:, None] * sigma)
 
 
 def ipm(key: jax.Array, ctx: AttackContext, eps=0.1, adaptive: bool = False, search_max=10.0):
@@ -540,7 +542,7 @@ def ipm(key: jax.Array, ctx: AttackContext, eps=0.1, adaptive: bool = False, sea
     e = jnp.broadcast_to(_num(eps, ctx.block.dtype), mu.shape[:1])
     if adaptive:
         e = _search_scale(ctx, jnp.zeros_like(mu), -mu, e, search_max)
-    return _replace(ctx, -e[:, None] * mu)
+    return replace_rows(ctx, -e[:, None] * mu)
 
 
 def mimic(key: jax.Array, ctx: AttackContext, target=None):
@@ -565,11 +567,12 @@ def mimic(key: jax.Array, ctx: AttackContext, target=None):
         n = ctx.messages.shape[0]  # all nodes: the block may hold only a chunk of the receivers
         if not 0 <= int(target) < n:
             raise ConfigError(f"attack.target: mimic target must be a node id in [0, {n}), got {target}")
-        return _replace(ctx, jnp.broadcast_to(ctx.messages[int(target)], (ctx.block.shape[0], ctx.block.shape[2])))
+        return replace_rows(ctx, jnp.broadcast_to(ctx.messages[int(target)], (ctx.block.shape[0], ctx.block.shape[2])))
     candidate = honest_rows(ctx) & ~_row0(ctx)
     ids = jnp.where(candidate, ctx.neighbors, jnp.iinfo(jnp.int32).max)
     row = jnp.where(jnp.any(candidate, axis=1), jnp.argmin(ids, axis=1), 0)
-    return _replace(ctx, jnp.take_along_axis(ctx.block, row[:, None, None], axis=1)[:, 0])
+    sender = jnp.take_along_axis(ctx.neighbors, row[:, None], axis=1)[:, 0]
+    return replace_rows(ctx, jnp.take(ctx.messages, sender, axis=0, mode="clip"))
 
 
 def flip_labels(y: jax.Array, num_classes: int) -> jax.Array:
@@ -637,7 +640,7 @@ def dissensus(key: jax.Array, ctx: AttackContext, eps=1.5):
     message = own - _num(eps, dtype) * jnp.where((byz_weight > 0)[:, None], pull / safe[:, None], 0)
     # Written row by row: in the chunked exchange XLA fused the pull into a select over K and recomputed it per row
     # (clipped gossip + dissensus, N = 256, D = 1e5: 3.3 s -> 0.69 s per exchange in chunks of 86, 459 -> 227 ms whole);
-    # gathered as the other attacks' messages are (_replace), it kept 1.2x the time in chunks and 2x the memory.
+    # gathered as the other attacks' messages are (replace_rows), it took 3x the time in chunks and 2x the memory.
     return _write_rows(ctx, lambda i, slot: message[i])
 
 

@@ -514,3 +514,20 @@ def test_check_contract_names_an_unknown_attack():
     with pytest.raises(ConfigError, match="attack.name: unknown attack 'signflip'; allowed: .*sign_flip"):
         A.check_contract("signflip", None, 4, 3, 2)
     A.check_contract("sign_flip", None, 4, 3, 2)  # a shipped attack follows its contract
+
+
+@pytest.mark.parametrize("by_sender", [False, True])
+def test_replace_rows_puts_the_message_in_the_attacked_rows_only(by_sender):
+    """Definition: block'[i, k] = message[i] (per receiver) or message[neighbors[i, k]] (per sender) where row k of
+    receiver i is attacked, the gathered message messages[neighbors[i, k]] everywhere else."""
+    msgs = messages(3)
+    ctx = make_ctx(msgs)
+    message = np.random.default_rng(4).normal(size=(len(NEIGHBORS), D)).astype(np.float32)
+    block, mask = A.replace_rows(ctx, jnp.asarray(message), by_sender=by_sender)
+    nb, attacked = np.asarray(NEIGHBORS), np.asarray(A.attacked_rows(ctx))
+    assert attacked.any() and (~attacked).any()
+    expected = msgs[nb].copy()
+    for i, k in zip(*np.nonzero(attacked)):
+        expected[i, k] = message[nb[i, k]] if by_sender else message[i]
+    np.testing.assert_array_equal(np.asarray(block), expected)
+    np.testing.assert_array_equal(np.asarray(mask), np.asarray(ctx.mask))
