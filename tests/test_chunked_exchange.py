@@ -203,3 +203,20 @@ def test_adaptive_attacks_search_against_the_pre_aggregators_too():
     clipped, _, _ = aggregators.PRE_REGISTRY["clip"](jax.random.key(0), x, mask, w, tau=0.5)
     np.testing.assert_allclose(out, aggregators.mean(clipped, mask, w), rtol=1e-6)
     assert float(jnp.linalg.norm(out)) <= 0.5 + 1e-5 < float(jnp.linalg.norm(aggregators.mean(x, mask, w)))
+
+
+@pytest.mark.parametrize("rule, rule_hyper, attack, attack_hyper, pre", [
+    ("median", (), "gaussian", (), ()),
+    ("median", (), "sign_flip", (), (("nnm", ()),)),
+    ("krum", (("f", 1),), "sign_flip", (), ()),
+    ("krum", (("f", 1),), "alie", (("adaptive", True),), ()),
+])
+def test_the_exchange_estimate_bounds_xlas_temporaries(rule, rule_hyper, attack, attack_hyper, pre):
+    """exchange_temporaries (what the automatic chunking plans with) is at least XLA's memory analysis of the
+    unchunked exchange, the adaptive search's candidate blocks included."""
+    n, d = 64, 5_000
+    topo = topology.make("random_regular", n, seed=0, degree=8)
+    graph = simulation.Graph(jnp.asarray(topo.neighbors), jnp.asarray(topo.mask), jnp.asarray(topo.weights))
+    spec = _spec(rule, rule_hyper, attack, attack_hyper, chunk=n, pre=pre, n=n)
+    measured = _temp_bytes(spec, graph, _messages(n, d), np.arange(n) % 16 == 0)
+    assert measured <= simulation.exchange_temporaries(spec, 9, d) * n * 9 * d * 4
