@@ -412,7 +412,7 @@ def alie_z(ctx: AttackContext) -> jax.Array:
     return _normal_ppf(p).astype(ctx.block.dtype)
 
 
-def _search_scale(ctx: AttackContext, base, direction, default, search_max):
+def _search_scale(ctx: AttackContext, mu, base, direction, default, search_max):
     """Per-receiver scale s in {default} u [0, search_max] maximising ||rule(block(s)) - mu_i||.
 
     block(s) carries m_i(s) = base_i + s_i * direction_i in the attacked rows. A geometric grid of _GRID_POINTS
@@ -422,6 +422,7 @@ def _search_scale(ctx: AttackContext, base, direction, default, search_max):
 
     Args:
         ctx: the attack context, with ctx.rule set.
+        mu: [N, D] the honest mean (``honest_stats``), which the caller has computed already.
         base: [N, D]; direction: [N, D]; default: [N] the non-adaptive scale; search_max: scalar.
 
     Returns:
@@ -431,7 +432,6 @@ def _search_scale(ctx: AttackContext, base, direction, default, search_max):
         raise ConfigError("attack.adaptive: the adaptive search needs the aggregation rule (AttackContext.rule)")
     dtype = ctx.block.dtype
     rule = jax.vmap(ctx.rule)
-    mu, _ = honest_stats(ctx)
     n = ctx.block.shape[0]
 
     def damage(s):
@@ -511,7 +511,7 @@ def alie(key: jax.Array, ctx: AttackContext, z=None, adaptive: bool = False, sea
     mu, sigma = honest_stats(ctx)
     zi = alie_z(ctx) if z is None else jnp.broadcast_to(_num(z, ctx.block.dtype), mu.shape[:1])
     if adaptive:
-        zi = _search_scale(ctx, mu, sigma, zi, search_max)
+        zi = _search_scale(ctx, mu, mu, sigma, zi, search_max)
     return replace_rows(ctx, mu + zi[:, None] * sigma)
 
 
@@ -541,7 +541,7 @@ def ipm(key: jax.Array, ctx: AttackContext, eps=0.1, adaptive: bool = False, sea
     mu, _ = honest_stats(ctx)
     e = jnp.broadcast_to(_num(eps, ctx.block.dtype), mu.shape[:1])
     if adaptive:
-        e = _search_scale(ctx, jnp.zeros_like(mu), -mu, e, search_max)
+        e = _search_scale(ctx, mu, jnp.zeros_like(mu), -mu, e, search_max)
     return replace_rows(ctx, -e[:, None] * mu)
 
 
