@@ -115,30 +115,30 @@ def test_automatic_chunk_choice(monkeypatch):
     np.testing.assert_allclose(_exchange(spec, graph, msg), whole, rtol=1e-5, atol=1e-6)
 
 
-def test_chunked_exchange_bounds_temporary_memory():
+def test_chunked_exchange_bounds_temporary_memory(as_shipped):
     """XLA's buffer assignment: unchunked temporaries exceed the [N, K, D] block, chunked ones are a fraction."""
     n, d = 64, 10_000
     graph, msg = _graph(n, seed=1), _messages(n, d)  # K = 32: a 82 MB block
     byz = np.arange(n) % 7 == 3
     block = n * graph.neighbors.shape[1] * d * 4
 
-    whole, chunked = (_temp_bytes(_spec("krum", (("f", 1),), "sign_flip", chunk=c, n=n), graph, msg, byz)
+    whole, chunked = (_temp_bytes(_spec("krum", (("f", 1),), "sign_flip", chunk=c, n=n), graph, msg, byz, as_shipped)
                       for c in (None, 4))
     assert whole >= block  # Krum reads the rows twice (distances, then the chosen row): XLA keeps the block
     assert chunked < block / 4  # 16 chunks: one [4, K, D] block and its temporaries (3/16 of the whole block)
 
 
-def _temp_bytes(spec, graph, msg, byz):
+def _temp_bytes(spec, graph, msg, byz, options):
     """XLA's temporary bytes for one exchange, the graph and the Byzantine mask passed as arguments (as in a run)."""
     fn = jax.jit(lambda k, m, a, g: simulation.exchange(spec, k, m, a, g)[0])
-    analysis = fn.lower(jax.random.key(0), msg, _arrays(byz), graph).compile().memory_analysis()
+    analysis = fn.lower(jax.random.key(0), msg, _arrays(byz), graph).compile(options).memory_analysis()
     if analysis is None:
         pytest.skip("memory_analysis unavailable on this backend")
     return analysis.temp_size_in_bytes
 
 
 @pytest.mark.parametrize("attack", ["sign_flip", "alie"])
-def test_an_attack_on_a_one_pass_rule_adds_no_block_of_temporaries(attack):
+def test_an_attack_on_a_one_pass_rule_adds_no_block_of_temporaries(attack, as_shipped):
     """The attacked rows are gathered from the messages and the attack's per-receiver messages, so a rule that
     reads its rows once (median) still streams them from the [N, D] messages: an attack adds a few [N, D] arrays
     (its statistics, its messages), not the [N, K, D] block that a select over the block kept."""
@@ -146,8 +146,8 @@ def test_an_attack_on_a_one_pass_rule_adds_no_block_of_temporaries(attack):
     graph, msg = _graph(n, seed=1), _messages(n, d)
     byz = np.arange(n) % 7 == 3
     block = n * graph.neighbors.shape[1] * d * 4
-    clean = _temp_bytes(_spec("median", attack="none", chunk=n, n=n), graph, msg, byz)
-    attacked = _temp_bytes(_spec("median", attack=attack, chunk=n, n=n), graph, msg, byz)
+    clean = _temp_bytes(_spec("median", attack="none", chunk=n, n=n), graph, msg, byz, as_shipped)
+    attacked = _temp_bytes(_spec("median", attack=attack, chunk=n, n=n), graph, msg, byz, as_shipped)
     assert attacked - clean <= 4 * n * d * 4 < block / 4
 
 
@@ -211,12 +211,12 @@ def test_adaptive_attacks_search_against_the_pre_aggregators_too():
     ("krum", (("f", 1),), "sign_flip", (), ()),
     ("krum", (("f", 1),), "alie", (("adaptive", True),), ()),
 ])
-def test_the_exchange_estimate_bounds_xlas_temporaries(rule, rule_hyper, attack, attack_hyper, pre):
+def test_the_exchange_estimate_bounds_xlas_temporaries(rule, rule_hyper, attack, attack_hyper, pre, as_shipped):
     """exchange_temporaries (what the automatic chunking plans with) is at least XLA's memory analysis of the
     unchunked exchange, the adaptive search's candidate blocks included."""
     n, d = 64, 5_000
     topo = topology.make("random_regular", n, seed=0, degree=8)
     graph = simulation.Graph(jnp.asarray(topo.neighbors), jnp.asarray(topo.mask), jnp.asarray(topo.weights))
     spec = _spec(rule, rule_hyper, attack, attack_hyper, chunk=n, pre=pre, n=n)
-    measured = _temp_bytes(spec, graph, _messages(n, d), np.arange(n) % 16 == 0)
+    measured = _temp_bytes(spec, graph, _messages(n, d), np.arange(n) % 16 == 0, as_shipped)
     assert measured <= simulation.exchange_temporaries(spec, 9, d) * n * 9 * d * 4
