@@ -26,8 +26,9 @@ def _spec(model, mode):
 
 
 def _per_example(model, theta, x, y):
-    """The definition's per-example gradients, materialised: [B, D]."""
-    return jax.vmap(lambda xi, yi: jax.grad(lambda t: loss_fn(model.apply, t, xi[None], yi[None]))(theta))(x, y)
+    """The definition's per-example gradients, materialised: [B, D], and losses: [B] (one compiled call)."""
+    loss = lambda t, xi, yi: loss_fn(model.apply, t, xi[None], yi[None])  # noqa: E731
+    return jax.jit(jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0, 0)))(theta, x, y)[::-1]
 
 
 # Ghost on dense and im2col-convolutional models, stored on a CNN (its method with XLA's convolution), two-pass on
@@ -42,12 +43,11 @@ def test_clipped_gradient_sum_equals_clipping_each_per_example_gradient(name, sh
     x = jnp.asarray(rng.standard_normal((12, *shape)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 10, 12), jnp.int32)
     valid = jnp.asarray(rng.random(12) < 0.7)
-    grads = _per_example(model, theta, x, y)
-    ref = dp_sum(jax.random.key(0), grads, valid, clip, 0.0, 1.0)
+    grads, ref_losses = _per_example(model, theta, x, y)
+    ref = jax.jit(dp_sum)(jax.random.key(0), grads, valid, clip, 0.0, 1.0)
     norms = np.linalg.norm(np.asarray(grads), axis=1)
     if np.isfinite(clip):
         assert np.sum(np.asarray(valid) & (norms > clip)) >= 3  # the clip is exercised
-    ref_losses = jax.vmap(lambda xi, yi: loss_fn(model.apply, theta, xi[None], yi[None]))(x, y)
     for mode in modes:
         losses, total = jax.jit(clipped_gradient_sum, static_argnums=0)(_spec(model, mode), theta, x, y, valid, clip)
         np.testing.assert_allclose(np.asarray(total), np.asarray(ref), rtol=2e-5, atol=1e-6, err_msg=mode)
@@ -88,7 +88,7 @@ def test_dp_step_is_the_mean_gradient_of_the_poisson_batch_at_zero_noise_infinit
     k_batch, _ = jax.random.split(key)
     idx, valid = mechanisms.poisson_batch(k_batch, size, spec.batch_size / size, spec.dp_buffer)
     assert 0 < int(valid.sum()) < spec.dp_buffer
-    per_ex = _per_example(exp.model, theta, x[idx], y[idx])
+    per_ex, _ = _per_example(exp.model, theta, x[idx], y[idx])
     ref = np.asarray(per_ex, np.float64)[np.asarray(valid)].sum(0) / spec.batch_size
     np.testing.assert_allclose(np.asarray(grad), ref, rtol=1e-4, atol=1e-6)
 
@@ -142,8 +142,9 @@ def test_a_users_model_trains_under_dp_sgd_through_stored_gradients(small_cfg, m
 def test_ghost_refuses_a_model_with_parameters_outside_its_layers():
     model = models.make("cnn", 10, (8, 8, 1), hidden=(16,), conv="xla")  # XLA's convolution: no patches to tap
     with pytest.raises(ValueError, match="covers nn.Dense and im2col Conv layers only; parameter params/Conv_0/"):
-        clipped_gradient_sum(_spec(model, "ghost"), model.init(jax.random.key(0)), jnp.zeros((3, 8, 8, 1)),
-                             jnp.zeros(3, jnp.int32), jnp.ones(3, bool), 1.0)
+        jax.jit(clipped_gradient_sum, static_argnums=0)(_spec(model, "ghost"), jnp.zeros(model.dim),
+                                                        jnp.zeros((3, 8, 8, 1)), jnp.zeros(3, jnp.int32),
+                                                        jnp.ones(3, bool), 1.0)
 
 
 class _Reused(nn.Module):
@@ -177,10 +178,10 @@ def test_ghost_on_layers_with_positions_and_without_bias_equals_the_definition()
     params = module.init(jax.random.key(0), x)
     _, total = jax.jit(ghost_clipped_sum, static_argnums=0)(module.apply, params, x, y, valid, 0.05)
     flat, unravel = ravel_pytree(params)
-    grads = jax.vmap(lambda xi, yi: jax.grad(
-        lambda t: loss_fn(lambda p, a: module.apply(unravel(p), a), t, xi[None], yi[None]))(flat))(x, y)
+    grads = jax.jit(jax.vmap(lambda xi, yi: jax.grad(
+        lambda t: loss_fn(lambda p, a: module.apply(unravel(p), a), t, xi[None], yi[None]))(flat)))(x, y)
     assert np.sum(np.asarray(valid) & (np.linalg.norm(np.asarray(grads), axis=1) > 0.05)) >= 3
-    ref = dp_sum(jax.random.key(0), grads, valid, 0.05, 0.0, 1.0)
+    ref = jax.jit(dp_sum)(jax.random.key(0), grads, valid, 0.05, 0.0, 1.0)
     np.testing.assert_allclose(np.asarray(total), np.asarray(ref), rtol=2e-5, atol=1e-6)
 
 

@@ -110,7 +110,7 @@ def test_cifar_cnn_parameter_count(shape, norm, expected):
     gn = 2 * (32 + 32 + 64 + 64 + 128 + 128) if norm == "group" else 0
     assert convs + gn + dense(128, 10) == expected
     module = models.CifarCNN(10, norm=norm)
-    params = module.init(jax.random.key(0), jnp.zeros((1, *shape)))
+    params = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, *shape)))
     assert sum(p.size for p in jax.tree_util.tree_leaves(params)) == expected
     if norm == "group":
         assert models.make("cifar_cnn", 10, shape).dim == expected
@@ -237,13 +237,18 @@ def test_conv_equals_flax_conv(impl, kernel, padding):
     x = jax.random.normal(jax.random.key(1), (3, 9, 8, 2))
     ours = models.Conv(5, kernel, padding=padding, impl=impl)
     ref = nn.Conv(5, kernel, padding=padding)
-    p = ours.init(jax.random.key(0), x)
-    p_ref = ref.init(jax.random.key(0), x)
+    p = jax.jit(ours.init)(jax.random.key(0), x)
+    p_ref = jax.jit(ref.init)(jax.random.key(0), x)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), p, p_ref))
     p = jax.tree.map(lambda a: a + 0.1, p)  # a non-zero bias too
-    np.testing.assert_allclose(ours.apply(p, x), ref.apply(p, x), rtol=1e-5, atol=1e-5)
-    g = jax.grad(lambda q, z: jnp.sum(jnp.sin(ours.apply(q, z))), argnums=(0, 1))(p, x)
-    g_ref = jax.grad(lambda q, z: jnp.sum(jnp.sin(ref.apply(q, z))), argnums=(0, 1))(p, x)
+
+    @jax.jit
+    def outputs_and_gradients(q, z):
+        grad = jax.grad(lambda q, z, m: jnp.sum(jnp.sin(m.apply(q, z))), argnums=(0, 1))
+        return ours.apply(q, z), ref.apply(q, z), grad(q, z, ours), grad(q, z, ref)
+
+    out, out_ref, g, g_ref = outputs_and_gradients(p, x)
+    np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g, g_ref)
 
 
