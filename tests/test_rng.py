@@ -111,20 +111,21 @@ def test_dp_draws_reach_far_tails():
     reveals the example that shifted the noise. The DP draws' rarest words (probability 2^-88) reach 9.2 sigma
     and 45 Laplace scales, both signs."""
     assert np.abs(np.asarray(jax.random.normal(jax.random.key(0), (1 << 20,)))).max() < 5.5
+    normal, laplace = jax.jit(rng.normal_from_words), jax.jit(rng.laplace_from_words)  # one compile per shape
     zero = jnp.zeros(2, jnp.uint32)
     sign_mantissa = jnp.asarray([0, 1 << 31], jnp.uint32)
-    np.testing.assert_allclose(rng.normal_from_words(sign_mantissa, zero, zero), [9.2298, -9.2298], rtol=1e-4)
-    np.testing.assert_allclose(rng.laplace_from_words(sign_mantissa, zero, zero), [45.0546, -45.0546], rtol=1e-4)
+    np.testing.assert_allclose(normal(sign_mantissa, zero, zero), [9.2298, -9.2298], rtol=1e-4)
+    np.testing.assert_allclose(laplace(sign_mantissa, zero, zero), [45.0546, -45.0546], rtol=1e-4)
     # the DP draws' fourth word and the 8 spare bits of the first extend the binade choice to 104 bits: tails to
     # 11.84 sigma and 72.8 scales (probability 2^-105), the draws unchanged unless the first 64 bits are all zero
-    np.testing.assert_allclose(rng.normal_from_words(sign_mantissa, zero, zero, zero), [11.8386, -11.8386],
+    np.testing.assert_allclose(normal(sign_mantissa, zero, zero, zero), [11.8386, -11.8386],
                                rtol=1e-4)
-    np.testing.assert_allclose(rng.laplace_from_words(sign_mantissa, zero, zero, zero), [72.7805, -72.7805],
+    np.testing.assert_allclose(laplace(sign_mantissa, zero, zero, zero), [72.7805, -72.7805],
                                rtol=1e-4)
-    x = rng.normal_from_words(jnp.uint32(1 << 30), jnp.uint32(0), jnp.uint32(0), jnp.uint32(1 << 5))  # k = 64 + 26
+    x = normal(jnp.uint32(1 << 30), jnp.uint32(0), jnp.uint32(0), jnp.uint32(1 << 5))  # k = 64 + 26
     assert float(x) == pytest.approx(stats.norm.isf(2.0**-92), rel=1e-4)
     words = [jnp.asarray(w) for w in np.random.default_rng(0).integers(0, 2**32, (4, 10_000), dtype=np.uint32)]
-    np.testing.assert_array_equal(rng.normal_from_words(*words), rng.normal_from_words(*words[:3]))
+    np.testing.assert_array_equal(normal(*words), normal(*words[:3]))
     # 40 leading zero bits (the high word 0, 8 in the low word): P(N > x) = 2^-(40 + 2)
-    x = rng.normal_from_words(jnp.uint32(0), jnp.uint32(0), jnp.uint32(1 << 23))
+    x = normal(jnp.uint32(0), jnp.uint32(0), jnp.uint32(1 << 23))
     assert float(x) == pytest.approx(stats.norm.isf(2.0**-42), rel=1e-4)
