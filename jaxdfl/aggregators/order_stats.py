@@ -63,11 +63,16 @@ def partition_network(k: int, f: int) -> tuple[tuple[int, int], ...]:
 
 
 def compare_exchange(values: list[jax.Array], pairs) -> list[jax.Array]:
-    """Apply comparator pairs ``(i, j)``, ``(v_i, v_j) <- (min, max)``, to a list of equally shaped arrays."""
+    """Apply comparator pairs ``(i, j)``, ``(v_i, v_j) <- (min, max)``, to a list of equally shaped arrays.
+
+    The values must hold no NaN (the rules map NaN to ``+inf`` first). Then ``where(a < b, a, b)`` is the minimum;
+    it compiles to one vector min instruction, where ``jnp.minimum`` adds the NaN-propagating compare and select
+    (meamed 1.5x and trimmed mean 1.2x faster at 100 x 9 x 100,000 on 2 CPU cores, median 1.35x on one core).
+    """
     s = list(values)
     for i, j in pairs:
         a, b = s[i], s[j]
-        s[i], s[j] = jnp.minimum(a, b), jnp.maximum(a, b)
+        s[i], s[j] = jnp.where(a < b, a, b), jnp.where(a > b, a, b)
     return s
 
 
