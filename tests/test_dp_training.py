@@ -28,7 +28,8 @@ def _spec(model, mode):
 def _per_example(model, theta, x, y):
     """The definition's per-example gradients, materialised: [B, D], and losses: [B] (one compiled call)."""
     loss = lambda t, xi, yi: loss_fn(model.apply, t, xi[None], yi[None])  # noqa: E731
-    return jax.jit(jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0, 0)))(theta, x, y)[::-1]
+    losses, grads = jax.jit(jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0, 0)))(theta, x, y)
+    return grads, losses
 
 
 # Ghost on dense and im2col-convolutional models, stored on a CNN (its method with XLA's convolution), two-pass on
