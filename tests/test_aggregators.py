@@ -81,6 +81,17 @@ def test_sorting_network_sorts_all_zero_one_inputs(k):
     assert (np.diff(out, axis=0) >= 0).all()
 
 
+def test_sort_rows_sorts_infinities_ties_and_signed_zeros():
+    """The comparator is a select on ``a < b`` (one vector min): on NaN-free values it must order every input as a
+    sort does, infinities and ties included."""
+    from jaxdfl.aggregators.order_stats import sort_rows
+
+    values = np.array([-np.inf, -1.0, -0.0, 0.0, 1.0, np.inf], np.float32)
+    v = np.array(list(itertools.product(values, repeat=5)), np.float32).T  # every input of those values
+    out = np.stack(jax.jit(sort_rows)([jnp.asarray(r) for r in v]))
+    np.testing.assert_array_equal(out, np.sort(v, axis=0))
+
+
 @pytest.mark.parametrize("k,f", [(3, 1), (7, 1), (9, 2), (11, 3)])
 def test_partition_network_puts_the_f_extremes_at_each_end(k, f):
     from jaxdfl.aggregators.order_stats import compare_exchange, partition_network
