@@ -73,7 +73,7 @@ def compare_exchange(values: list[jax.Array], pairs) -> list[jax.Array]:
     it compiles to one vector min instruction, where ``jnp.minimum`` adds the NaN-propagating compare and select
     (meamed 1.3x faster at 100 x 9 x 100,000 on 2 CPU cores, median 1.4x on one core). It doubles the operations
     XLA compiles, though: at K = 129 the median took 20 s to compile instead of 6 s and MeaMed over 120 s instead
-    of 13 s, so networks over more than ``SELECT_COMPARATOR_MAX_VALUES`` values keep ``jnp.minimum``/``maximum``.
+    of 13 s, so networks of more than ``SELECT_COMPARATOR_MAX_VALUES`` values keep ``jnp.minimum``/``maximum``.
     """
     s = list(values)
     select = len(s) <= SELECT_COMPARATOR_MAX_VALUES
