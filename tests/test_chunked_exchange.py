@@ -24,11 +24,15 @@ def _arrays(byzantine):
     return simulation.Arrays(**{**fields, "byzantine": jnp.asarray(byzantine)})
 
 
+def _as_graph(topo) -> simulation.Graph:
+    return simulation.Graph(jnp.asarray(topo.neighbors), jnp.asarray(topo.mask), jnp.asarray(topo.weights))
+
+
 def _graph(n=N, seed=4):
     """An Erdos-Renyi graph: degrees differ, so the table has masked padding rows."""
     topo = topology.make("erdos_renyi", n, seed=seed, p=0.35)
     assert not topo.mask.all()  # padding rows present
-    return simulation.Graph(jnp.asarray(topo.neighbors), jnp.asarray(topo.mask), jnp.asarray(topo.weights))
+    return _as_graph(topo)
 
 
 def _messages(n=N, d=D, seed=0):
@@ -215,8 +219,7 @@ def test_the_exchange_estimate_bounds_xlas_temporaries(rule, rule_hyper, attack,
     """exchange_temporaries (what the automatic chunking plans with) is at least XLA's memory analysis of the
     unchunked exchange, the adaptive search's candidate blocks included."""
     n, d = 64, 5_000
-    topo = topology.make("random_regular", n, seed=0, degree=8)
-    graph = simulation.Graph(jnp.asarray(topo.neighbors), jnp.asarray(topo.mask), jnp.asarray(topo.weights))
+    graph = _as_graph(topology.make("random_regular", n, seed=0, degree=8))
     spec = _spec(rule, rule_hyper, attack, attack_hyper, chunk=n, pre=pre, n=n)
     measured = _temp_bytes(spec, graph, _messages(n, d), np.arange(n) % 16 == 0, as_shipped)
     assert measured <= simulation.exchange_temporaries(spec, 9, d) * n * 9 * d * 4
