@@ -98,11 +98,96 @@ def test_large_networks_keep_min_and_max_to_bound_the_compile_time():
     from jaxdfl.aggregators.order_stats import SELECT_COMPARATOR_MAX_VALUES
     from jaxdfl.aggregators.order_stats import sort_rows
 
-    for k in (9, SELECT_COMPARATOR_MAX_VALUES, SELECT_COMPARATOR_MAX_VALUES + 1, 129):
+    for k in (9, SELECT_COMPARATOR_MAX_VALUES, SELECT_COMPARATOR_MAX_VALUES + 1, 128):
         jaxpr = str(jax.make_jaxpr(sort_rows)([jnp.zeros(4)] * k))
         large = k > SELECT_COMPARATOR_MAX_VALUES
         assert jaxpr.count("= min ") == (len(A.sorting_network(k)) if large else 0), k
         assert jaxpr.count("= lt ") == (0 if large else len(A.sorting_network(k))), k
+
+
+@pytest.mark.parametrize("k", range(1, 13))
+def test_network_layers_sort_all_zero_one_inputs(k):
+    """The layered form of the network (comparators grouped into layers of disjoint pairs, run in a loop) must sort
+    as the comparator list does (0-1 principle, as above)."""
+    from jaxdfl.aggregators.order_stats import _compare_exchange_by_layer, network_layers
+
+    pairs = A.sorting_network(k)
+    partner, role = network_layers(k, pairs)
+    assert (role > 0).sum() == 2 * len(pairs)  # every comparator in exactly one layer
+    v = np.array(list(itertools.product([0, 1], repeat=k)), np.int8).T
+    out = np.stack(jax.jit(_compare_exchange_by_layer, static_argnums=1)([jnp.asarray(r) for r in v], pairs))
+    np.testing.assert_array_equal(out, np.sort(v, axis=0))
+
+
+@pytest.mark.parametrize("rule,h", [("median", {}), ("trimmed_mean", {"f": 2}), ("meamed", {"f": 1}),
+                                    ("bulyan", {"f": 1})])
+def test_order_statistics_by_layer_match_the_numpy_reference(rule, h, monkeypatch):
+    """Networks above the fused bounds run layer by layer; with the bounds at 0 every network does, and each
+    order-statistic rule must still give its reference (NaN padding, infinite values, random masks)."""
+    from jaxdfl.aggregators import order_stats
+
+    monkeypatch.setattr(order_stats, "FUSED_NETWORK_MAX_COMPARATORS", 0)
+    monkeypatch.setattr(order_stats, "FUSED_SELECTION_MAX_COMPARATORS", 0)
+    k = 11
+    x, mask, w = make_batch(190, b=8, k=k, d=9, min_valid=5)
+    x[0, 1, :3] = np.inf
+    x[1, 0, :3] = -np.inf
+    rule_fn = functools.partial(A.REGISTRY[rule], **h)
+    jaxpr = str(jax.make_jaxpr(jax.vmap(rule_fn))(x, mask, w))
+    assert "scan" in jaxpr and jaxpr.count("= min ") <= 2  # one layer body, not an unrolled network
+    out = np.asarray(jax.jit(jax.vmap(rule_fn))(garbage(x, mask, np.nan), mask, w))
+    expect = np.stack([R.REGISTRY[rule](x[i], mask[i], w[i], **h) for i in range(len(x))])
+    np.testing.assert_allclose(out, expect, rtol=1e-5, atol=1e-5)
+    if rule == "trimmed_mean":  # a traced f sorts by layer too
+        traced = jax.jit(jax.vmap(lambda a, b, t: A.trimmed_mean(a, b, f=t), in_axes=(0, 0, None)))
+        np.testing.assert_allclose(np.asarray(traced(garbage(x, mask, np.nan), mask, h["f"])), expect, rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_large_networks_run_by_layer_so_the_program_stays_small():
+    """The median of 257 rows unrolled 3,717 comparators into one fused loop that XLA:CPU took over 9 minutes to
+    compile; above the bounds a network runs as one loop over its layers. Below them it stays fused."""
+    from jaxdfl.aggregators import order_stats
+
+    def program(rule, k, **h):
+        return str(jax.make_jaxpr(functools.partial(A.REGISTRY[rule], **h))(jnp.zeros((k, 3)), jnp.ones(k, bool)))
+
+    assert len(order_stats.pruned_network(129, (64, 65))) <= order_stats.FUSED_SELECTION_MAX_COMPARATORS
+    assert len(A.sorting_network(128)) <= order_stats.FUSED_NETWORK_MAX_COMPARATORS < len(A.sorting_network(129))
+    for rule, k, by_layer in [("median", 129, False), ("median", 257, True), ("meamed", 128, False),
+                              ("meamed", 129, True), ("trimmed_mean", 257, False)]:
+        jaxpr = program(rule, k, **({} if rule == "median" else {"f": 1}))
+        assert ("scan" in jaxpr) == by_layer, (rule, k)
+        if by_layer:
+            assert jaxpr.count("= min ") <= 2, (rule, k)  # the unrolled median of 257 rows has 3,717
+    # f = 1 at K = 257 partitions (511 comparators, fused); a partition past the bound would take K layers: sort.
+    assert not order_stats._partition_is_cheaper(257, 4)
+
+
+def test_order_statistics_by_layer_keep_the_temporaries_the_chunking_estimates(as_shipped):
+    """The layer loop keeps the stacked rows in and out; the automatic chunking must plan for them (the fused
+    networks keep almost nothing)."""
+    n, k, d = 8, 257, 200
+    shapes = [jax.ShapeDtypeStruct(s, t) for s, t in (((n, k, d), jnp.float32), ((n, k), bool), ((n, k), jnp.float32))]
+    assert A.temporaries("median", [], k, d) == 2.0 and A.temporaries("median", [], 129, d) == 0.5
+    call = jax.jit(lambda *a: A.aggregate(jax.random.key(0), *a, "median", chunk_size=0))
+    analysis = call.lower(*shapes).compile(as_shipped).memory_analysis()
+    if analysis is None:
+        pytest.skip("memory_analysis unavailable on this backend")
+    assert analysis.temp_size_in_bytes <= 1.1 * A.temporaries("median", [], k, d) * n * k * d * 4
+
+
+def test_pruned_network_keeps_what_reaches_the_outputs():
+    from jaxdfl.aggregators.order_stats import compare_exchange, pruned_network
+
+    for k in (9, 12):
+        p = (k - 1) // 2
+        kept = pruned_network(k, (p, p + 1))
+        assert len(kept) < len(A.sorting_network(k))
+        v = np.array(list(itertools.product([0, 1, 2], repeat=k)), np.int8).T
+        out = compare_exchange([v[i] for i in range(k)], kept)
+        ordered = np.sort(v, axis=0)
+        np.testing.assert_array_equal(np.stack(out[p:p + 2]), ordered[p:p + 2])
 
 
 @pytest.mark.parametrize("k,f", [(3, 1), (7, 1), (9, 2), (11, 3)])
@@ -328,7 +413,7 @@ def test_trimmed_mean_partition_and_sort_paths_agree_with_reference(k, f):
     expect = np.stack([R.trimmed_mean(np.where(np.isnan(x[i]), 0.0, x[i]), mask[i], f=f) for i in range(len(x))])
     for out in (static, traced):
         np.testing.assert_allclose(out, expect, rtol=1e-5, atol=1e-5)
-    uses_partition = order_stats._partition_size(k, f) < len(A.sorting_network(k))
+    uses_partition = order_stats._partition_is_cheaper(k, f)
     assert uses_partition == ((k, f) not in ((5, 1), (9, 3)))
     jaxpr = str(jax.make_jaxpr(functools.partial(A.trimmed_mean, f=f))(x[0], mask[0]))
     sort_mins = len(A.sorting_network(k))

@@ -125,11 +125,13 @@ def temporaries(rule: str, pre: Sequence[str], k: int, d: int) -> float:
     a fraction of its rows alive) and the pair-sum buffer of a pairwise step (they run one after another, so their
     buffers are not alive together). The buffer is ``(K - 1) / (2 T)`` neighbourhoods (T = 20 from D = 320), larger
     than 0.5 from K = 22 on: at K = 129, D = 1,000 Krum's estimate is 3.2 neighbourhoods per node, 213 MB for 129
-    nodes, where XLA's CPU memory analysis reports 220 MB.
+    nodes, where XLA's CPU memory analysis reports 220 MB. An order statistic whose network runs layer by layer
+    (large K, :func:`order_stats.runs_by_layer`) keeps 2 (XLA reports 2.0 for the median at K = 257).
     """
     pair = (k - 1) / (2 * _chunks(d))
     pairwise = any(name in PAIRWISE for name in [rule, *pre])
-    return len(pre) + max(0.5, pair if pairwise else 0.0)
+    layered = 2.0 if order_stats.runs_by_layer(rule, k) else 0.0
+    return len(pre) + max(0.5, pair if pairwise else 0.0, layered)
 
 
 def auto_chunk(n: int, k: int, d: int, itemsize: int = 4, budget: int = MEMORY_BUDGET_BYTES,

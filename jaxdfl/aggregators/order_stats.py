@@ -7,6 +7,9 @@ instructions per coordinate, which runs at memory speed. NaN entries of valid ro
 within the breakdown point, where min/max would spread them). Masked rows are pushed to ``+inf`` so the ``n`` valid
 values end up in positions ``0..n-1``; the per-node count ``n`` then picks the order statistic with a short select
 chain, so nodes with different degrees share one program. XLA drops the comparators whose outputs are never used.
+
+Networks of more than ``FUSED_NETWORK_MAX_COMPARATORS`` comparators (K above about 130 rows) run layer by layer in a
+loop instead (:func:`network_layers`): XLA:CPU's compile time grows steeply with the size of one fused loop.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdfl.aggregators._common import compute_dtype
 from jaxdfl.aggregators._common import count
@@ -62,12 +66,75 @@ def partition_network(k: int, f: int) -> tuple[tuple[int, int], ...]:
     return tuple(low + high)
 
 
+@functools.lru_cache(maxsize=None)
+def pruned_network(k: int, outputs: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """The comparators of :func:`sorting_network` that can reach the given output positions (the rest cannot change
+    them): what XLA keeps of the whole network when only those positions are used, e.g. 1,444 of 1,800 comparators
+    for the median of 129 values."""
+    needed, keep = set(outputs), []
+    for i, j in reversed(sorting_network(k)):
+        if i in needed or j in needed:
+            keep.append((i, j))
+            needed |= {i, j}
+    return tuple(reversed(keep))
+
+
+@functools.lru_cache(maxsize=None)
+def network_layers(k: int, pairs: tuple[tuple[int, int], ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The comparator network ``pairs`` on ``k`` values as layers of disjoint comparators, each comparator in the
+    earliest layer after the previous ones on its two positions: ``partner [L, k]`` (the other position of a
+    position's comparator, itself if none) and ``role [L, k]`` (0 untouched, 1 keeps the minimum, 2 the maximum)."""
+    depth = [0] * k
+    layer_of = []
+    for i, j in pairs:
+        t = max(depth[i], depth[j])
+        layer_of.append(t)
+        depth[i] = depth[j] = t + 1
+    n_layers = max(depth, default=0)
+    partner = np.tile(np.arange(k, dtype=np.int32), (n_layers, 1))
+    role = np.zeros((n_layers, k), np.int8)
+    for (i, j), t in zip(pairs, layer_of):
+        partner[t, i], partner[t, j] = j, i
+        role[t, i], role[t, j] = 1, 2
+    return partner, role
+
+
 #: Most values for which :func:`compare_exchange` writes a comparator as a select (below).
 SELECT_COMPARATOR_MAX_VALUES = 32
 
+#: Most comparators :func:`compare_exchange` unrolls into one fused loop. XLA:CPU's compile time grows steeply with
+#: the size of that loop (in LLVM's machine passes). Measured at N = K nodes, D = 1,000: MeaMed, whose loop also keeps
+#: every sorted value for its window, compiles in 15 s at K = 112 (1,264 comparators) and 40 s at K = 128 (1,471)
+#: with f = 2, but takes over 120 s at K = 129 (1,800). Larger networks run their layers in a loop: under a second
+#: to compile at any K, but every layer reads and writes all K rows, about 18x slower than the fused loop at K = 129
+#: (873 against 48 ms for the median), so the bound sits where the fused compile stops being a one-off cost.
+FUSED_NETWORK_MAX_COMPARATORS = 1500
 
-def compare_exchange(values: list[jax.Array], pairs) -> list[jax.Array]:
-    """Apply comparator pairs ``(i, j)``, ``(v_i, v_j) <- (min, max)``, to a list of equally shaped arrays.
+#: The same bound for a selection that keeps only one or two positions (the median): its fused loop is the pruned
+#: network (:func:`pruned_network`) and one select, and compiles in 6 s at K = 129 (1,444 comparators), 39 s at
+#: K = 193 (2,316) and over 9 minutes at K = 257 (3,717).
+FUSED_SELECTION_MAX_COMPARATORS = 2400
+
+
+def _median_network(k: int) -> tuple[tuple[int, int], ...]:
+    """The comparators the median of ``k`` values needs: those reaching the middle positions p and p + 1."""
+    p = (k - 1) // 2
+    return pruned_network(k, tuple(range(p, min(p + 2, k))))
+
+
+def runs_by_layer(rule: str, k: int) -> bool:
+    """Whether the order-statistic ``rule`` ("median", "trimmed_mean", "meamed", "bulyan") runs its sorting network
+    on ``k`` rows layer by layer. Its loop then keeps the stacked rows, in and out: 2 neighbourhoods of temporaries
+    (``aggregators.temporaries``; a trimmed mean that partitions instead keeps none)."""
+    if rule == "median":
+        return len(_median_network(k)) > FUSED_SELECTION_MAX_COMPARATORS
+    return rule in ("trimmed_mean", "meamed", "bulyan") and len(sorting_network(k)) > FUSED_NETWORK_MAX_COMPARATORS
+
+
+def compare_exchange(values: list[jax.Array], pairs, max_fused: int | None = None) -> list[jax.Array]:
+    """Apply comparator pairs ``(i, j)``, ``(v_i, v_j) <- (min, max)``, to a list of equally shaped arrays: unrolled
+    into one fused loop, or, for more than ``max_fused`` pairs (default ``FUSED_NETWORK_MAX_COMPARATORS``), layer by
+    layer (:func:`_compare_exchange_by_layer`).
 
     The values must hold no NaN (the rules map NaN to ``+inf`` first). Then ``where(a < b, a, b)`` is the minimum;
     it compiles to one vector min instruction, where ``jnp.minimum`` adds the NaN-propagating compare and select
@@ -75,6 +142,8 @@ def compare_exchange(values: list[jax.Array], pairs) -> list[jax.Array]:
     XLA compiles, though: at K = 129 the median took 20 s to compile instead of 6 s and MeaMed over 120 s instead
     of 13 s, so networks of more than ``SELECT_COMPARATOR_MAX_VALUES`` values keep ``jnp.minimum``/``maximum``.
     """
+    if len(pairs) > (FUSED_NETWORK_MAX_COMPARATORS if max_fused is None else max_fused):
+        return _compare_exchange_by_layer(values, tuple(pairs))
     s = list(values)
     select = len(s) <= SELECT_COMPARATOR_MAX_VALUES
     for i, j in pairs:
@@ -84,6 +153,25 @@ def compare_exchange(values: list[jax.Array], pairs) -> list[jax.Array]:
         else:
             s[i], s[j] = jnp.minimum(a, b), jnp.maximum(a, b)
     return s
+
+
+def _compare_exchange_by_layer(values: list[jax.Array], pairs: tuple[tuple[int, int], ...]) -> list[jax.Array]:
+    """:func:`compare_exchange` as a loop over the network's layers (:func:`network_layers`) on the stacked values:
+    each layer gathers every position's partner and keeps the minimum or maximum. The program does not grow with K."""
+    if not pairs:
+        return list(values)
+    partner, role = network_layers(len(values), pairs)
+    partner, role = jnp.asarray(partner), jnp.asarray(role)
+    s = jnp.stack(values)
+    expand = (slice(None),) + (None,) * (s.ndim - 1)
+
+    def layer(t, s):
+        other = jnp.take(s, partner[t], axis=0)
+        r = role[t][expand]
+        return jnp.where(r == 1, jnp.minimum(s, other), jnp.where(r == 2, jnp.maximum(s, other), s))
+
+    s = jax.lax.fori_loop(0, partner.shape[0], layer, s)
+    return [s[i] for i in range(len(values))]
 
 
 def sort_rows(values: list[jax.Array]) -> list[jax.Array]:
@@ -136,8 +224,9 @@ def median(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None) -> j
     rank_masked = jnp.cumsum(~mask) - 1
     fill = jnp.where(rank_masked < below, -jnp.inf, jnp.inf)
     dt = compute_dtype(x.dtype)
-    s = sort_rows([jnp.where(mask[j], nan_to_inf(x[j].astype(dt)), fill[j].astype(dt)) for j in range(k)])
     p = (k - 1) // 2
+    values = [jnp.where(mask[j], nan_to_inf(x[j].astype(dt)), fill[j].astype(dt)) for j in range(k)]
+    s = compare_exchange(values, _median_network(k), FUSED_SELECTION_MAX_COMPARATORS)
     upper = jnp.where(n % 2 == 1, s[p], s[p + 1]) if p + 1 < k else s[p]
     return (0.5 * s[p] + 0.5 * upper).astype(x.dtype)
 
@@ -151,9 +240,9 @@ def trimmed_mean(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None
     Hyper-parameters: ``f`` (int >= 0, may be a traced scalar): values trimmed per side. Needs n > 2f. Breakdown
     point f/n.
 
-    A static ``f`` whose partition needs fewer comparators than a sort (f = 1 from K = 7, f = 2 from K = 17) skips the
-    sort: see
-    :func:`_trimmed_mean_by_partition`. A traced ``f`` sorts the rows with :func:`sorting_network`.
+    A static ``f`` whose partition needs fewer comparators than a sort (f = 1 from K = 7, f = 2 from K = 17) and can
+    be fused skips the sort: see :func:`_trimmed_mean_by_partition`. A traced ``f`` sorts the rows with
+    :func:`sorting_network`.
 
     Args:
         x: [K, D] the neighbourhood, row 0 the receiving node's own vector.
@@ -167,7 +256,7 @@ def trimmed_mean(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None
     References: D. Yin et al., ICML 2018 (as for :func:`median`); BRIDGE-T: Z. Yang, W. U. Bajwa, "ByRDiE /
     BRIDGE: Byzantine-resilient decentralized gradient descent", IEEE TSIPN 2019 / 2022.
     """
-    if isinstance(f, int) and 0 <= f and _partition_size(x.shape[0], f) < len(sorting_network(x.shape[0])):
+    if isinstance(f, int) and 0 <= f and _partition_is_cheaper(x.shape[0], f):
         return _trimmed_mean_by_partition(x, mask, f)
     s, n = _sorted_valid(x, mask)
     out = None
@@ -175,6 +264,14 @@ def trimmed_mean(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None
         term = jnp.where((k >= f) & (k < n - f), sk, jnp.zeros((), sk.dtype))
         out = term if out is None else out + term
     return (out / jnp.maximum(n - 2 * f, 1).astype(out.dtype)).astype(x.dtype)
+
+
+def _partition_is_cheaper(k: int, f: int) -> bool:
+    """Whether :func:`_trimmed_mean_by_partition` beats the sort: fewer comparators, and few enough to be fused (its
+    bubble passes are chains of K comparators, so run layer by layer they would take far more layers than the
+    sort's O(log^2 K))."""
+    size = _partition_size(k, f)
+    return size < len(sorting_network(k)) and size <= FUSED_NETWORK_MAX_COMPARATORS
 
 
 def _partition_size(k: int, f: int) -> int:
