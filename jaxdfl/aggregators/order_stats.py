@@ -8,8 +8,9 @@ within the breakdown point, where min/max would spread them). Masked rows are pu
 values end up in positions ``0..n-1``; the per-node count ``n`` then picks the order statistic with a short select
 chain, so nodes with different degrees share one program. XLA drops the comparators whose outputs are never used.
 
-Networks of more than ``FUSED_NETWORK_MAX_COMPARATORS`` comparators (K above about 130 rows) run layer by layer in a
-loop instead (:func:`network_layers`): XLA:CPU's compile time grows steeply with the size of one fused loop.
+Networks of more than ``FUSED_NETWORK_MAX_COMPARATORS`` comparators (more than 128 rows; 169 for the median) run
+layer by layer in a loop instead (:func:`network_layers`): XLA:CPU's compile time, and past some size its run time,
+grow steeply with the size of one fused loop.
 """
 
 from __future__ import annotations
@@ -103,17 +104,19 @@ def network_layers(k: int, pairs: tuple[tuple[int, int], ...]) -> tuple[np.ndarr
 SELECT_COMPARATOR_MAX_VALUES = 32
 
 #: Most comparators :func:`compare_exchange` unrolls into one fused loop. XLA:CPU's compile time grows steeply with
-#: the size of that loop (in LLVM's machine passes). Measured at N = K nodes, D = 1,000: MeaMed, whose loop also keeps
-#: every sorted value for its window, compiles in 15 s at K = 112 (1,264 comparators) and 40 s at K = 128 (1,471)
-#: with f = 2, but takes over 120 s at K = 129 (1,800). Larger networks run their layers in a loop: under a second
-#: to compile at any K, but every layer reads and writes all K rows, about 18x slower than the fused loop at K = 129
-#: (873 against 48 ms for the median), so the bound sits where the fused compile stops being a one-off cost.
+#: the size of that loop (in LLVM's machine passes), and past some size its run time too. Measured at N = K nodes,
+#: D = 1,000: MeaMed, whose loop also keeps every sorted value for its window, compiles in 15 s at K = 112 (1,264
+#: comparators) and 40 s at K = 128 (1,471) with f = 2, but over 120 s at K = 129 (1,800). Larger networks run their
+#: layers in a loop, whose program grows only linearly with K; every layer reads and writes all K rows (MeaMed at
+#: K = 129: 7 s to compile, 784 ms per call; fused it took 16 s and 523 ms with f = 1).
 FUSED_NETWORK_MAX_COMPARATORS = 1500
 
-#: The same bound for a selection that keeps only one or two positions (the median): its fused loop is the pruned
-#: network (:func:`pruned_network`) and one select, and compiles in 6 s at K = 129 (1,444 comparators), 39 s at
-#: K = 193 (2,316) and over 9 minutes at K = 257 (3,717).
-FUSED_SELECTION_MAX_COMPARATORS = 2400
+#: The same bound for a selection that keeps one or two positions (the median), whose fused loop is the pruned
+#: network (:func:`pruned_network`) and one select. Fused, the median compiles in 6 s and runs in 40 ms at K = 129
+#: (1,444 comparators) and 16 s / 86 ms at K = 169 (1,990); then its run time jumps: 478 ms at K = 177 (2,104),
+#: 6.2 s at K = 193 (2,316, 34 s to compile), and K = 257 (3,717) did not compile in 9 minutes. Layer by layer it
+#: runs in 0.8 s at K = 129, 1.3 s at 161, 1.9 s at 193 and 3.8 s at 257 (6-14 s to compile).
+FUSED_SELECTION_MAX_COMPARATORS = 2000
 
 
 def _median_network(k: int) -> tuple[tuple[int, int], ...]:
