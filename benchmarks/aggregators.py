@@ -45,9 +45,10 @@ NOTES = """## Notes
 
 - How the kernels work: the order statistics (median, MeaMed, Bulyan's second stage, and trimmed mean with a
   traced `f`) sort the K rows with a compare-exchange network (Batcher, 28 comparators for K = 9) fused into one
-  elementwise loop over D; no `jnp.sort`. Trimmed mean with a static `f` only partitions the rows (f bubble passes
-  per side; 18 comparators for K = 9, f = 1). Distance rules compute all K(K-1)/2 pairwise squared distances in
-  one fused pass of squared differences (no `[K, K, D]` array, no cancellation-prone `x @ x.T`), then work on
+  elementwise loop over D (above 128 rows, 169 for the median, a loop over the network's layers); no `jnp.sort`.
+  Trimmed mean with a static `f` only partitions the rows (f bubble passes per side; 18 comparators for K = 9,
+  f = 1). Distance rules compute all K(K-1)/2 pairwise squared distances in one fused pass of squared differences
+  (no `[K, K, D]` array, no cancellation-prone `x @ x.T`), then work on
   K x K matrices; iterative rules (geometric median, centred clipping, IOS) sum the Gram matrix of the rows centred
   on the node's own row in one such pass, iterate on K coefficients and read the block once more to combine.
 - `ms` against `call ms`: a standalone call also pays for its output. XLA:CPU gets the 40 MB output of the main
