@@ -160,7 +160,8 @@ def compare_exchange(values: list[jax.Array], pairs, max_fused: int | None = Non
 
 def _compare_exchange_by_layer(values: list[jax.Array], pairs: tuple[tuple[int, int], ...]) -> list[jax.Array]:
     """:func:`compare_exchange` as a loop over the network's layers (:func:`network_layers`) on the stacked values:
-    each layer gathers every position's partner and keeps the minimum or maximum. The program does not grow with K."""
+    each layer gathers every position's partner and keeps the minimum or maximum. The loop body does not grow with
+    the network."""
     if not pairs:
         return list(values)
     partner, role = network_layers(len(values), pairs)
