@@ -108,14 +108,14 @@ SELECT_COMPARATOR_MAX_VALUES = 32
 #: D = 1,000: MeaMed, whose loop also keeps every sorted value for its window, compiles in 15 s at K = 112 (1,264
 #: comparators) and 40 s at K = 128 (1,471) with f = 2, but over 120 s at K = 129 (1,800). Larger networks run their
 #: layers in a loop, whose program grows only linearly with K; every layer reads and writes all K rows (MeaMed at
-#: K = 129: 7 s to compile, 784 ms per call; fused it took 16 s and 523 ms with f = 1).
+#: K = 129: 4 s to compile, 753 ms per call; fused it took 16 s and 523 ms with f = 1).
 FUSED_NETWORK_MAX_COMPARATORS = 1500
 
 #: The same bound for a selection that keeps one or two positions (the median), whose fused loop is the pruned
 #: network (:func:`pruned_network`) and one select. Fused, the median compiles in 6 s and runs in 40 ms at K = 129
 #: (1,444 comparators) and 16 s / 86 ms at K = 169 (1,990); then its run time jumps: 478 ms at K = 177 (2,104),
 #: 6.2 s at K = 193 (2,316, 34 s to compile), and K = 257 (3,717) did not compile in 9 minutes. Layer by layer it
-#: runs in 0.8 s at K = 129, 1.3 s at 161, 1.9 s at 193 and 3.8 s at 257 (6-14 s to compile).
+#: runs in 0.8 s at K = 129, 1.3 s at 161, 1.9 s at 193 and 3.3-3.8 s at 257 (2 s to compile at K = 257).
 FUSED_SELECTION_MAX_COMPARATORS = 2000
 
 
@@ -134,10 +134,10 @@ def runs_by_layer(rule: str, k: int) -> bool:
     return rule in ("trimmed_mean", "meamed", "bulyan") and len(sorting_network(k)) > FUSED_NETWORK_MAX_COMPARATORS
 
 
-def compare_exchange(values: list[jax.Array], pairs, max_fused: int | None = None) -> list[jax.Array]:
+def compare_exchange(values: list[jax.Array] | jax.Array, pairs, max_fused: int | None = None) -> list[jax.Array]:
     """Apply comparator pairs ``(i, j)``, ``(v_i, v_j) <- (min, max)``, to a list of equally shaped arrays: unrolled
     into one fused loop, or, for more than ``max_fused`` pairs (default ``FUSED_NETWORK_MAX_COMPARATORS``), layer by
-    layer (:func:`_compare_exchange_by_layer`).
+    layer (:func:`_compare_exchange_by_layer`). ``values`` may also be one array stacking them on its first axis.
 
     The values must hold no NaN (the rules map NaN to ``+inf`` first). Then ``where(a < b, a, b)`` is the minimum;
     it compiles to one vector min instruction, where ``jnp.minimum`` adds the NaN-propagating compare and select
@@ -158,7 +158,8 @@ def compare_exchange(values: list[jax.Array], pairs, max_fused: int | None = Non
     return s
 
 
-def _compare_exchange_by_layer(values: list[jax.Array], pairs: tuple[tuple[int, int], ...]) -> list[jax.Array]:
+def _compare_exchange_by_layer(values: list[jax.Array] | jax.Array,
+                               pairs: tuple[tuple[int, int], ...]) -> list[jax.Array]:
     """:func:`compare_exchange` as a loop over the network's layers (:func:`network_layers`) on the stacked values:
     each layer gathers every position's partner and keeps the minimum or maximum. The loop body does not grow with
     the network."""
@@ -166,7 +167,7 @@ def _compare_exchange_by_layer(values: list[jax.Array], pairs: tuple[tuple[int, 
         return list(values)
     partner, role = network_layers(len(values), pairs)
     partner, role = jnp.asarray(partner), jnp.asarray(role)
-    s = jnp.stack(values)
+    s = values if isinstance(values, jax.Array) else jnp.stack(values)
     expand = (slice(None),) + (None,) * (s.ndim - 1)
 
     def layer(t, s):
@@ -178,7 +179,7 @@ def _compare_exchange_by_layer(values: list[jax.Array], pairs: tuple[tuple[int, 
     return [s[i] for i in range(len(values))]
 
 
-def sort_rows(values: list[jax.Array]) -> list[jax.Array]:
+def sort_rows(values: list[jax.Array] | jax.Array) -> list[jax.Array]:
     """Sort a list of equally shaped arrays elementwise (position-wise ascending) with :func:`sorting_network`."""
     return compare_exchange(values, sorting_network(len(values)))
 
@@ -192,6 +193,9 @@ def _pick(s: list[jax.Array], index: jax.Array) -> jax.Array:
 
 
 def _sorted_valid(x: jax.Array, mask: jax.Array) -> tuple[list[jax.Array], jax.Array]:
+    if len(sorting_network(x.shape[0])) > FUSED_NETWORK_MAX_COMPARATORS:  # by layer: the rows as one [K, D] op
+        values = jnp.where(mask[:, None], nan_to_inf(x.astype(compute_dtype(x.dtype))), jnp.inf)
+        return sort_rows(values), count(mask)
     return sort_rows(rows(x, mask, jnp.inf)), count(mask)
 
 
@@ -229,7 +233,10 @@ def median(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None) -> j
     fill = jnp.where(rank_masked < below, -jnp.inf, jnp.inf)
     dt = compute_dtype(x.dtype)
     p = (k - 1) // 2
-    values = [jnp.where(mask[j], nan_to_inf(x[j].astype(dt)), fill[j].astype(dt)) for j in range(k)]
+    if runs_by_layer("median", k):  # one [K, D] op: K row ops would each be a fused loop for XLA to compile
+        values = jnp.where(mask[:, None], nan_to_inf(x.astype(dt)), fill[:, None].astype(dt))
+    else:
+        values = [jnp.where(mask[j], nan_to_inf(x[j].astype(dt)), fill[j].astype(dt)) for j in range(k)]
     s = compare_exchange(values, _median_network(k), FUSED_SELECTION_MAX_COMPARATORS)
     upper = jnp.where(n % 2 == 1, s[p], s[p + 1]) if p + 1 < k else s[p]
     return (0.5 * s[p] + 0.5 * upper).astype(x.dtype)
