@@ -229,9 +229,10 @@ def test_matches_numpy_reference(rule):
 
 @pytest.mark.parametrize("rule,f", [("krum", 3), ("multi_krum", 3), ("bulyan", 2), ("nnm", 5)])
 def test_large_neighbourhoods_match_the_numpy_reference(rule, f):
-    """Above ``RANKS_MAX_K`` rows the nearest-row selections bisect instead of ranking all pairs, and NNM mixes in a
-    loop over rows (regressions: at K = 129 Krum took 1.1 GB of temporaries and 1.6 s per call at D = 1,000, and
-    NNM at K = 65 took two minutes to compile). Integer-valued data makes ties, which must go to the lower index."""
+    """Above ``RANKS_MAX_K`` rows the nearest-row selections bisect instead of ranking all pairs, Bulyan ranks each
+    row's neighbours once in a loop and updates the ranks per round, and NNM mixes in a loop over rows (regressions:
+    at K = 129 Krum took 1.1 GB of temporaries and 1.6 s per call at D = 1,000, Bulyan 7.7 s per call, and NNM at
+    K = 65 took two minutes to compile). Integer-valued data makes ties, which must go to the lower index."""
     from jaxdfl.aggregators._common import RANKS_MAX_K
 
     k = RANKS_MAX_K + 8
@@ -264,6 +265,26 @@ def test_pairwise_temporaries_grow_with_k_as_the_chunking_estimates(as_shipped):
     assert A.temporaries("median", [], k, d) == 0.5 and A.temporaries("krum", [], 9, d) == 0.5
     # up to K = 21 the estimate is the earlier 0.5 + one per pre-aggregator (review: NNM's buffer was added on top)
     assert A.temporaries("mean", ["nnm"], 17, 100_000) == 1.5 and A.temporaries("krum", ["nnm", "clip"], 21, d) == 2.5
+
+
+@pytest.mark.parametrize("extra", [0, 8])
+def test_ranks_match_a_lexicographic_sort(extra):
+    """All pairs at once up to ``RANKS_MAX_K`` entries, one entry per loop step above: the same ranks, with ties to
+    the lower index, NaN as +inf and invalid entries after the valid ones."""
+    from jaxdfl.aggregators import _common
+
+    rng = np.random.default_rng(extra)
+    k = _common.RANKS_MAX_K + extra
+    v = rng.integers(0, 6, size=(3, k, k)).astype(np.float32)  # ties
+    v[rng.uniform(size=v.shape) < 0.05] = np.inf
+    v[rng.uniform(size=v.shape) < 0.05] = np.nan
+    valid = rng.uniform(size=v.shape) < 0.8
+    expect = np.empty(v.shape, np.int64)
+    for row, ok, out in zip(v.reshape(-1, k), valid.reshape(-1, k), expect.reshape(-1, k)):
+        out[:] = k + np.arange(k)
+        order = [i for i in np.lexsort((np.arange(k), np.where(np.isnan(row), np.inf, row))) if ok[i]]
+        out[order] = np.arange(len(order))
+    np.testing.assert_array_equal(np.asarray(jax.jit(_common.ranks)(v, valid)), expect)
 
 
 def test_smallest_selects_as_the_ranks_do_above_the_all_pairs_size():

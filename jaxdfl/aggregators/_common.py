@@ -212,9 +212,17 @@ def ranks(values: jax.Array, valid: jax.Array) -> jax.Array:
     k = values.shape[-1]
     idx = jnp.arange(k)
     values = nan_to_inf(values)  # a NaN distance or score ranks last, as +inf
-    vi = values[..., :, None]
-    vj = values[..., None, :]
-    before = (vj < vi) | ((vj == vi) & (idx[None, :] < idx[:, None]))
-    before = before & valid[..., None, :]
-    r = jnp.sum(before.astype(jnp.int32), axis=-1)
+
+    def rank_of(vj, vi, j, i, valid_j):  # how many valid j come before i (smaller value, or equal and lower index)
+        before = ((vj < vi) | ((vj == vi) & (j < i))) & valid_j
+        return jnp.sum(before.astype(jnp.int32), axis=-1)
+
+    if k <= RANKS_MAX_K:
+        r = rank_of(values[..., None, :], values[..., :, None], idx, idx[:, None], valid[..., None, :])
+    else:  # one entry i per step: [..., K] temporaries where all pairs at once take [..., K, K]
+        def step(i, r):
+            vi = jax.lax.dynamic_slice_in_dim(values, i, 1, axis=-1)
+            return jax.lax.dynamic_update_slice_in_dim(r, rank_of(values, vi, idx, i, valid)[..., None], i, axis=-1)
+
+        r = jax.lax.fori_loop(0, k, step, jnp.zeros(values.shape, jnp.int32))
     return jnp.where(valid, r, k + idx)

@@ -71,19 +71,46 @@ def mean(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None) -> jax
     return combine(x, mask, _normalised(_mixing(x, mask, weights), mask))
 
 
-def _krum_scores(d2: jax.Array, mask: jax.Array, f, all_when_degenerate: bool = False) -> jax.Array:
-    """Krum score of every row: sum of squared distances to its n - f - 2 closest other valid rows (+inf if masked).
-
-    With ``all_when_degenerate``, a set too small for that (n - f - 2 < 1) sums over all n - 1 other rows.
-    """
+def _krum_scores(d2: jax.Array, mask: jax.Array, f) -> jax.Array:
+    """Krum score of every row: sum of squared distances to its n - f - 2 closest other valid rows (+inf if masked)."""
     k = mask.shape[0]
     other = mask[None, :] & mask[:, None] & ~jnp.eye(k, dtype=bool)
-    n = count(mask)
-    closest = n - f - 2
-    if all_when_degenerate:
-        closest = jnp.where(closest < 1, n - 1, closest)
-    score = jnp.sum(jnp.where(smallest(d2, other, closest), d2, 0.0), axis=1)
+    score = jnp.sum(jnp.where(smallest(d2, other, count(mask) - f - 2), d2, 0.0), axis=1)
     return jnp.where(mask, nan_to_inf(score), jnp.inf)
+
+
+def _bulyan_selection(d2: jax.Array, mask: jax.Array, f) -> jax.Array:
+    """The ``theta = n - 2f`` rows that repeated Krum moves into Bulyan's selection: ``[K, K], [K] -> [K]`` bool.
+
+    Each round scores the remaining rows (Krum over the remaining set, :func:`bulyan`) and moves the best one (lowest
+    index on ties) out. Every row's neighbours are ranked once (distance, ties by index); ``cnt[i, j]`` is j's rank
+    among the neighbours of i still remaining, plus 1, so a row's score is the sum of its entries with ``cnt <= c``,
+    and removing the picked row p lowers by 1 the counts of the entries ranked after p. One pass over ``[K, K]`` per
+    round, where re-selecting the c closest each round took 32 (a bisection per row above ``RANKS_MAX_K`` rows).
+    """
+    k = mask.shape[0]
+    idx = jnp.arange(k)
+    other = mask[None, :] & mask[:, None] & ~jnp.eye(k, dtype=bool)
+    v = jnp.where(other, nan_to_inf(d2), jnp.inf)
+    dead = jnp.iinfo(jnp.int32).max
+    cnt = jnp.where(other, ranks(v, other) + 1, dead)
+    theta = count(mask) - 2 * f
+
+    def body(i, state):
+        remaining, selected, cnt = state
+        n_r = count(remaining)
+        c = n_r - f - 2
+        # the last rounds' sets are too small for Krum (c < 1, every score 0): sum over all other rows (a medoid)
+        c = jnp.where(c < 1, n_r - 1, c)
+        score = jnp.where(remaining, nan_to_inf(jnp.sum(jnp.where(cnt <= c, v, 0.0), axis=1)), jnp.inf)
+        # the lowest index among the best remaining rows, also when every remaining score is +inf
+        p = jnp.argmax(remaining & (score == jnp.min(score)))
+        active = i < theta
+        pick = (idx == p) & active
+        shifted = jnp.where(idx == p, dead, cnt - (cnt > jax.lax.dynamic_slice_in_dim(cnt, p, 1, axis=1)))
+        return remaining & ~pick, selected | pick, jnp.where(active, shifted, cnt)
+
+    return jax.lax.fori_loop(0, k, body, (mask, jnp.zeros_like(mask), cnt))[1]
 
 
 def krum(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None, *, f=1) -> jax.Array:
@@ -170,19 +197,7 @@ def bulyan(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None, *, f
     Byzantium", ICML 2018; C. Fang, Z. Yang, W. U. Bajwa, "BRIDGE: Byzantine-resilient decentralized gradient
     descent", IEEE TSIPN 2022.
     """
-    k = mask.shape[0]
-    d2 = sq_distances(x, mask)
-    theta = count(mask) - 2 * f
-
-    def body(i, state):
-        remaining, selected = state
-        # rank 0 among the remaining rows, not argmin: when every remaining score is +inf (non-finite rows) argmin
-        # would return an already selected row and Bulyan would keep fewer than theta rows
-        scores = _krum_scores(d2, remaining, f, all_when_degenerate=True)
-        pick = remaining & (ranks(scores, remaining) == 0) & (i < theta)
-        return remaining & ~pick, selected | pick
-
-    _, selected = jax.lax.fori_loop(0, k, body, (mask, jnp.zeros_like(mask)))
+    selected = _bulyan_selection(sq_distances(x, mask), mask, f)
     return order_stats.meamed(x, selected, f=2 * f)
 
 
