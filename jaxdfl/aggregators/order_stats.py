@@ -335,6 +335,23 @@ def _trimmed_mean_by_partition(x: jax.Array, mask: jax.Array, f: int) -> jax.Arr
     return (out / jnp.maximum(n - 2 * f, 1).astype(dt)).astype(x.dtype)
 
 
+def _meamed_window_stacked(s: jax.Array, n: jax.Array, f, keep: jax.Array) -> jax.Array:
+    """:func:`meamed`'s window on the sorted values stacked as ``[K, D]`` (a network run by layer): the same window
+    start and mean as the unrolled rows, in array operations whose number does not grow with K or f (the row by row
+    form takes O(K f) operations, which XLA:CPU compiles slowly at large K)."""
+    k = s.shape[0]
+    at = functools.partial(jax.lax.dynamic_index_in_dim, s, axis=0, keepdims=False)
+    med = 0.5 * at((n - 1) // 2) + 0.5 * at(n // 2)
+    dist = jnp.abs(s - med)
+    # |s_{j + keep} - med| for every j (inf past the last row), as one slice of the distances padded with inf
+    padded = jnp.concatenate([dist, jnp.full_like(dist, jnp.inf)])
+    upper = jax.lax.dynamic_slice_in_dim(padded, keep, k, axis=0)
+    j = jnp.arange(k)[:, None]
+    start = jnp.sum(((dist > upper) & (j < f)).astype(jnp.int32), axis=0)
+    window = (j >= start) & (j < start + keep)
+    return jnp.sum(jnp.where(window, s, jnp.zeros((), s.dtype)), axis=0) / jnp.maximum(keep, 1).astype(s.dtype)
+
+
 def meamed(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None, *, f=1) -> jax.Array:
     """Mean around the median: per coordinate, the mean of the n - f values nearest to the coordinate median.
 
@@ -357,9 +374,11 @@ def meamed(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None, *, f
     References: C. Xie, O. Koyejo, I. Gupta, "Generalized Byzantine-tolerant SGD", arXiv:1802.10116, 2018.
     """
     s, n = _sorted_valid(x, mask)
+    keep = n - f
+    if not _unrolled(sorting_network(len(s))):
+        return _meamed_window_stacked(jnp.stack(s), n, f, keep).astype(x.dtype)
     med = _median_of_sorted(s, n)
     kk = len(s)
-    keep = n - f
     dist = [jnp.abs(sk - med) for sk in s]
     static_f = isinstance(f, int)
     start = jnp.zeros(med.shape, jnp.int32)
