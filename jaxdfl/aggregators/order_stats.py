@@ -335,11 +335,11 @@ def _trimmed_mean_by_partition(x: jax.Array, mask: jax.Array, f: int) -> jax.Arr
     return (out / jnp.maximum(n - 2 * f, 1).astype(dt)).astype(x.dtype)
 
 
-def _meamed_window_stacked(s: jax.Array, n: jax.Array, f, keep: jax.Array) -> jax.Array:
+def _meamed_window_stacked(s: jax.Array, n: jax.Array, f) -> jax.Array:
     """:func:`meamed`'s window on the sorted values stacked as ``[K, D]`` (a network run by layer): the same window
     start and mean as the unrolled rows, in array operations whose number does not grow with K or f (the row by row
     form takes O(K f) operations, which XLA:CPU compiles slowly at large K)."""
-    k = s.shape[0]
+    k, keep = s.shape[0], n - f
     at = functools.partial(jax.lax.dynamic_index_in_dim, s, axis=0, keepdims=False)
     med = 0.5 * at((n - 1) // 2) + 0.5 * at(n // 2)
     dist = jnp.abs(s - med)
@@ -374,11 +374,11 @@ def meamed(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None, *, f
     References: C. Xie, O. Koyejo, I. Gupta, "Generalized Byzantine-tolerant SGD", arXiv:1802.10116, 2018.
     """
     s, n = _sorted_valid(x, mask)
-    keep = n - f
     if not _unrolled(sorting_network(len(s))):
-        return _meamed_window_stacked(jnp.stack(s), n, f, keep).astype(x.dtype)
+        return _meamed_window_stacked(jnp.stack(s), n, f).astype(x.dtype)
     med = _median_of_sorted(s, n)
     kk = len(s)
+    keep = n - f
     dist = [jnp.abs(sk - med) for sk in s]
     static_f = isinstance(f, int)
     start = jnp.zeros(med.shape, jnp.int32)
