@@ -152,7 +152,8 @@ def compare_exchange(values: list[jax.Array] | jax.Array, pairs, max_fused: int 
     of 13 s, so networks of more than ``SELECT_COMPARATOR_MAX_VALUES`` values keep ``jnp.minimum``/``maximum``.
     """
     if not _unrolled(pairs, max_fused):
-        return _compare_exchange_by_layer(values, tuple(pairs))
+        s = _compare_exchange_by_layer(values, tuple(pairs))
+        return [s[i] for i in range(len(s))]
     s = list(values)
     select = len(s) <= SELECT_COMPARATOR_MAX_VALUES
     for i, j in pairs:
@@ -165,15 +166,15 @@ def compare_exchange(values: list[jax.Array] | jax.Array, pairs, max_fused: int 
 
 
 def _compare_exchange_by_layer(values: list[jax.Array] | jax.Array,
-                               pairs: tuple[tuple[int, int], ...]) -> list[jax.Array]:
-    """:func:`compare_exchange` as a loop over the network's layers (:func:`network_layers`) on the stacked values:
-    each layer gathers every position's partner and keeps the minimum or maximum. The loop body does not grow with
-    the network."""
-    if not pairs:
-        return list(values)
-    partner, role = network_layers(len(values), pairs)
-    partner, role = jnp.asarray(partner), jnp.asarray(role)
+                               pairs: tuple[tuple[int, int], ...]) -> jax.Array:
+    """:func:`compare_exchange` as a loop over the network's layers (:func:`network_layers`) on the stacked values,
+    returned stacked: each layer gathers every position's partner and keeps the minimum or maximum. The loop body
+    does not grow with the network."""
     s = values if isinstance(values, jax.Array) else jnp.stack(values)
+    if not pairs:
+        return s
+    partner, role = network_layers(len(s), pairs)
+    partner, role = jnp.asarray(partner), jnp.asarray(role)
     expand = (slice(None),) + (None,) * (s.ndim - 1)
 
     def layer(t, s):
@@ -181,8 +182,7 @@ def _compare_exchange_by_layer(values: list[jax.Array] | jax.Array,
         r = role[t][expand]
         return jnp.where(r == 1, jnp.minimum(s, other), jnp.where(r == 2, jnp.maximum(s, other), s))
 
-    s = jax.lax.fori_loop(0, partner.shape[0], layer, s)
-    return [s[i] for i in range(len(values))]
+    return jax.lax.fori_loop(0, partner.shape[0], layer, s)
 
 
 def sort_rows(values: list[jax.Array] | jax.Array) -> list[jax.Array]:
@@ -190,8 +190,11 @@ def sort_rows(values: list[jax.Array] | jax.Array) -> list[jax.Array]:
     return compare_exchange(values, sorting_network(len(values)))
 
 
-def _pick(s: list[jax.Array], index: jax.Array) -> jax.Array:
-    """``s[index]`` for a traced per-node index, as a select chain (fuses into the surrounding loop)."""
+def _pick(s: list[jax.Array] | jax.Array, index: jax.Array) -> jax.Array:
+    """``s[index]`` for a traced per-node index: a select chain over a list (fuses into the surrounding loop), a
+    dynamic index into a stacked array."""
+    if isinstance(s, jax.Array):
+        return jax.lax.dynamic_index_in_dim(s, index, axis=0, keepdims=False)
     out = s[0]
     for k in range(1, len(s)):
         out = jnp.where(index == k, s[k], out)
@@ -210,12 +213,17 @@ def _masked_rows(x: jax.Array, mask: jax.Array, fill, unrolled: bool) -> list[ja
     return jnp.where(mask[:, None], nan_to_inf(x.astype(dt)), fill[:, None])
 
 
-def _sorted_valid(x: jax.Array, mask: jax.Array) -> tuple[list[jax.Array], jax.Array]:
+def _sorted_valid(x: jax.Array, mask: jax.Array) -> tuple[list[jax.Array] | jax.Array, jax.Array]:
+    """The rows sorted per coordinate, masked ones last (+inf), and the valid count: a list of rows from an unrolled
+    network, the stacked ``[K, D]`` array from one run by layer."""
     network = sorting_network(x.shape[0])
-    return compare_exchange(_masked_rows(x, mask, jnp.inf, _unrolled(network)), network), count(mask)
+    unrolled = _unrolled(network)
+    values = _masked_rows(x, mask, jnp.inf, unrolled)
+    s = compare_exchange(values, network) if unrolled else _compare_exchange_by_layer(values, network)
+    return s, count(mask)
 
 
-def _median_of_sorted(s: list[jax.Array], n: jax.Array) -> jax.Array:
+def _median_of_sorted(s: list[jax.Array] | jax.Array, n: jax.Array) -> jax.Array:
     # 0.5 a + 0.5 b cannot overflow for finite a, b near the float32 limit, unlike (a + b) / 2.
     return 0.5 * _pick(s, (n - 1) // 2) + 0.5 * _pick(s, n // 2)
 
@@ -340,8 +348,7 @@ def _meamed_window_stacked(s: jax.Array, n: jax.Array, f) -> jax.Array:
     start and mean as the unrolled rows, in array operations whose number does not grow with K or f (the row by row
     form takes O(K f) operations, which XLA:CPU compiles slowly at large K)."""
     k, keep = s.shape[0], n - f
-    at = functools.partial(jax.lax.dynamic_index_in_dim, s, axis=0, keepdims=False)
-    med = 0.5 * at((n - 1) // 2) + 0.5 * at(n // 2)
+    med = _median_of_sorted(s, n)
     dist = jnp.abs(s - med)
     # |s_{j + keep} - med| for every j (inf past the last row), as one slice of the distances padded with inf
     padded = jnp.concatenate([dist, jnp.full_like(dist, jnp.inf)])
@@ -374,8 +381,8 @@ def meamed(x: jax.Array, mask: jax.Array, weights: jax.Array | None = None, *, f
     References: C. Xie, O. Koyejo, I. Gupta, "Generalized Byzantine-tolerant SGD", arXiv:1802.10116, 2018.
     """
     s, n = _sorted_valid(x, mask)
-    if not _unrolled(sorting_network(len(s))):
-        return _meamed_window_stacked(jnp.stack(s), n, f).astype(x.dtype)
+    if isinstance(s, jax.Array):  # the network ran by layer
+        return _meamed_window_stacked(s, n, f).astype(x.dtype)
     med = _median_of_sorted(s, n)
     kk = len(s)
     keep = n - f
