@@ -252,6 +252,59 @@ def test_large_neighbourhoods_match_the_numpy_reference(rule, f):
     np.testing.assert_allclose(out, expect, rtol=1e-5, atol=1e-5)
 
 
+PAIRWISE = ["krum", "multi_krum", "bulyan", "geometric_median", "centered_clip", "ios"]
+
+
+@pytest.mark.parametrize("rule", PAIRWISE + ["nnm"])
+def test_pair_sums_by_block_match_the_numpy_reference(rule, monkeypatch):
+    """On CPUs the all-pairs sums run block by block once a node's rows exceed ``PAIR_BLOCK_MIN_BYTES``; with the
+    bound at 0 they do at D = 700 (two blocks of 320 coordinates and a remainder of 60), and every pairwise rule must
+    still give its reference (NaN padding, random masks)."""
+    from jaxdfl.aggregators import _common
+
+    monkeypatch.setattr(_common, "PAIR_BLOCK_MIN_BYTES", 0)
+    x, mask, w = make_batch(200, b=4, k=9, d=700, min_valid=6)
+    x = x + 3.0  # away from the origin, so that the centred Gram matrix differs from the plain one
+    padded = garbage(x, mask, np.nan)
+    if rule == "nnm":
+        out = np.asarray(jit_pre("nnm", (("f", 2),))(jax.random.split(jax.random.key(0), 4), padded, mask, w)[0])
+        for i in range(len(x)):
+            np.testing.assert_allclose(out[i][mask[i]], R.nnm(x[i], mask[i], w[i], f=2), rtol=1e-5, atol=1e-5)
+        return
+    h = hyper(rule)
+    out = np.asarray(jax.jit(jax.vmap(functools.partial(A.REGISTRY[rule], **h)))(padded, mask, w))
+    if rule == "geometric_median":
+        h = {"nu": h["nu"]}
+    expect = np.stack([R.REGISTRY[rule](x[i], mask[i], w[i], **h) for i in range(len(x))])
+    np.testing.assert_allclose(out, expect, rtol=1e-4, atol=1e-4 if rule != "geometric_median" else 3e-3)
+
+
+def test_pair_sums_run_by_block_on_cpus_only_for_all_pairs_of_rows_over_l2():
+    """The block loop is taken when a node's rows exceed ``PAIR_BLOCK_MIN_BYTES`` and there are more pairs than rows
+    (the K - 1 distances to row 0 read each row once and stay in one pass); its sums equal the one pass'."""
+    from jaxdfl.aggregators import _common
+
+    k = 9
+    d = -(-_common.PAIR_BLOCK_MIN_BYTES // (4 * k)) + 7  # just over the bound, with a remainder
+    x = np.random.default_rng(3).normal(size=(k, d)).astype(np.float32)
+    mask = np.ones(k, bool)
+
+    def compiled(fn):
+        return jax.jit(fn).lower(x, mask).compile().as_text()
+
+    assert _common.pair_sums_blocked(k, d, k * (k - 1) // 2) and not _common.pair_sums_blocked(k, d - 8, 36)
+    assert not _common.pair_sums_blocked(k, d, k - 1)
+    block = f"f32[{k},{_common.PAIR_BLOCK}]"  # the loop's copy of a block of the rows
+    assert (block in compiled(_common.sq_distances)) == (jax.default_backend() == "cpu")
+    assert block not in compiled(_common.sq_dist_to_self)
+    blocked = np.asarray(jax.jit(_common.sq_distances)(x, mask))
+    one_pass = _common._pair_sums_fused(jnp.asarray(x), tuple(zip(*np.triu_indices(k, 1))), _common._sq_difference,
+                                        centre=False)
+    np.testing.assert_allclose(blocked[np.triu_indices(k, 1)], np.asarray(one_pass), rtol=1e-5)
+    reference = ((x[:, None, :].astype(np.float64) - x[None, :, :]) ** 2).sum(-1)
+    np.testing.assert_allclose(blocked, reference, rtol=1e-5)
+
+
 def test_pairwise_temporaries_grow_with_k_as_the_chunking_estimates(as_shipped):
     """Regression: the automatic chunking took every rule's temporaries as half a neighbourhood, but the pair-sum
     buffer of Krum and the iterative rules is (K - 1) / 40 of one (2.7x the block's size at K = 129, unchunked)."""

@@ -106,8 +106,9 @@ def _bulyan_selection(d2: jax.Array, mask: jax.Array, f) -> jax.Array:
         # the lowest index among the best remaining rows, also when every remaining score is +inf
         p = jnp.argmax(remaining & (score == jnp.min(score)))
         active = i < theta
-        pick = (idx == p) & active
-        shifted = jnp.where(idx == p, dead, cnt - (cnt > jax.lax.dynamic_slice_in_dim(cnt, p, 1, axis=1)))
+        is_p = idx == p
+        pick = is_p & active
+        shifted = jnp.where(is_p, dead, cnt - (cnt > jax.lax.dynamic_slice_in_dim(cnt, p, 1, axis=1)))
         return remaining & ~pick, selected | pick, jnp.where(active, shifted, cnt)
 
     return jax.lax.fori_loop(0, k, body, (mask, jnp.zeros_like(mask), cnt))[1]

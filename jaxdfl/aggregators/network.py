@@ -18,7 +18,7 @@ import numpy as np
 from jaxdfl.aggregators import distance
 from jaxdfl.aggregators import order_stats
 from jaxdfl.aggregators import pre as pre_mod
-from jaxdfl.aggregators._common import _chunks
+from jaxdfl.aggregators._common import pair_buffer
 from jaxdfl.errors import ConfigError
 from jaxdfl.registry import Shipped, layout, shown, traced
 
@@ -113,8 +113,8 @@ def _named_pre(pre: Sequence | Mapping) -> list[tuple[str, dict]]:
     return out
 
 
-#: Rules and pre-aggregators that sum over all row pairs in one pass (``_common._pair_sums``): a buffer of
-#: K (K - 1) / 2 partial sums per D / T coordinates, (K - 1) / (2 T) neighbourhoods' worth (T = 20 from D = 320).
+#: Rules and pre-aggregators that sum over all row pairs (``_common._pair_sums``), with a buffer of partial sums
+#: (``_common.pair_buffer``).
 PAIRWISE = frozenset({"krum", "multi_krum", "bulyan", "geometric_median", "centered_clip", "ios", "nnm"})
 
 
@@ -123,12 +123,13 @@ def temporaries(rule: str, pre: Sequence[str], k: int, d: int) -> float:
 
     One ``[K, D]`` output per pre-aggregator, plus the largest of 0.5 (a rule fused into loops over D keeps at most
     a fraction of its rows alive) and the pair-sum buffer of a pairwise step (they run one after another, so their
-    buffers are not alive together). The buffer is ``(K - 1) / (2 T)`` neighbourhoods (T = 20 from D = 320), larger
-    than 0.5 from K = 22 on: at K = 129, D = 1,000 Krum's estimate is 3.2 neighbourhoods per node, 213 MB for 129
-    nodes, where XLA's CPU memory analysis reports 220 MB. An order statistic whose network runs layer by layer
+    buffers are not alive together). In one pass the buffer is ``(K - 1) / (2 T)`` neighbourhoods (T = 20 from
+    D = 320), larger than 0.5 from K = 22 on: at K = 129, D = 1,000 Krum's estimate is 3.2 neighbourhoods per node,
+    213 MB for 129 nodes, where XLA's CPU memory analysis reports 220 MB. Block by block (CPUs, rows over 512 KB)
+    it is a few ``[P, 64]`` rows (``_common.pair_buffer``). An order statistic whose network runs layer by layer
     (large K, :func:`order_stats.runs_by_layer`) keeps 2 (XLA reports 2.0 for the median at K = 257).
     """
-    pair = (k - 1) / (2 * _chunks(d))
+    pair = pair_buffer(k, d)
     pairwise = any(name in PAIRWISE for name in [rule, *pre])
     layered = 2.0 if order_stats.runs_by_layer(rule, k) else 0.0
     return len(pre) + max(0.5, pair if pairwise else 0.0, layered)
