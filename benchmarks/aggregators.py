@@ -47,19 +47,24 @@ NOTES = """## Notes
   traced `f`) sort the K rows with a compare-exchange network (Batcher, 28 comparators for K = 9) fused into one
   elementwise loop over D (above 128 rows, 169 for the median, a loop over the network's layers); no `jnp.sort`.
   Trimmed mean with a static `f` only partitions the rows (f bubble passes per side; 18 comparators for K = 9,
-  f = 1). Distance rules compute all K(K-1)/2 pairwise squared distances in one fused pass of squared differences
-  (no `[K, K, D]` array, no cancellation-prone `x @ x.T`), then work on
-  K x K matrices; iterative rules (geometric median, centred clipping, IOS) sum the Gram matrix of the rows centred
-  on the node's own row in one such pass, iterate on K coefficients and read the block once more to combine.
+  f = 1). Distance rules sum all K(K-1)/2 pairwise squared differences (no `[K, K, D]` array, no
+  cancellation-prone `x @ x.T`), then work on K x K matrices; iterative rules (geometric median, centred clipping,
+  IOS) sum the Gram matrix of the rows centred on the node's own row the same way, iterate on K coefficients and
+  read the block once more to combine. On CPUs, once a node's rows exceed 512 KB (at K = 9 from D = 14,564), the
+  pair sums run block by block: each step copies every node's `[K, 320]` slice once and all pairs read it from
+  cache; smaller neighbourhoods (and other backends) take one fused pass over D.
 - `ms` against `call ms`: a standalone call also pays for its output. XLA:CPU gets the 40 MB output of the main
   size from `malloc`, which maps fresh pages for blocks over 32 MB, and the kernel zero-fills each page on first
   touch (about 20 ms here). Inside the engine the round's buffers are reused by every round of the `lax.scan`, so
   `ms` is what a round costs. `MALLOC_MMAP_THRESHOLD_=4294967296` makes standalone calls reuse their pages too.
-- Distance rules are compute-bound on XLA:CPU. Krum-type rules need 36 squared differences per coordinate for
-  K = 9. Alternatives measured on the main size, steady state: a batched Gram `einsum('kd,jd->kj')` under vmap was
-  6x slower than the fused squared-difference pass (XLA:CPU lowers the batched dot with tiny K badly), a per-node
-  `jnp.dot` in `lax.map` about as fast but cancellation-prone, and centring plus products, one multi-output
-  accumulator per pair, or a `[pairs, D/b, b]` blocked reduction were 1.4-20x slower.
+- Distance rules: Krum-type rules need 36 squared differences per coordinate for K = 9. The one fused pass
+  finishes a pair over all of D before the next, so each row came from L3 or memory once per pair it is in (8
+  times at K = 9); blocks of 320 coordinates keep them in cache (stop 26: Krum 1.3x faster at the main size, 1.7x
+  at K = 17, 5.7x at K = 65). Alternatives to the one pass measured on the main size, steady state: a batched
+  Gram `einsum('kd,jd->kj')` under vmap was 6x slower than the fused squared-difference pass (XLA:CPU lowers the
+  batched dot with tiny K badly), a per-node `jnp.dot` in `lax.map` about as fast but cancellation-prone, and
+  centring plus products, one multi-output accumulator per pair, or a `[pairs, D/b, b]` blocked reduction were
+  1.4-20x slower.
 - Per-node loops: at D = 100,000 each jitted per-node call already streams 3.6 MB at memory speed, so the
   whole-network call can win back only the per-node dispatch and the second core: a 10x or 100x speed-up over the
   jitted loop is out of reach at this D (the roofline bounds it at `jit loop ms` / roofline). At D = 1,000 (third
