@@ -66,11 +66,12 @@ def _chunks(d: int) -> int:
     return max(1, min(20, d // 16))
 
 
-#: From this many bytes of a node's rows (``K * D * itemsize``) the pair sums run block by block on CPUs
-#: (:func:`_pair_sums_blocked`): the rows no longer fit a core's L2 cache (512 KB on the machine measured), so the
-#: one-pass loop, which sweeps all of D for one pair before the next, reads every row from L3 or memory once per
-#: pair it is in. Below it the one-pass loop is faster: at N = 1,000, K = 9, D = 1,000 the blocks took 10.7 ms
-#: against 4.6 ms, at N = 128, K = 9, D = 4,810 (173 KB) both 3.0-3.7 ms.
+#: From this many bytes of a node's rows the pair sums run block by block on CPUs (:func:`_pair_sums_blocked`),
+#: counted at 4 bytes a value whatever the input dtype (``K * D * 4``, so that the chunking's estimate, which knows
+#: no dtype, decides as the kernel does): the rows no longer fit a core's L2 cache (512 KB on
+#: the machine measured), so the one-pass loop, which sweeps all of D for one pair before the next, reads every row
+#: from L3 or memory once per pair it is in. Below it the one-pass loop is faster: at N = 1,000, K = 9, D = 1,000
+#: the blocks took 10.7 ms against 4.6 ms, at N = 128, K = 9, D = 4,810 (173 KB) both 3.0-3.7 ms.
 PAIR_BLOCK_MIN_BYTES = 1 << 19
 
 #: Coordinates per block of :func:`_pair_sums_blocked`: every node's ``[K, 320]`` slice of rows stays in L1 or L2
@@ -87,12 +88,12 @@ def _pair_block_width(p: int) -> int:
     return w
 
 
-def pair_sums_blocked(k: int, d: int, p: int, itemsize: int = 4) -> bool:
+def pair_sums_blocked(k: int, d: int, p: int) -> bool:
     """Whether :func:`_pair_sums` of ``p`` pairs of a ``[k, d]`` neighbourhood runs block by block when compiled for
     a CPU: only for more pairs than rows (all pairs, or the Gram matrix), where a row is read by several pairs. The
     K - 1 distances to row 0 (MoNNA, clipped gossip) read each other row once and stay in one pass (blocks made
     them 1.2-1.4x slower)."""
-    return p > k and k * d * itemsize >= PAIR_BLOCK_MIN_BYTES and d >= 2 * PAIR_BLOCK
+    return p > k and k * d * 4 >= PAIR_BLOCK_MIN_BYTES and d >= 2 * PAIR_BLOCK
 
 
 def pair_buffer(k: int, d: int) -> float:
@@ -114,7 +115,7 @@ def _pair_sums(x: jax.Array, pairs: tuple[tuple[int, int], ...], term, centre: b
     (:func:`pair_sums_blocked`), a loop over blocks of D (:func:`_pair_sums_blocked`).
     """
     fused = functools.partial(_pair_sums_fused, pairs=pairs, term=term, centre=centre)
-    if not pair_sums_blocked(*x.shape, len(pairs), x.dtype.itemsize):
+    if not pair_sums_blocked(*x.shape, len(pairs)):
         return fused(x)
     blocked = functools.partial(_pair_sums_blocked, pairs=pairs, term=term, centre=centre)
     return jax.lax.platform_dependent(x, cpu=blocked, default=fused)
