@@ -216,7 +216,8 @@ def main(argv=None):
     start = time.perf_counter()
     for spec in args.sizes.split(","):
         n, k, d = (int(v) for v in spec.split("x"))
-        chunk = A.auto_chunk(n, k, d)  # what aggregate() picks for a rule without pre-aggregators (up to K = 21)
+        # what aggregate() picks for the rule with the largest temporaries (without pre-aggregators)
+        chunk = A.auto_chunk(n, k, d, temporaries=max(A.temporaries(r, [], k, d) for r in args.rules.split(",")))
         print(f"N={n} K={k} D={d} chunk={chunk}", flush=True)
         rows, bandwidth = run_size(n, k, d, args.rules.split(","), args)
         roofline_s = n * k * d * 4 / (bandwidth * 1e9)

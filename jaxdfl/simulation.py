@@ -395,21 +395,14 @@ def exchange(spec: Spec, key, msg, arrays: Arrays, graph: Graph):
     if c is None:
         return _robust_exchange(spec, k_attack, k_agg, msg, arrays.byzantine, graph.neighbors, graph.mask,
                                 graph.weights, spec.chunk_size or None)
-    n_chunks = -(-n // c)
 
-    def one(i, carry):
-        # The last chunk ends at node N - 1, overlapping its predecessor when c does not divide N: no dummy
-        # receivers, and every chunk is written in place into the [N, D] result (padding would cost one more
-        # [N_pad, D] buffer to cut the result out of).
-        start = jnp.minimum(i * c, n - c)
+    def chunk(i, start):
         rows = [jax.lax.dynamic_slice_in_dim(table, start, c) for table in graph]
         # an automatic chunk fits the budget, so aggregate()'s own automatic chunking (None) is a no-op there; it
         # still splits a user-given chunk whose rule temporaries exceed aggregators.MEMORY_BUDGET_BYTES
-        agg, kept = _robust_exchange(spec, k_attack, jax.random.fold_in(k_agg, i), msg,
-                                     arrays.byzantine, *rows, None)
-        return tuple(jax.lax.dynamic_update_slice_in_dim(a, b, start, axis=0) for a, b in zip(carry, (agg, kept)))
+        return _robust_exchange(spec, k_attack, jax.random.fold_in(k_agg, i), msg, arrays.byzantine, *rows, None)
 
-    return jax.lax.fori_loop(0, n_chunks, one, (jnp.zeros_like(msg), jnp.zeros(n, bool)))
+    return aggregators.over_chunks(n, c, chunk, (jnp.zeros_like(msg), jnp.zeros(n, bool)))
 
 
 def online_nodes(spec: Spec, hyper, key) -> jax.Array:

@@ -66,7 +66,6 @@ from jaxdfl.aggregators.distance import mean
 from jaxdfl.aggregators.distance import monna
 from jaxdfl.aggregators.distance import multi_krum
 from jaxdfl.aggregators.network import DEFAULTS
-from jaxdfl.aggregators.network import MAX_STATIC_CHUNKS
 from jaxdfl.aggregators.network import MEMORY_BUDGET_BYTES
 from jaxdfl.aggregators.network import PRE_REGISTRY
 from jaxdfl.aggregators.network import REGISTRY
@@ -78,6 +77,7 @@ from jaxdfl.aggregators.network import check_contract
 from jaxdfl.aggregators.network import enough_rows
 from jaxdfl.aggregators.network import temporaries
 from jaxdfl.aggregators.network import min_rows
+from jaxdfl.aggregators.network import over_chunks
 from jaxdfl.aggregators.network import shipped
 from jaxdfl.aggregators.network import validate
 from jaxdfl.aggregators.order_stats import meamed
@@ -90,7 +90,6 @@ from jaxdfl.aggregators.pre import nnm
 
 __all__ = [
     "DEFAULTS",
-    "MAX_STATIC_CHUNKS",
     "MEMORY_BUDGET_BYTES",
     "PRE_REGISTRY",
     "REGISTRY",
@@ -102,6 +101,7 @@ __all__ = [
     "enough_rows",
     "temporaries",
     "min_rows",
+    "over_chunks",
     "shipped",
     "bucketing",
     "bulyan",

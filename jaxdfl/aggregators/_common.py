@@ -95,6 +95,14 @@ def pair_sums_blocked(k: int, d: int, p: int) -> bool:
     return p > k and k * d * 4 >= PAIR_BLOCK_MIN_BYTES and d >= 2 * PAIR_BLOCK
 
 
+def row_buffer(d: int) -> float:
+    """The buffer of a loop over D that keeps per-row partial sums (``[K, D / T]``), in ``[K, D]`` neighbourhoods:
+    ``1 / T`` (0.05 from D = 320). XLA fuses the rules without all-pairs sums or a layered network into such loops:
+    its CPU memory analysis reports at most 0.05 neighbourhoods for them (N = 200, K = 9, D = 100,000; N = 60,
+    K = 33, D = 20,000; N = 1,000, K = 9, D = 1,000)."""
+    return 1 / _chunks(d)
+
+
 def pair_buffer(k: int, d: int) -> float:
     """The buffer of the all-pairs sums of a ``[k, d]`` neighbourhood, in neighbourhoods (the automatic chunking's
     estimate): ``(K - 1) / (2 T)`` for one pass; block by block (on a CPU backend), the ``[P, PAIR_WIDTH]``

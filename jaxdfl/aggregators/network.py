@@ -19,6 +19,7 @@ from jaxdfl.aggregators import distance
 from jaxdfl.aggregators import order_stats
 from jaxdfl.aggregators import pre as pre_mod
 from jaxdfl.aggregators._common import pair_buffer
+from jaxdfl.aggregators._common import row_buffer
 from jaxdfl.errors import ConfigError
 from jaxdfl.registry import Shipped, layout, shown, traced
 
@@ -76,9 +77,6 @@ STATIC_HYPER: dict[str, tuple[str, ...]] = {"bucketing": ("s",)}
 
 # Working-set budget of one aggregate() call beyond the input block; above it nodes are processed in chunks.
 MEMORY_BUDGET_BYTES = 1 << 30
-# Up to this many chunks are unrolled as static slices of the block, which XLA fuses into the rule's loops without
-# copying; beyond it the chunks run in a lax.map loop, which copies each chunk (slower, but bounded memory).
-MAX_STATIC_CHUNKS = 16
 
 
 def _merged(name: str, hyper: Mapping | None, registry: Mapping, where: str) -> dict:
@@ -121,18 +119,18 @@ PAIRWISE = frozenset({"krum", "multi_krum", "bulyan", "geometric_median", "cente
 def temporaries(rule: str, pre: Sequence[str], k: int, d: int) -> float:
     """A node's working set beyond its input for ``pre`` (names) then ``rule``, in ``[K, D]`` neighbourhoods.
 
-    One ``[K, D]`` output per pre-aggregator, plus the largest of 0.5 (a rule fused into loops over D keeps at most
-    a fraction of its rows alive) and the pair-sum buffer of a pairwise step (they run one after another, so their
-    buffers are not alive together). In one pass the buffer is ``(K - 1) / (2 T)`` neighbourhoods (T = 20 from
-    D = 320), larger than 0.5 from K = 22 on: at K = 129, D = 1,000 Krum's estimate is 3.2 neighbourhoods per node,
+    One ``[K, D]`` output per pre-aggregator, plus the largest of the buffer of a loop fused over D
+    (``_common.row_buffer``, 1 / T), the pair-sum buffer of a pairwise step (they run one after another, so their
+    buffers are not alive together), and a layered network's. In one pass the pair-sum buffer is ``(K - 1) / (2 T)``
+    neighbourhoods (T = 20 from D = 320): at K = 129, D = 1,000 Krum's estimate is 3.2 neighbourhoods per node,
     213 MB for 129 nodes, where XLA's CPU memory analysis reports 220 MB. Block by block (CPUs, rows over 512 KB)
-    it is a few ``[P, 64]`` rows (``_common.pair_buffer``). An order statistic whose network runs layer by layer
+    it is a few ``[P, 16]`` rows (``_common.pair_buffer``). An order statistic whose network runs layer by layer
     (large K, :func:`order_stats.runs_by_layer`) keeps 2 (XLA reports 2.0 for the median at K = 257).
     """
     pair = pair_buffer(k, d)
     pairwise = any(name in PAIRWISE for name in [rule, *pre])
     layered = 2.0 if order_stats.runs_by_layer(rule, k) else 0.0
-    return len(pre) + max(0.5, pair if pairwise else 0.0, layered)
+    return len(pre) + max(row_buffer(d), pair if pairwise else 0.0, layered)
 
 
 def auto_chunk(n: int, k: int, d: int, itemsize: int = 4, budget: int = MEMORY_BUDGET_BYTES,
@@ -140,12 +138,13 @@ def auto_chunk(n: int, k: int, d: int, itemsize: int = 4, budget: int = MEMORY_B
     """Nodes per chunk so that the rule's temporaries stay under ``budget`` bytes; None when all nodes fit at once.
 
     A node's temporaries are estimated as ``temporaries * K * D * itemsize`` bytes (``aggregate`` passes
-    :func:`temporaries` of its rule and pre-aggregators).
+    :func:`temporaries` of its rule and pre-aggregators). A chunked node also costs its rows once, for the chunk's
+    copy (:func:`over_chunks`), so chunking is chosen only when the temporaries alone exceed the budget.
     """
-    per_node = temporaries * k * d * itemsize
-    if n * per_node <= budget:
+    rows = k * d * itemsize
+    if n * temporaries * rows <= budget:
         return None
-    return max(1, int(budget // per_node))
+    return max(1, int(budget // ((temporaries + 1) * rows)))
 
 
 def aggregate(key: jax.Array, block: jax.Array, mask: jax.Array, weights: jax.Array, rule: str,
@@ -156,9 +155,8 @@ def aggregate(key: jax.Array, block: jax.Array, mask: jax.Array, weights: jax.Ar
     Definition: ``out_i = rule(pre_p(... pre_1(x_i)))`` for each node i, with ``x_i = block[i]`` (row 0 = node i's
     own vector). The rule is lifted with ``jax.vmap``. Nodes are processed in chunks of ``chunk_size`` when given,
     or automatically when the temporaries would exceed ``memory_budget`` bytes (see :func:`auto_chunk`; default
-    1 GiB, so the benchmark's 100 x 9 x 100,000 block runs in one piece). Up to ``MAX_STATIC_CHUNKS`` chunks are
-    static slices of the block (no copies; XLA fuses the slicing into the rule); more chunks run in
-    ``lax.map(..., batch_size=chunk_size)``, which copies each chunk. Works under ``jit`` with ``rule``, ``pre``,
+    1 GiB). The chunks run one after another in a loop (:func:`over_chunks`), each on a ``[c, K, D]`` copy of its
+    rows, so one chunk's copy and temporaries are alive at a time. Works under ``jit`` with ``rule``, ``pre``,
     ``chunk_size`` static; numeric hyper-parameters in ``hyper`` may be traced (except those in ``STATIC_HYPER``).
 
     Args:
@@ -209,10 +207,30 @@ def aggregate(key: jax.Array, block: jax.Array, mask: jax.Array, weights: jax.Ar
     if not chunk_size or chunk_size >= n:
         return lifted(keys, block, mask, weights)
     c = int(chunk_size)
-    if -(-n // c) <= MAX_STATIC_CHUNKS:
-        return jnp.concatenate([lifted(keys[s:s + c], block[s:s + c], mask[s:s + c], weights[s:s + c])
-                                for s in range(0, n, c)])
-    return jax.lax.map(lambda args: one(*args), (keys, block, mask, weights), batch_size=c)
+
+    def chunk(_, start):
+        rows = jax.lax.cond(start >= 0, lambda: jax.lax.dynamic_slice_in_dim(block, start, c),
+                            lambda: jnp.zeros((c, k, d), block.dtype))
+        node_keys, m, w = (jax.lax.dynamic_slice_in_dim(a, start, c) for a in (keys, mask, weights))
+        return (lifted(node_keys, rows, m, w),)
+
+    return over_chunks(n, c, chunk, (jnp.zeros((n, d), block.dtype),))[0]
+
+
+def over_chunks(n: int, c: int, fn: Callable, out: tuple) -> tuple:
+    """``fn`` over chunks of ``c`` of ``n`` rows in one ``fori_loop``: chunk j covers rows ``s_j .. s_j + c - 1``, with
+    ``s_j = min(j c, N - c)``, and ``fn(j, s_j)`` returns their ``[c, ...]`` results, written in place into the
+    ``[N, ...]`` arrays of ``out`` (returned).
+
+    When c does not divide N the last chunk overlaps the one before (those rows are recomputed and overwritten)
+    instead of padding N, which would need one more ``[N, ...]`` buffer. One chunk's inputs and temporaries are alive
+    at a time: a slice of the input that ``fn`` takes is one ``[c, ...]`` copy, reused by every chunk.
+    """
+    def step(j, acc):
+        start = jnp.minimum(j * c, n - c)
+        return tuple(jax.lax.dynamic_update_slice_in_dim(a, b, start, axis=0) for a, b in zip(acc, fn(j, start)))
+
+    return jax.lax.fori_loop(0, -(-n // c), step, tuple(out))
 
 
 def _check_call(block, mask, weights, chunk_size) -> None:
