@@ -209,6 +209,8 @@ def aggregate(key: jax.Array, block: jax.Array, mask: jax.Array, weights: jax.Ar
     c = int(chunk_size)
 
     def chunk(_, start):
+        # The chunk's rows are copied as the output of a conditional (a fusion boundary): fused into the rule, the
+        # dynamic slice slowed it (chunks of 50 at N = 100, K = 9, D = 1e5: the median 118 ms, 78 with the copy).
         rows = jax.lax.cond(start >= 0, lambda: jax.lax.dynamic_slice_in_dim(block, start, c),
                             lambda: jnp.zeros((c, k, d), block.dtype))
         node_keys, m, w = (jax.lax.dynamic_slice_in_dim(a, start, c) for a in (keys, mask, weights))
