@@ -57,18 +57,21 @@ NOTES = """## Notes
   size from `malloc`, which maps fresh pages for blocks over 32 MB, and the kernel zero-fills each page on first
   touch (about 20 ms here). Inside the engine the round's buffers are reused by every round of the `lax.scan`, so
   `ms` is what a round costs. `MALLOC_MMAP_THRESHOLD_=4294967296` makes standalone calls reuse their pages too.
-- Distance rules: Krum-type rules need 36 squared differences per coordinate for K = 9. The one fused pass
-  finishes a pair over all of D before the next, so each row came from L3 or memory once per pair it is in (8
-  times at K = 9); blocks of 320 coordinates keep them in cache (stop 26: Krum 1.3x faster at the main size, 1.7x
-  at K = 17, 5.7x at K = 65). The blocked pass is compute-bound: with the rows in L1, XLA's loop adds about 3.7
-  squared differences per cycle on one core (9 G/s at 2.45 GHz; 10 G/s on both cores of one process, 14 G/s in two
-  processes), so Krum needs 36 x 10^7 of them, about 40 ms, at the main size whatever the memory, and multi-Krum
-  reads the block once more to average the rows it keeps (the mean's time): together about 5x the roofline, which
-  multi-Krum has not met in a run (stop 27). Alternatives to the one pass measured on the main size, steady state:
-  a batched Gram `einsum('kd,jd->kj')` under vmap was 6x slower than the fused squared-difference pass (XLA:CPU
-  lowers the batched dot with tiny K badly; 2.7 s against 0.6 s at N = 300, K = 17, stop 27), a per-node
-  `jnp.dot` in `lax.map` about as fast but cancellation-prone, and centring plus products, one multi-output
-  accumulator per pair, or a `[pairs, D/b, b]` blocked reduction were 1.4-20x slower.
+- Distance rules: Krum-type rules need 36 squared differences per coordinate for K = 9. The one fused pass finishes a
+  pair over all of D before the next, so each row came from L3 or memory once per pair it is in (8 times at K = 9);
+  blocks of 320 coordinates keep them in cache (stop 26: Krum 1.3x faster at the main size, 1.7x at K = 17, 5.7x at K
+  = 65). What bounds the blocked pass is each step's copy, not the arithmetic (stop 27): a loop doing only the copies
+  took 30-38 ms of Krum's 50-58 at the main size (9.5-12 GB/s, where a streaming read of the block runs at 17-20) and
+  332 of 559 ms at N = 300, K = 17. The pair loop itself adds about 3.7 squared differences per cycle on one core with
+  the rows in L1 (9 G/s at 2.45 GHz), and centring every pair's terms (two more subtractions) costs nothing
+  measurable. Copies of fewer nodes with longer rows (groups of 1-20 nodes, 1,280-10,240 coordinates) read no faster
+  (7-9 GB/s), and copying the next block in the loop carry while the pairs run was 1.2-2x slower. Multi-Krum reads the
+  block once more to average the rows it keeps (the mean's time), so it stays above 5x until that copy gets faster.
+  Alternatives to the one pass measured on the main size, steady state: a batched Gram `einsum('kd,jd->kj')` under
+  vmap was 6x slower than the fused squared-difference pass (XLA:CPU lowers the batched dot with tiny K badly; 2.7 s
+  against 0.6 s at N = 300, K = 17, stop 27), a per-node `jnp.dot` in `lax.map` about as fast but cancellation-prone,
+  and centring plus products, one multi-output accumulator per pair, or a `[pairs, D/b, b]` blocked reduction were
+  1.4-20x slower.
 - Per-node loops: at D = 100,000 each jitted per-node call already streams 3.6 MB at memory speed, so the
   whole-network call can win back only the per-node dispatch and the second core: a 10x or 100x speed-up over the
   jitted loop is out of reach at this D (the roofline bounds it at `jit loop ms` / roofline). At D = 1,000 (third
