@@ -67,13 +67,14 @@ NOTES = """## Notes
   measurable. Copies of fewer nodes with longer rows (groups of 1-20 nodes, 1,280-10,240 coordinates) read no faster
   (7-9 GB/s), and copying the next block in the loop carry while the pairs run was 1.2-2x slower. Even with the block
   stored block-major (each step's slice contiguous per node) and read without a copy, the 312-step loop read 10.6 GB/s
-  where one streaming fusion reads 18.8: the loop's short steps, not the copy's access pattern, cap the bandwidth.
-  Multi-Krum reads the block once more to average the rows it keeps (the mean's time), so it stays above 5x until that
-  copy gets faster. Alternatives to the one pass measured on the main size, steady state: a batched Gram
-  `einsum('kd,jd->kj')` under vmap was 6x slower than the fused squared-difference pass (XLA:CPU lowers the batched
-  dot with tiny K badly; 2.7 s against 0.6 s at N = 300, K = 17, stop 27), a per-node `jnp.dot` in `lax.map` about as
-  fast but cancellation-prone, and centring plus products, one multi-output accumulator per pair, or a `[pairs, D/b,
-  b]` blocked reduction were 1.4-20x slower.
+  where one streaming fusion reads 18.8: the loop's steps, not the copy's access pattern, cap it (the same loop over
+  1.15 MB steps held in L3 ran at 13 GB/s; over 11.5 KB steps in L1, on one thread, at 65). Multi-Krum reads the block
+  once more to average the rows it keeps (the mean's time), so it stays above 5x until that copy gets faster.
+  Alternatives to the one pass measured on the main size, steady state: a batched Gram `einsum('kd,jd->kj')` under
+  vmap was 6x slower than the fused squared-difference pass (XLA:CPU lowers the batched dot with tiny K badly; 2.7 s
+  against 0.6 s at N = 300, K = 17, stop 27), a per-node `jnp.dot` in `lax.map` about as fast but cancellation-prone,
+  and centring plus products, one multi-output accumulator per pair, or a `[pairs, D/b, b]` blocked reduction were
+  1.4-20x slower.
 - Per-node loops: at D = 100,000 each jitted per-node call already streams 3.6 MB at memory speed, so the
   whole-network call can win back only the per-node dispatch and the second core: a 10x or 100x speed-up over the
   jitted loop is out of reach at this D (the roofline bounds it at `jit loop ms` / roofline). At D = 1,000 (third
