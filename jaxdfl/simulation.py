@@ -316,7 +316,7 @@ def exchange_chunk(spec: Spec, n: int, k: int, d: int, itemsize: int = 4) -> int
     ``spec.chunk_size`` (config ``parallel.chunk_size``) wins when set: c >= N means all at once. Otherwise
     (automatic) the exchange is chunked only when ``N * exchange_temporaries(spec, K, D) * K * D * itemsize`` exceeds
     :data:`GATHER_BUDGET_BYTES`; the chunk is then the largest that fits, evened out over the chunks it needs
-    (c = ceil(N / ceil(N / c_max))) so that the last chunk recomputes fewer receivers than there are chunks.
+    (``aggregators.even_chunk``) so that the last chunk recomputes fewer receivers than there are chunks.
 
     Raises:
         ConfigError: ``spec.chunk_size`` is not a non-negative integer (or None).
@@ -330,8 +330,7 @@ def exchange_chunk(spec: Spec, n: int, k: int, d: int, itemsize: int = 4) -> int
     per_receiver = exchange_temporaries(spec, k, d) * k * d * itemsize
     if n * per_receiver <= GATHER_BUDGET_BYTES:
         return None
-    c_max = max(1, int(GATHER_BUDGET_BYTES // per_receiver))
-    return -(-n // -(-n // c_max))
+    return aggregators.even_chunk(n, max(1, int(GATHER_BUDGET_BYTES // per_receiver)))
 
 
 def _robust_exchange(spec: Spec, k_attack, k_agg, msg, byzantine, neighbors, mask, weights, chunk_size):

@@ -75,6 +75,7 @@ from jaxdfl.aggregators.network import aggregate
 from jaxdfl.aggregators.network import auto_chunk
 from jaxdfl.aggregators.network import check_contract
 from jaxdfl.aggregators.network import enough_rows
+from jaxdfl.aggregators.network import even_chunk
 from jaxdfl.aggregators.network import temporaries
 from jaxdfl.aggregators.network import min_rows
 from jaxdfl.aggregators.network import over_chunks
@@ -99,6 +100,7 @@ __all__ = [
     "auto_chunk",
     "check_contract",
     "enough_rows",
+    "even_chunk",
     "temporaries",
     "min_rows",
     "over_chunks",

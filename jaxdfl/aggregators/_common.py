@@ -103,12 +103,17 @@ def row_buffer(d: int) -> float:
     return 1 / _chunks(d)
 
 
+def pair_loop(k: int, d: int) -> bool:
+    """Whether the all-pairs sums of a ``[k, d]`` neighbourhood run block by block here (a CPU backend)."""
+    return jax.default_backend() == "cpu" and pair_sums_blocked(k, d, k * (k - 1) // 2)
+
+
 def pair_buffer(k: int, d: int) -> float:
     """The buffer of the all-pairs sums of a ``[k, d]`` neighbourhood, in neighbourhoods (the automatic chunking's
     estimate): ``(K - 1) / (2 T)`` for one pass; block by block (on a CPU backend), the ``[P, PAIR_WIDTH]``
     accumulator, the ``[K, PAIR_BLOCK]`` copy and the remainder's one-pass buffer."""
     p = k * (k - 1) // 2
-    if jax.default_backend() == "cpu" and pair_sums_blocked(k, d, p):
+    if pair_loop(k, d):
         tail = d % PAIR_BLOCK
         return (p * (PAIR_WIDTH + (tail and tail // _chunks(tail))) + k * PAIR_BLOCK) / (k * d)
     return (k - 1) / (2 * _chunks(d))

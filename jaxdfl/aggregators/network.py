@@ -19,6 +19,7 @@ from jaxdfl.aggregators import distance
 from jaxdfl.aggregators import order_stats
 from jaxdfl.aggregators import pre as pre_mod
 from jaxdfl.aggregators._common import pair_buffer
+from jaxdfl.aggregators._common import pair_loop
 from jaxdfl.aggregators._common import row_buffer
 from jaxdfl.errors import ConfigError
 from jaxdfl.registry import Shipped, layout, shown, traced
@@ -125,12 +126,16 @@ def temporaries(rule: str, pre: Sequence[str], k: int, d: int) -> float:
     neighbourhoods (T = 20 from D = 320): at K = 129, D = 1,000 Krum's estimate is 3.2 neighbourhoods per node,
     213 MB for 129 nodes, where XLA's CPU memory analysis reports 220 MB. Block by block (CPUs, rows over 512 KB)
     it is a few ``[P, 16]`` rows (``_common.pair_buffer``). An order statistic whose network runs layer by layer
-    (large K, :func:`order_stats.runs_by_layer`) keeps 2 (XLA reports 2.0 for the median at K = 257).
+    (large K, :func:`order_stats.runs_by_layer`) keeps 2 (XLA reports 2.0 for the median at K = 257). A pairwise
+    rule whose pair sums loop over blocks after a pre-aggregator reads a copy of that output in its loop: one more
+    ``[K, D]`` (XLA reports 2.0 for NNM then Krum at K = 9 and 17, 1.67 for bucketing then Krum at K = 9; a fused
+    rule after NNM or bucketing at those K keeps 0).
     """
     pair = pair_buffer(k, d)
     pairwise = any(name in PAIRWISE for name in [rule, *pre])
     layered = 2.0 if order_stats.runs_by_layer(rule, k) else 0.0
-    return len(pre) + max(row_buffer(d), pair if pairwise else 0.0, layered)
+    looped = 1.0 if pre and rule in PAIRWISE and pair_loop(k, d) else 0.0
+    return len(pre) + looped + max(row_buffer(d), pair if pairwise else 0.0, layered)
 
 
 def auto_chunk(n: int, k: int, d: int, itemsize: int = 4, budget: int = MEMORY_BUDGET_BYTES,
@@ -139,12 +144,20 @@ def auto_chunk(n: int, k: int, d: int, itemsize: int = 4, budget: int = MEMORY_B
 
     A node's temporaries are estimated as ``temporaries * K * D * itemsize`` bytes (``aggregate`` passes
     :func:`temporaries` of its rule and pre-aggregators). A chunked node also costs its rows once, for the chunk's
-    copy (:func:`over_chunks`), so chunking is chosen only when the temporaries alone exceed the budget.
+    copy (:func:`over_chunks`), so chunking is chosen only when the temporaries alone exceed the budget. The chunk
+    is the largest that fits, evened out (:func:`even_chunk`).
     """
     rows = k * d * itemsize
     if n * temporaries * rows <= budget:
         return None
-    return max(1, int(budget // ((temporaries + 1) * rows)))
+    return even_chunk(n, max(1, int(budget // ((temporaries + 1) * rows))))
+
+
+def even_chunk(n: int, c_max: int) -> int:
+    """``ceil(N / ceil(N / c_max))``: chunks of at most ``c_max`` rows, as equal as they can be, so that the last
+    chunk of :func:`over_chunks` overlaps the one before by fewer rows than there are chunks (N = 300 with
+    ``c_max`` = 145 gives 3 chunks of 100, not 145 + 145 + a last chunk that recomputes 135 rows)."""
+    return -(-n // -(-n // c_max))
 
 
 def aggregate(key: jax.Array, block: jax.Array, mask: jax.Array, weights: jax.Array, rule: str,
