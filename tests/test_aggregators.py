@@ -168,17 +168,23 @@ def test_large_networks_run_by_layer_so_the_program_stays_small():
     assert not order_stats._partition_is_cheaper(257, 4)
 
 
+def xla_temporaries(rule, n, k, d, options, pre=(), chunk_size=0) -> int:
+    """Bytes of temporaries in XLA's memory analysis of ``aggregate`` on an ``[n, k, d]`` float32 block, compiled
+    with ``options`` (skips the test where the backend has no memory analysis)."""
+    shapes = [jax.ShapeDtypeStruct(s, t) for s, t in (((n, k, d), jnp.float32), ((n, k), bool), ((n, k), jnp.float32))]
+    call = jax.jit(lambda *a: A.aggregate(jax.random.key(0), *a, rule, pre=pre, chunk_size=chunk_size))
+    analysis = call.lower(*shapes).compile(options).memory_analysis()
+    if analysis is None:
+        pytest.skip("memory_analysis unavailable on this backend")
+    return analysis.temp_size_in_bytes
+
+
 def test_order_statistics_by_layer_keep_the_temporaries_the_chunking_estimates(as_shipped):
     """The layer loop keeps the stacked rows in and out; the automatic chunking must plan for them (the fused
     networks keep almost nothing)."""
     n, k, d = 8, 257, 200
-    shapes = [jax.ShapeDtypeStruct(s, t) for s, t in (((n, k, d), jnp.float32), ((n, k), bool), ((n, k), jnp.float32))]
     assert A.temporaries("median", [], k, d) == 2.0 and A.temporaries("median", [], 129, d) == pytest.approx(1 / 12)
-    call = jax.jit(lambda *a: A.aggregate(jax.random.key(0), *a, "median", chunk_size=0))
-    analysis = call.lower(*shapes).compile(as_shipped).memory_analysis()
-    if analysis is None:
-        pytest.skip("memory_analysis unavailable on this backend")
-    assert analysis.temp_size_in_bytes <= 1.1 * A.temporaries("median", [], k, d) * n * k * d * 4
+    assert xla_temporaries("median", n, k, d, as_shipped) <= 1.1 * A.temporaries("median", [], k, d) * n * k * d * 4
 
 
 def test_pruned_network_keeps_what_reaches_the_outputs():
@@ -308,14 +314,10 @@ def test_pairwise_temporaries_grow_with_k_as_the_chunking_estimates(as_shipped):
     buffer of Krum and the iterative rules is (K - 1) / 40 of one (2.7x the block's size at K = 129, unchunked)."""
     n = k = 65
     d = 1_000
-    shapes = [jax.ShapeDtypeStruct(s, t) for s, t in (((n, k, d), jnp.float32), ((n, k), bool), ((n, k), jnp.float32))]
-    call = jax.jit(lambda *a: A.aggregate(jax.random.key(0), *a, "krum", chunk_size=0))
-    analysis = call.lower(*shapes).compile(as_shipped).memory_analysis()
-    if analysis is None:
-        pytest.skip("memory_analysis unavailable on this backend")
+    measured = xla_temporaries("krum", n, k, d, as_shipped)
     estimate = A.temporaries("krum", [], k, d) * n * k * d * 4
     assert A.temporaries("krum", [], k, d) == pytest.approx(64 / 40)
-    assert 0.5 * estimate <= analysis.temp_size_in_bytes <= 1.5 * estimate
+    assert 0.5 * estimate <= measured <= 1.5 * estimate
     # a fused loop's 1 / T = 0.05, Krum's one pass (K - 1) / 40 at K = 9
     assert A.temporaries("median", [], k, d) == 0.05 and A.temporaries("krum", [], 9, d) == pytest.approx(0.2)
     # one per pre-aggregator, NNM's pair buffer not added on top (review); blocked at K = 17, D = 1e5: 0.05
@@ -795,12 +797,7 @@ def test_the_chunking_estimate_bounds_a_pre_aggregator_then_a_rule(rule, pre, as
     the estimate (one [K, D] per pre-aggregator) left out: XLA kept 2.0 neighbourhoods per node where 1.05 were
     planned."""
     n, k, d = 8, 9, 15_000  # rows of 540 KB: the pair sums run block by block
-    shapes = [jax.ShapeDtypeStruct(s, t) for s, t in (((n, k, d), jnp.float32), ((n, k), bool), ((n, k), jnp.float32))]
-    call = jax.jit(lambda *a: A.aggregate(jax.random.key(0), *a, rule, pre=pre, chunk_size=0))
-    analysis = call.lower(*shapes).compile(as_shipped).memory_analysis()
-    if analysis is None:
-        pytest.skip("memory_analysis unavailable on this backend")
-    assert analysis.temp_size_in_bytes <= A.temporaries(rule, list(pre), k, d) * n * k * d * 4
+    assert xla_temporaries(rule, n, k, d, as_shipped, pre) <= A.temporaries(rule, list(pre), k, d) * n * k * d * 4
 
 
 @pytest.mark.parametrize("rule, pre, n, k, d, c", [
@@ -814,13 +811,8 @@ def test_chunked_aggregate_keeps_one_chunk_alive(rule, pre, n, k, d, c, as_shipp
     loop (all the copies alive together: Krum here kept a whole block of temporaries in 4 chunks, where unchunked it
     keeps none), and the lax.map path copied the whole block once more. Chunks now run in a loop, one [c, K, D]
     copy at a time, as auto_chunk plans: temporaries + the chunk's rows."""
-    shapes = [jax.ShapeDtypeStruct(s, t) for s, t in (((n, k, d), jnp.float32), ((n, k), bool), ((n, k), jnp.float32))]
-    call = jax.jit(lambda *a: A.aggregate(jax.random.key(0), *a, rule, pre=pre, chunk_size=c))
-    analysis = call.lower(*shapes).compile(as_shipped).memory_analysis()
-    if analysis is None:
-        pytest.skip("memory_analysis unavailable on this backend")
-    plan = (A.temporaries(rule, [name for name, *_ in pre], k, d) + 1) * c * k * d * 4
-    assert analysis.temp_size_in_bytes <= 1.1 * plan
+    plan = (A.temporaries(rule, list(pre), k, d) + 1) * c * k * d * 4
+    assert xla_temporaries(rule, n, k, d, as_shipped, pre, chunk_size=c) <= 1.1 * plan
 
 
 def test_auto_chunk():
