@@ -59,8 +59,8 @@ NOTES = """## Notes
   `ms` is what a round costs. `MALLOC_MMAP_THRESHOLD_=4294967296` makes standalone calls reuse their pages too.
 - Distance rules: Krum-type rules need 36 squared differences per coordinate for K = 9. The one fused pass finishes a
   pair over all of D before the next, so each row came from L3 or memory once per pair it is in (8 times at K = 9);
-  blocks of 320 coordinates keep them in cache (stop 26: Krum 1.3x faster at the main size, 1.7x at K = 17, 5.7x at K
-  = 65). What bounds the blocked pass is each step's copy, not the arithmetic (stop 27): a loop doing only the copies
+  blocks of 320 coordinates keep them in cache (stop 26: Krum 1.3x faster at the main size, 1.7x at K = 17, 5.7x at 65
+  rows). What bounds the blocked pass is each step's copy, not the arithmetic (stop 27): a loop doing only the copies
   took 30-38 ms of Krum's 50-58 at the main size (9.5-12 GB/s, where a streaming read of the block runs at 17-20) and
   332 of 559 ms at N = 300, K = 17. The pair loop itself adds about 3.7 squared differences per cycle on one core with
   the rows in L1 (9 G/s at 2.45 GHz), and centring every pair's terms (two more subtractions) costs nothing
