@@ -303,7 +303,7 @@ def exchange_temporaries(spec: Spec, k: int, d: int) -> float:
     ``sign_flip``, ``ipm`` or ``alie``, 1.0 with ``gaussian`` or ``dissensus``, 2.2 after ``nnm`` and for Krum with
     or without ``sign_flip``, 3.6 for adaptive ``alie`` with median and 6.3 with Krum.
     """
-    pre = [name for name, _ in spec.pre]
+    pre = [(name, dict(h)) for name, h in spec.pre]
     t = 2.0 + max(1.0 + len(pre), aggregators.temporaries(spec.rule, pre, k, d))
     if dict(spec.attack_hyper).get("adaptive"):
         t += 3.5

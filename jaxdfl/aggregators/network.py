@@ -18,6 +18,7 @@ import numpy as np
 from jaxdfl.aggregators import distance
 from jaxdfl.aggregators import order_stats
 from jaxdfl.aggregators import pre as pre_mod
+from jaxdfl.aggregators._common import RANKS_MAX_K
 from jaxdfl.aggregators._common import pair_buffer
 from jaxdfl.aggregators._common import pair_loop
 from jaxdfl.aggregators._common import row_buffer
@@ -116,26 +117,55 @@ def _named_pre(pre: Sequence | Mapping) -> list[tuple[str, dict]]:
 #: (``_common.pair_buffer``).
 PAIRWISE = frozenset({"krum", "multi_krum", "bulyan", "geometric_median", "centered_clip", "ios", "nnm"})
 
+#: Pre-aggregators whose output rows are weighted sums of their input rows (``pre._mix``).
+MIXING = frozenset({"nnm", "bucketing"})
 
-def temporaries(rule: str, pre: Sequence[str], k: int, d: int) -> float:
-    """A node's working set beyond its input for ``pre`` (names) then ``rule``, in ``[K, D]`` neighbourhoods.
+#: Rules and pre-aggregators that read their input once, coordinate by coordinate, in one loop over D: XLA fuses an
+#: unrolled mix (up to ``RANKS_MAX_K`` rows) into them, so its output is never stored.
+ONE_READ = frozenset({"mean", "median", "trimmed_mean", "meamed", "bucketing"})
 
-    One ``[K, D]`` output per pre-aggregator, plus the largest of the buffer of a loop fused over D
-    (``_common.row_buffer``, 1 / T), the pair-sum buffer of a pairwise step (they run one after another, so their
-    buffers are not alive together), and a layered network's. In one pass the pair-sum buffer is ``(K - 1) / (2 T)``
-    neighbourhoods (T = 20 from D = 320): at K = 129, D = 1,000 Krum's estimate is 3.2 neighbourhoods per node,
-    213 MB for 129 nodes, where XLA's CPU memory analysis reports 220 MB. Block by block (CPUs, rows over 512 KB)
-    it is a few ``[P, 16]`` rows (``_common.pair_buffer``). An order statistic whose network runs layer by layer
-    (large K, :func:`order_stats.runs_by_layer`) keeps 2 (XLA reports 2.0 for the median at K = 257). A pairwise
-    rule whose pair sums loop over blocks after a pre-aggregator reads a copy of that output in its loop: one more
-    ``[K, D]`` (XLA reports 2.0 for NNM then Krum at K = 9 and 17, 1.67 for bucketing then Krum at K = 9; a fused
-    rule after NNM or bucketing at those K keeps 0).
+
+def _output_rows(name: str, hyper: Mapping, k: int) -> int:
+    """Rows of a pre-aggregator's output for ``k`` input rows: ``1 + ceil((K - 1) / s)`` for bucketing, else K."""
+    return 1 + -(-(k - 1) // int(hyper["s"])) if name == "bucketing" else k
+
+
+def temporaries(rule: str, pre: Sequence | Mapping, k: int, d: int) -> float:
+    """A node's working set beyond its input for ``pre`` then ``rule``, in ``[K, D]`` neighbourhoods (an upper
+    bound on XLA's CPU memory analysis, which the automatic chunking plans with).
+
+    ``pre`` is given as to :func:`aggregate` (names or ``(name, hyper)`` pairs). The estimate adds:
+
+    - each pre-aggregator's stored output (``K' / K`` for K' output rows), times the copies XLA keeps of it. An
+      unrolled mix (NNM or bucketing on up to ``RANKS_MAX_K`` rows) is fused into a consumer in ``ONE_READ`` (0
+      copies: 0.00-0.01 for NNM or bucketing then the median at K = 9 and 17); other consumers keep 2 (MoNNA,
+      clipped gossip or norm clipping after NNM: 2.0; Krum 1.9), pairwise ones whose pair sums loop over blocks 3
+      (NNM then multi-Krum, the geometric median, centred clipping or IOS at D = 20,000: 3.0; Krum 2.0). A mix in
+      a loop (more rows) and norm clipping keep 1.
+    - the largest of a fused loop's buffer (``_common.row_buffer``, 1 / T), the pair-sum buffers of the pairwise
+      steps (``_common.pair_buffer``; summed: NNM then Krum at K = 65 keeps 1.5) and a layered network's 2
+      (:func:`order_stats.runs_by_layer`; XLA reports 2.0 for the median at K = 257).
+
+    In one pass the pair-sum buffer is ``(K - 1) / (2 T)`` (T = 20 from D = 320): at K = 129, D = 1,000 Krum's
+    estimate is 3.2 neighbourhoods per node, 213 MB for 129 nodes, where XLA reports 220 MB. Figures are XLA's CPU
+    memory analysis at D = 1,000-20,000 (jax 0.10).
     """
-    pair = pair_buffer(k, d)
-    pairwise = any(name in PAIRWISE for name in [rule, *pre])
-    layered = 2.0 if order_stats.runs_by_layer(rule, k) else 0.0
-    looped = 1.0 if pre and rule in PAIRWISE and pair_loop(k, d) else 0.0
-    return len(pre) + looped + max(row_buffer(d), pair if pairwise else 0.0, layered)
+    named = _named_pre(pre)
+    rows, stored, pair = k, 0.0, 0.0
+    for (name, h), consumer in zip(named, [name for name, _ in named[1:]] + [rule]):
+        if name in PAIRWISE:
+            pair += pair_buffer(rows, d) * rows / k
+        out = _output_rows(name, h, rows)
+        if name in MIXING and rows <= RANKS_MAX_K:
+            copies = 0 if consumer in ONE_READ else 3 if consumer in PAIRWISE and pair_loop(out, d) else 2
+        else:
+            copies = 1
+        rows = out
+        stored += copies * rows / k
+    if rule in PAIRWISE:
+        pair += pair_buffer(rows, d) * rows / k
+    layered = 2.0 * rows / k if order_stats.runs_by_layer(rule, rows) else 0.0
+    return stored + max(row_buffer(d), pair, layered)
 
 
 def auto_chunk(n: int, k: int, d: int, itemsize: int = 4, budget: int = MEMORY_BUDGET_BYTES,
@@ -215,7 +245,7 @@ def aggregate(key: jax.Array, block: jax.Array, mask: jax.Array, weights: jax.Ar
     keys = jax.random.split(key, n)
     if chunk_size is None:
         chunk_size = auto_chunk(n, k, d, block.dtype.itemsize, memory_budget,
-                                temporaries(rule, [name for name, _ in named], k, d))
+                                temporaries(rule, named, k, d))
     lifted = jax.vmap(one)
     if not chunk_size or chunk_size >= n:
         return lifted(keys, block, mask, weights)
