@@ -295,18 +295,20 @@ GATHER_BUDGET_BYTES = 1 << 30
 def exchange_temporaries(spec: Spec, k: int, d: int) -> float:
     """Per-receiver working set of the robust exchange, in units of one ``[K, D]`` neighbourhood (conservative).
 
-    The gathered rows (1), the attacked copy of them (1), the rule's temporaries and one ``[K, D]`` output per
-    pre-aggregator (``aggregators.temporaries``, counted as at least 1 + one per pre-aggregator; it grows with K for
-    the pairwise rules), and 3.5 for the candidate blocks of the adaptive ``alie`` / ``ipm`` search. The estimate is
-    an upper bound: XLA often fuses the gather and the attack into the rule's loop. Its CPU memory analysis (N = 64,
-    K = 9, D = 2e4, unchunked, the graph an argument) reports 0 blocks for median with no attack, 0.22 with
-    ``sign_flip``, ``ipm`` or ``alie``, 1.0 with ``gaussian`` or ``dissensus``, 2.2 after ``nnm`` and for Krum with
-    or without ``sign_flip``, 3.6 for adaptive ``alie`` with median and 6.3 with Krum.
+    The gathered rows (1), the attacked copy of them (1), the attack's ``[N, D]`` messages (1 / K), the temporaries
+    of the pre-aggregators and the rule (``aggregators.temporaries``: the copies of each pre-aggregator's output, the
+    pair-sum buffers), and 5 for the candidate blocks and rule evaluations of the adaptive ``alie`` / ``ipm``
+    search. The estimate is an upper bound: XLA often fuses the gather and the attack into the rule's loop. Its CPU
+    memory analysis (N = 64, K = 9, D = 1,000-20,000, unchunked, the graph an argument) reports 0.2 blocks for the
+    median under ``sign_flip``, 1.0-1.1 under ``gaussian``, 2.0-2.2 for Krum under ``sign_flip``, 2.0-2.2 after
+    ``nnm`` or ``clip`` with the median, 4.0 for multi-Krum after ``nnm`` at D = 20,000 (5.05 planned); under the
+    adaptive search 3.6 for the median, 6.1-6.4 for Krum and the geometric median, 6.1-7.2 for multi-Krum (7.3
+    planned), 5.4-6.5 for the median after ``nnm``.
     """
     pre = [(name, dict(h)) for name, h in spec.pre]
-    t = 2.0 + max(1.0 + len(pre), aggregators.temporaries(spec.rule, pre, k, d))
+    t = 2.0 + 1 / k + aggregators.temporaries(spec.rule, pre, k, d)
     if dict(spec.attack_hyper).get("adaptive"):
-        t += 3.5
+        t += 5.0
     return t
 
 

@@ -214,6 +214,7 @@ def test_adaptive_attacks_search_against_the_pre_aggregators_too():
     ("median", (), "sign_flip", (), (("nnm", ()),)),
     ("krum", (("f", 1),), "sign_flip", (), ()),
     ("krum", (("f", 1),), "alie", (("adaptive", True),), ()),
+    ("multi_krum", (("f", 1),), "alie", (("adaptive", True),), ()),  # 7.1 blocks: 6.5 were planned
 ])
 def test_the_exchange_estimate_bounds_xlas_temporaries(rule, rule_hyper, attack, attack_hyper, pre, as_shipped):
     """exchange_temporaries (what the automatic chunking plans with) is at least XLA's memory analysis of the
