@@ -923,10 +923,20 @@ def test_aggregate_rejects_unknown_hyper_keys():
     # a string was read letter by letter ("unknown pre-aggregator 'n'")
     ({"pre": "nnm"}, r"aggregation.pre must be a list"),
     ({"pre": [("nnm",)]}, "each entry must be a name or a"),
+    # a budget below 1 byte chunked node by node; a string failed in a comparison
+    ({"memory_budget": 0}, "memory_budget must be a positive integer number of bytes"),
+    ({"memory_budget": "1GB"}, "memory_budget must be a positive integer number of bytes"),
+    # an f that not even K = 5 rows tolerate gave every node its own vector back, silently
+    ({"rule": "trimmed_mean", "hyper": {"f": 3}}, r"aggregation.f=3 is too large for 'trimmed_mean': the block's "
+                                                  r"neighbourhoods have at most n=5 rows .* f <= 2"),
+    ({"rule": "multi_krum", "hyper": {"m": 6}}, r"aggregation.m=6 is too large: .* at most n=5 rows"),
+    ({"rule": "trimmed_mean", "pre": [("bucketing", {"s": 4})]}, r"at most n=2 rows .* f <= 0"),  # 5 rows -> 2
+    ({"pre": {"nnm": {"f": 3}}, "rule": "median"}, r"aggregation.nnm.f=3 is too large for 'nnm'"),
 ])
 def test_aggregate_checks_its_arguments(change, match):
     args = {"block": jnp.array([[[0.0], [1.0], [2.0], [3.0], [100.0]]]), "mask": jnp.ones((1, 5), bool),
-            "weights": jnp.full((1, 5), 0.2), "rule": "median", "hyper": None, "pre": (), "chunk_size": None}
+            "weights": jnp.full((1, 5), 0.2), "rule": "median", "hyper": None, "pre": (), "chunk_size": None,
+            "memory_budget": A.MEMORY_BUDGET_BYTES}
     args.update(change)
     with pytest.raises(ConfigError, match=match):
         A.aggregate(jax.random.key(0), **args)
@@ -981,7 +991,7 @@ def test_aggregate_falls_back_after_bucketing_shrinks_the_rows():
 @pytest.mark.parametrize("rule, sizes", [("krum", [2, 5]), ("bulyan", [2, 9]), ("ios", [1, 4])])
 def test_a_rule_no_f_fits_is_refused_without_a_negative_bound(rule, sizes):
     """A star's leaves (2 rows) cannot run Krum at any f: the error said "i.e. f <= -1"."""
-    with pytest.raises(ConfigError, match=r"no f meets on the smallest neighbourhood") as info:
+    with pytest.raises(ConfigError, match=r"no f meets: the smallest neighbourhood has n=[12] rows") as info:
         A.validate(rule, {"f": 0}, sizes)
     assert "-1" not in str(info.value) and "\n" not in str(info.value)
 

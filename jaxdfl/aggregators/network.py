@@ -223,10 +223,16 @@ def aggregate(key: jax.Array, block: jax.Array, mask: jax.Array, weights: jax.Ar
     """
     h = _merged(rule, hyper, REGISTRY, "aggregation.rule" if rule not in REGISTRY else "aggregation")
     named = _named_pre(pre)
-    _check_call(block, mask, weights, chunk_size)
-    for name, ph, where in [(rule, h, "aggregation")] + [(name, ph, f"aggregation.{name}") for name, ph in named]:
+    _check_call(block, mask, weights, chunk_size, memory_budget)
+    rows = block.shape[1]
+    for name, ph, where in [(name, ph, f"aggregation.{name}") for name, ph in named] + [(rule, h, "aggregation")]:
         # Python values only: arrays (traced ones among them) are the caller's to keep in range
-        _check_hyper(name, {key: v for key, v in ph.items() if not isinstance(v, jax.Array | np.ndarray)}, where)
+        python = {key: v for key, v in ph.items() if not isinstance(v, jax.Array | np.ndarray)}
+        _check_hyper(name, python, where)
+        # an f that not even K rows tolerate leaves every node its own vector: a configuration error
+        _check_sizes(name, python, rows, where, "the block's neighbourhoods have at most")
+        if name == "bucketing":
+            rows = bucketed(rows, ph["s"])
     if weights is None:
         weights = mask / jnp.sum(mask, axis=1, keepdims=True)
     steps = [(PRE_REGISTRY[name], ph) for name, ph in named]
@@ -278,7 +284,7 @@ def over_chunks(n: int, c: int, fn: Callable, out: tuple) -> tuple:
     return jax.lax.fori_loop(0, -(-n // c), step, tuple(out))
 
 
-def _check_call(block, mask, weights, chunk_size) -> None:
+def _check_call(block, mask, weights, chunk_size, memory_budget) -> None:
     """The shapes :func:`aggregate` needs (static, so checked under jit too), each error naming its argument."""
     if block.ndim != 3:
         raise ConfigError(f"aggregate: block must be [N, K, D], got shape {block.shape}")
@@ -288,6 +294,8 @@ def _check_call(block, mask, weights, chunk_size) -> None:
         raise ConfigError(f"aggregate: weights must be [N, K] = {mask.shape} (or None: uniform), got {weights.shape}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not _is_index(chunk_size) or chunk_size < 0):
         raise ConfigError(f"aggregate: chunk_size must be None or an integer >= 0, got {chunk_size!r}")
+    if isinstance(memory_budget, bool) or not _is_index(memory_budget) or memory_budget < 1:
+        raise ConfigError(f"aggregate: memory_budget must be a positive integer number of bytes, got {memory_budget!r}")
 
 
 def _is_index(value) -> bool:
@@ -387,7 +395,7 @@ _NEEDS = {"trimmed_mean": "2f < n", "meamed": "2f < n", "monna": "2f < n", "nnm"
           "ios": "f < number of neighbours", "clipped_gossip": "f < number of neighbours in adaptive mode"}
 
 
-def _check_sizes(name: str, h: Mapping, n_min: int, where: str) -> None:
+def _check_sizes(name: str, h: Mapping, n_min: int, where: str, scope: str = "the smallest neighbourhood has") -> None:
     """Raise if f (or m) is too large for the smallest neighbourhood n_min (valid rows incl. self)."""
     f = h.get("f", 0)
 
@@ -397,14 +405,13 @@ def _check_sizes(name: str, h: Mapping, n_min: int, where: str) -> None:
     if name in _NEEDS and rows(f) > n_min:
         bound = max((g for g in range(f) if rows(g) <= n_min), default=-1)  # the largest f that fits
         if bound < 0:  # not even f = 0 fits
-            raise ConfigError(f"{where}.f={f}: {name!r} needs {_NEEDS[name]}, which no f meets on the smallest "
-                              f"neighbourhood (n={n_min} rows, self included); use another rule or a graph with "
-                              "larger degrees")
-        raise ConfigError(f"{where}.f={f} is too large for {name!r}: the smallest neighbourhood has n={n_min} rows "
-                          f"(self included) and {name} needs {_NEEDS[name]}, i.e. f <= {bound}")
+            raise ConfigError(f"{where}.f={f}: {name!r} needs {_NEEDS[name]}, which no f meets: {scope} n={n_min} "
+                              "rows (self included); use another rule or a graph with larger degrees")
+        raise ConfigError(f"{where}.f={f} is too large for {name!r}: {scope} n={n_min} rows (self included) and "
+                          f"{name} needs {_NEEDS[name]}, i.e. f <= {bound}")
     if name == "multi_krum" and shipped(name) and h.get("m", 0) > n_min:
-        raise ConfigError(f"{where}.m={h['m']} exceeds the smallest neighbourhood (n={n_min}); allowed: 0 (= n - f) "
-                          f"to {n_min}")
+        raise ConfigError(f"{where}.m={h['m']} is too large: {scope} n={n_min} rows; allowed: 0 (= n - f) to "
+                          f"{n_min}")
 
 
 def validate(rule: str, hyper: Mapping | None, sizes, pre: Sequence = ()) -> None:
